@@ -1,0 +1,1 @@
+"""Thin-pool metadata: superblock, device details, two-level mapping tree."""

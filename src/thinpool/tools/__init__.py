@@ -1,0 +1,1 @@
+"""Offline metadata tools: check, dump, restore, ls, delta."""

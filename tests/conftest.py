@@ -1,0 +1,64 @@
+"""Shared test fixtures: kernel-written metadata images and tool helpers."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(os.environ.get("THINPOOL_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+KERNEL_FIXTURES = SHARED / "fixtures" / "kernel-metadata" / "expected"
+KERNEL_IMAGES = [
+    "tmeta",
+    "tmeta_with_metadata_snap",
+    "tmeta_with_corrupted_metadata_snap",
+    "corrupted_tmeta_with_metadata_snap",
+    "tmeta_device_id_reuse",
+    "tmeta_device_id_reuse_with_corrupted_thins",
+    "tmeta_with_deleted_snapshot",
+    "tmeta_with_empty_roots",
+    "tmeta_with_shared_internal_root",
+    "tmeta_with_shared_internals_and_leaves",
+]
+
+
+def require_tool(name: str) -> str:
+    """Path of an external tool; a missing tool fails the test (CI installs them all)."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"required tool {name!r} is not installed (see .ci/run)")
+    return path
+
+
+def run_tool(*args: str | os.PathLike[str], check: bool = False) -> subprocess.CompletedProcess[str]:
+    require_tool(str(args[0]))
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, check=check)
+
+
+@pytest.fixture(scope="session")
+def kernel_index() -> dict:
+    path = KERNEL_FIXTURES / "index.json"
+    if not path.exists():
+        pytest.fail(f"kernel metadata fixtures missing at {KERNEL_FIXTURES}")
+    return json.loads(path.read_text())["images"]
+
+
+@pytest.fixture(scope="session")
+def kernel_image(tmp_path_factory: pytest.TempPathFactory):
+    """Function NAME -> path of the unpacked (read-only) kernel metadata image."""
+    root = tmp_path_factory.mktemp("kernel-metadata")
+
+    def get(name: str) -> Path:
+        out = root / f"{name}.bin"
+        if not out.exists():
+            with gzip.open(KERNEL_FIXTURES / f"{name}.bin.gz", "rb") as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            out.chmod(0o444)
+        return out
+
+    return get
