@@ -104,6 +104,18 @@ class BTree:
                 b = node.u64_at(i)
         raise BadBlockError(root, self.name, "tree deeper than 64 levels (cycle?)")
 
+    def last_key(self, root: int) -> int | None:
+        """The largest key in the tree, or None if it is empty."""
+        b = root
+        for _depth in range(64):
+            node = self.read_node(b)
+            if not node.keys:
+                return None
+            if node.leaf:
+                return node.keys[-1]
+            b = node.values[-1]
+        raise BadBlockError(root, self.name, "tree deeper than 64 levels (cycle?)")
+
     def items(self, root: int, lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, Any]]:
         """(key, value) pairs with lo <= key < hi, in key order."""
         for node in self.leaves(root, lo, hi):

@@ -287,6 +287,9 @@ class PoolMetadata:
             t = v & 0xFFFFFF
             yield k, Mapping(v >> 24, t, t < stime)
 
+    def highest_mapped(self, dev_id: int) -> int | None:
+        return self.bottom.last_key(self._require(dev_id).root)
+
     def alloc_data_block(self) -> int:
         self._writable()
         return self.data_sm.new_block()

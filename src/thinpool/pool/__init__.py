@@ -1,0 +1,1 @@
+"""The pool engine: thin volumes with a copy-on-write data path on a data file."""

@@ -1,0 +1,565 @@
+"""The pool: a data file, a metadata file and the kernel's thin-pool semantics.
+
+``Pool`` owns the metadata (``PoolMetadata``), the data file descriptor, the
+volume registry and the commit policy:
+
+* every message (create_thin, create_snap, delete, set_transaction_id,
+  reserve/release_metadata_snap) is followed by a commit, like the kernel;
+* volume writes mark the pool dirty; ``flush`` commits (data file synced
+  first, then metadata, superblock last); a background thread commits at
+  least once a second while dirty;
+* discards with passdown punch holes in the data file only after the commit
+  that unmapped the blocks, so a crash can never expose a hole through the
+  previous, still-referenced state.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import json
+import logging
+import os
+import shlex
+import stat
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+from ..errors import DeviceError, NoDataSpaceError, NoMetadataSpaceError, ThinpoolError
+from ..ondisk.checksum import BLOCK_SIZE
+from ..ondisk.superblock import MAX_METADATA_BLOCKS
+from ..ondisk.values import MAX_DEVICE_ID
+from ..pdata.blockio import device_size
+from ..thin.builder import format_metadata
+from ..thin.metadata import PoolMetadata, check_device_id
+from .config import PoolConfig, parse_size
+from .locks import PoolLock, SharedExclusiveLock
+from .registry import Registry, VolumeRecord, write_json_atomic
+
+log = logging.getLogger("thinpool.pool")
+
+CONFIG = "pool.json"
+DATA = "data"
+METADATA = "metadata"
+COMMIT_PERIOD = 1.0
+FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+
+
+class PoolError(ThinpoolError):
+    pass
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    transaction_id: int
+    used_metadata: int
+    total_metadata: int
+    used_data: int
+    total_data: int
+    held_root: int
+    mode: str  # rw | ro | out_of_data_space
+    discard: str
+    no_space: str
+    needs_check: bool
+    metadata_low_watermark: int
+
+    def line(self) -> str:
+        return (f"{self.transaction_id} {self.used_metadata}/{self.total_metadata} "
+                f"{self.used_data}/{self.total_data} {self.held_root or '-'} {self.mode} "
+                f"{self.discard} {self.no_space} {'needs_check' if self.needs_check else '-'} "
+                f"{self.metadata_low_watermark}")
+
+
+@dataclass(frozen=True)
+class ThinStatus:
+    mapped_sectors: int
+    highest_mapped_sector: int | None
+
+    def line(self) -> str:
+        high = "-" if self.highest_mapped_sector is None else str(self.highest_mapped_sector)
+        return f"{self.mapped_sectors} {high}"
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    dev_id: int
+    size: int
+    name: str | None
+    origin: str | None
+    mapped_blocks: int
+    creation_time: int
+    snapshotted_time: int
+    transaction_id: int
+
+
+def _is_pool_dir(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, CONFIG))
+
+
+def _create_file(path: str, size: int) -> None:
+    with open(path, "xb") as f:
+        f.truncate(size)
+
+
+class Pool:
+    """An open pool.  Use as a context manager; ``close`` commits."""
+
+    # -- creation ---------------------------------------------------------------------
+    @classmethod
+    def create(cls, directory: str, data_size: int | str = "100G",
+               metadata_size: int | str = "2G", config: PoolConfig | None = None,
+               data_dev: str | None = None, metadata_dev: str | None = None) -> None:
+        """Create sparse DIR/data and DIR/metadata (or use given files/devices) and format."""
+        config = config or PoolConfig()
+        if config.read_only:
+            raise PoolError("read_only cannot be used to create a pool on blank metadata")
+        os.makedirs(directory, exist_ok=True)
+        if _is_pool_dir(directory):
+            raise PoolError(f"{directory} already holds a pool")
+        data_path = os.path.abspath(data_dev) if data_dev else os.path.join(directory, DATA)
+        meta_path = os.path.abspath(metadata_dev) if metadata_dev else os.path.join(directory, METADATA)
+        if data_path == meta_path:
+            raise PoolError("Error setting metadata or data device: they must differ")
+        bs = config.block_size
+        if data_dev is None:
+            _create_file(data_path, parse_size(data_size))
+        if metadata_dev is None:
+            _create_file(meta_path, parse_size(metadata_size))
+        nr_data = _size_of(data_path) // bs
+        if nr_data < 1:
+            raise PoolError(f"data device {data_path} is smaller than one {bs}-byte block")
+        if _size_of(meta_path) < 64 * BLOCK_SIZE:
+            raise PoolError(f"metadata device {meta_path} is too small (at least 256 KiB)")
+        format_metadata(meta_path, config.data_block_sectors, nr_data)
+        write_json_atomic(os.path.join(directory, CONFIG), {
+            "data": data_path if data_dev else DATA,
+            "metadata": meta_path if metadata_dev else METADATA,
+            "config": json.loads(config.to_json())})
+
+    # -- opening ------------------------------------------------------------------------
+    def __init__(self, directory: str, read_only: bool = False) -> None:
+        self.directory = os.path.abspath(directory)
+        if not _is_pool_dir(self.directory):
+            raise PoolError(f"{directory} is not a thinpool pool directory (no {CONFIG})")
+        try:
+            with open(os.path.join(self.directory, CONFIG), encoding="utf-8") as f:
+                raw = json.load(f)
+            self.config = PoolConfig.from_json(json.dumps(raw["config"]))
+            self.data_path = os.path.join(self.directory, raw["data"])
+            self.meta_path = os.path.join(self.directory, raw["metadata"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PoolError(f"pool configuration {CONFIG} in {directory} is unreadable: {e}") from None
+        self.read_only = read_only or self.config.read_only
+        self._lock_file = None if self.read_only else PoolLock(self.directory)
+        self._closed = False
+        try:
+            self.md = PoolMetadata(self.meta_path, read_only=self.read_only)
+            if self.md.data_block_size != self.config.data_block_sectors:
+                raise PoolError("changing the data block size is not supported "
+                                f"({self.md.data_block_size} != {self.config.data_block_sectors})")
+            self.data_fd = os.open(self.data_path, (os.O_RDONLY if self.read_only else os.O_RDWR)
+                                   | os.O_CLOEXEC)
+            self.registry = Registry(self.directory)
+            self.registry.load(self.md.trans_id, writable=not self.read_only)
+        except BaseException:
+            self._release_lock()
+            raise
+        self.block_size = self.config.block_size
+        self.data_is_file = stat.S_ISREG(os.fstat(self.data_fd).st_mode)
+        self.mode = "ro" if self.read_only else "rw"
+        if self.md.needs_check and not self.read_only:
+            self.mode = "ro"
+            log.warning("pool %s needs_check is set: opened read-only", directory)
+        self.lock = threading.RLock()  # metadata and allocation
+        self.space = threading.Condition(self.lock)
+        self.io = SharedExclusiveLock()  # volume I/O vs commit / snapshot / delete
+        self._pending_passdown: set[int] = set()
+        self._open_volumes: dict[int, int] = {}
+        self._low_water_armed = True
+        self.meta_reserve = min(4096, self.md.tm.sm.nr_blocks // 10)
+        self._stop = threading.Event()
+        self._committer: threading.Thread | None = None
+        if not self.read_only:
+            self._committer = threading.Thread(target=self._commit_loop, daemon=True,
+                                               name="thinpool-commit")
+            self._committer.start()
+
+    def _release_lock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.release()
+            self._lock_file = None
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._committer is not None:
+            self._committer.join()
+        try:
+            if self.mode != "ro" and not self.read_only:
+                self.commit()
+        finally:
+            os.close(self.data_fd)
+            self.md.close()
+            self._release_lock()
+
+    # -- commits -------------------------------------------------------------------------
+    def _commit_loop(self) -> None:
+        while not self._stop.wait(COMMIT_PERIOD):
+            if self.md.dirty:
+                try:
+                    self.commit()
+                except ThinpoolError as e:  # the pool is read-only now; keep serving reads
+                    log.error("periodic commit failed: %s", e)
+
+    def commit(self) -> None:
+        """Make everything written so far durable (FLUSH semantics)."""
+        with self.io.exclusive(), self.lock:
+            self._commit_locked()
+
+    def _commit_locked(self) -> None:
+        if self.read_only or self.mode == "ro":
+            if self.md.dirty:
+                raise PoolError("pool is read-only; changes cannot be committed")
+            return
+        if not self.md.dirty and not self._pending_passdown:
+            return
+        os.fsync(self.data_fd)  # data before the mappings that reference it
+        try:
+            self.md.commit()
+        except NoMetadataSpaceError:
+            self._metadata_exhausted()
+        self._passdown()
+
+    def _metadata_exhausted(self) -> None:
+        self.md.abort()
+        self.mode = "ro"
+        raise PoolError("metadata device is full: pool switched to read-only "
+                        "(grow it with 'thinpool pool resize --metadata-size')")
+
+    def _passdown(self) -> None:
+        """Punch holes for data blocks that the last commit left unreferenced."""
+        if not self._pending_passdown:
+            return
+        for b in sorted(self._pending_passdown):
+            if self.md.data_block_count(b) == 0:
+                self._zero_data_block(b)
+        self._pending_passdown.clear()
+
+    def _zero_data_block(self, b: int) -> None:
+        bs = self.block_size
+        if self.data_is_file:
+            _punch_hole(self.data_fd, b * bs, bs)
+        else:
+            os.pwrite(self.data_fd, bytes(bs), b * bs)
+
+    # -- registry-tracked device changes ----------------------------------------------------
+    def _device_change(self, change, registry_update) -> None:
+        """Apply a metadata change and a registry change under one transaction id."""
+        self._require_writable()
+        with self.io.exclusive(), self.lock:
+            self._commit_locked()
+            old = self.md.trans_id
+            new = old + 1
+            change()
+            registry_update()
+            self.registry.prepare(new)
+            self.md.set_transaction_id(old, new)
+            try:
+                self.md.commit()
+            except BaseException:
+                self.md.abort()
+                os.unlink(self.registry.pending_path)
+                self.registry.load(self.md.trans_id, writable=True)
+                raise
+            self.registry.finish(new)
+            self._passdown()
+
+    def _require_writable(self) -> None:
+        if self.read_only:
+            raise PoolError(f"pool {self.directory} is open read-only")
+        if self.mode == "ro":
+            raise DeviceError("EOPNOTSUPP", "pool is in read-only mode"
+                              + (" (needs_check is set)" if self.md.needs_check else ""))
+
+    def _default_size(self) -> int:
+        return self.md.nr_data_blocks * self.block_size
+
+    def create_thin(self, dev_id: int, size: int | None = None, name: str | None = None,
+                    origin: str | None = None) -> None:
+        check_device_id(dev_id)
+        if size is not None and (size <= 0 or size % 512):
+            raise PoolError(f"volume size {size} must be a positive multiple of 512 bytes")
+        if origin is not None:
+            origin = os.path.abspath(origin)
+            try:
+                origin_size = _size_of(origin)
+            except OSError as e:
+                raise PoolError(f"external origin {origin}: {e.strerror}") from None
+            size = size or origin_size
+        record = VolumeRecord(size or self._default_size(), name, origin, time.time())
+
+        def update() -> None:
+            self.registry.volumes[dev_id] = record
+        self._device_change(lambda: self.md.create_thin(dev_id), update)
+
+    def create_snap(self, dev_id: int, origin_id: int, name: str | None = None) -> None:
+        check_device_id(dev_id)
+        check_device_id(origin_id)
+
+        def update() -> None:
+            parent = self.registry.volumes.get(origin_id) or VolumeRecord(self._default_size())
+            self.registry.volumes[dev_id] = VolumeRecord(parent.size, name, parent.origin,
+                                                         time.time())
+        self._device_change(lambda: self.md.create_snap(dev_id, origin_id), update)
+
+    def delete(self, dev_id: int) -> None:
+        check_device_id(dev_id)
+        if self._open_volumes.get(dev_id):
+            raise DeviceError("EBUSY", f"thin device {dev_id} is open")
+
+        def change() -> None:
+            self.md.delete(dev_id)
+        self._device_change(change, lambda: self.registry.volumes.pop(dev_id, None))
+
+    def set_transaction_id(self, old: int, new: int) -> None:
+        self._require_writable()
+        with self.io.exclusive(), self.lock:
+            self.md.set_transaction_id(old, new)
+            self._commit_locked()
+            self.registry.save(new)
+
+    def reserve_metadata_snap(self) -> int:
+        self._require_writable()
+        with self.io.exclusive(), self.lock:
+            os.fsync(self.data_fd)
+            held = self.md.reserve_metadata_snap()
+            self._commit_locked()
+            return held
+
+    def release_metadata_snap(self) -> None:
+        self._require_writable()
+        with self.io.exclusive(), self.lock:
+            self.md.release_metadata_snap()
+            self._commit_locked()
+
+    def message(self, text: str) -> None:
+        """Execute a kernel pool message (``dmsetup message <pool> 0 <text>``)."""
+        words = text.split()
+        if not words:
+            raise DeviceError("EINVAL", "empty pool message")
+        verb, args = words[0], words[1:]
+        arity = {"create_thin": 1, "create_snap": 2, "delete": 1, "set_transaction_id": 2,
+                 "reserve_metadata_snap": 0, "release_metadata_snap": 0}
+        if verb not in arity:
+            raise DeviceError("EINVAL", f"Unrecognised thin pool target message received: {verb}")
+        if len(args) != arity[verb]:
+            raise DeviceError("EINVAL", f"{verb} takes {arity[verb]} argument(s), got {len(args)}")
+        if verb in ("create_thin", "create_snap", "delete"):
+            ids = [_parse_dev_id(a) for a in args]
+            if verb == "create_thin":
+                self.create_thin(ids[0])
+            elif verb == "create_snap":
+                self.create_snap(ids[0], ids[1])
+            else:
+                self.delete(ids[0])
+        elif verb == "set_transaction_id":
+            old, new = (_parse_u64(a) for a in args)
+            self.set_transaction_id(old, new)
+        elif verb == "reserve_metadata_snap":
+            self.reserve_metadata_snap()
+        else:
+            self.release_metadata_snap()
+
+    # -- information ------------------------------------------------------------------------
+    def volume_record(self, dev_id: int) -> VolumeRecord:
+        check_device_id(dev_id)
+        with self.lock:
+            if not self.md.exists(dev_id):
+                raise DeviceError("ENODATA", f"thin device {dev_id} does not exist")
+        return self.registry.volumes.get(dev_id) or VolumeRecord(self._default_size())
+
+    def list_volumes(self) -> list[VolumeInfo]:
+        with self.lock:
+            out = []
+            for dev_id in self.md.device_ids():
+                d = self.md.details(dev_id)
+                rec = self.registry.volumes.get(dev_id) or VolumeRecord(self._default_size())
+                out.append(VolumeInfo(dev_id, rec.size, rec.name, rec.origin, d.mapped_blocks,
+                                      d.creation_time, d.snapshotted_time, d.transaction_id))
+            return out
+
+    def status(self) -> PoolStatus:
+        if not self.read_only and self.mode != "ro":
+            self.commit()
+        with self.lock:
+            msm = self.md.tm.sm
+            if self.config.ignore_discard:
+                discard = "ignore_discard"
+            elif self.config.no_discard_passdown:
+                discard = "no_discard_passdown"
+            else:
+                discard = "discard_passdown"
+            return PoolStatus(
+                self.md.trans_id, min(msm.nr_allocated + self.meta_reserve, msm.nr_blocks),
+                msm.nr_blocks, self.md.data_sm.nr_allocated, self.md.nr_data_blocks,
+                self.md.held_root, self.mode,
+                discard, "error_if_no_space" if self.config.error_if_no_space else "queue_if_no_space",
+                self.md.needs_check, min(1024, msm.nr_blocks // 4))
+
+    def thin_status(self, dev_id: int) -> ThinStatus:
+        with self.lock:
+            d = self.md.details(check_device_id(dev_id))
+            highest = self.md.highest_mapped(dev_id)
+        sectors = self.config.data_block_sectors
+        return ThinStatus(d.mapped_blocks * sectors,
+                          None if highest is None else (highest + 1) * sectors - 1)
+
+    # -- growing -------------------------------------------------------------------------------
+    def resize(self, data_size: int | str | None = None,
+               metadata_size: int | str | None = None) -> None:
+        """Grow the data and/or metadata device (never shrink); wakes waiting writers."""
+        self._require_writable_for_resize()
+        with self.lock:
+            if data_size is not None:
+                new_bytes = parse_size(data_size)
+                nr = new_bytes // self.block_size
+                if nr < self.md.nr_data_blocks:
+                    raise PoolError(f"cannot shrink the data device ({self.md.nr_data_blocks} -> "
+                                    f"{nr} blocks)")
+                if _size_of(self.data_path) < new_bytes:
+                    if not self.data_is_file:
+                        raise PoolError("the data block device is smaller than the requested size")
+                    os.truncate(self.data_path, new_bytes)
+                self.md.resize_data(nr)
+                self._low_water_armed = True
+                if self.mode == "out_of_data_space":
+                    self.mode = "rw"
+            if metadata_size is not None:
+                new_bytes = parse_size(metadata_size)
+                nr = min(new_bytes // BLOCK_SIZE, MAX_METADATA_BLOCKS)
+                if nr < self.md.tm.sm.nr_blocks:
+                    raise PoolError("cannot shrink the metadata device")
+                if _size_of(self.meta_path) < new_bytes:
+                    os.truncate(self.meta_path, new_bytes)
+                self.md.resize_metadata(nr)
+                self.meta_reserve = min(4096, nr // 10)
+                if self.mode == "ro" and not self.md.needs_check and not self.read_only:
+                    self.mode = "rw"
+            self.space.notify_all()
+        self.commit()
+
+    def _require_writable_for_resize(self) -> None:
+        if self.read_only:
+            raise PoolError(f"pool {self.directory} is open read-only")
+        if self.md.needs_check:
+            raise PoolError("cannot resize: needs_check is set (run thinpool check/repair)")
+
+    # -- allocation (called with self.lock held) -------------------------------------------
+    def alloc_data_block(self) -> int:
+        """A new data block (count 1), applying the out-of-space policy."""
+        msm = self.md.tm.sm
+        if msm.nr_free <= self.meta_reserve // 2:
+            self._commit_locked()
+            self.mode = "ro"
+            raise PoolError("metadata device is nearly full: pool switched to read-only "
+                            "(grow it with 'thinpool pool resize --metadata-size')")
+        deadline = None
+        while True:
+            try:
+                b = self.md.alloc_data_block()
+                break
+            except NoDataSpaceError:
+                self.mode = "out_of_data_space"
+                if self.config.error_if_no_space:
+                    raise OSError(errno.ENOSPC, "thin pool is out of data space") from None
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.config.no_space_timeout
+                    log.warning("pool %s is out of data space; queueing writes for %.0f s",
+                                self.directory, self.config.no_space_timeout)
+                if now >= deadline:
+                    raise OSError(errno.ENOSPC, "thin pool is out of data space "
+                                  "(no resize within the timeout)") from None
+                self.space.wait(deadline - now)
+        if self.mode == "out_of_data_space":
+            self.mode = "rw"
+        self._check_low_water()
+        return b
+
+    def _check_low_water(self) -> None:
+        free = self.md.data_sm.nr_free
+        if self._low_water_armed and free <= self.config.low_water_mark:
+            self._low_water_armed = False
+            log.warning("pool %s reached its low water mark: %d data blocks free",
+                        self.directory, free)
+            if self.config.low_water_hook:
+                env = dict(os.environ, THINPOOL_DIR=self.directory, THINPOOL_FREE_BLOCKS=str(free))
+                subprocess.Popen(shlex.split(self.config.low_water_hook), env=env,
+                                 stdin=subprocess.DEVNULL)
+
+    def note_unmapped(self, blocks: Iterable[int]) -> None:
+        """Data blocks just unmapped by a discard: punch them after the next commit."""
+        if not self.config.no_discard_passdown:
+            self._pending_passdown.update(blocks)
+
+    # -- volumes ---------------------------------------------------------------------------------
+    def volume(self, dev_id: int):
+        from .volume import ThinVolume
+
+        record = self.volume_record(dev_id)
+        with self.lock:
+            self._open_volumes[dev_id] = self._open_volumes.get(dev_id, 0) + 1
+        return ThinVolume(self, dev_id, record)
+
+    def _volume_closed(self, dev_id: int) -> None:
+        with self.lock:
+            self._open_volumes[dev_id] -= 1
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate a range of a regular file so it reads as zeros (falls back to writing zeros)."""
+    if _libc.fallocate(fd, FALLOC_PUNCH, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+            os.pwrite(fd, bytes(length), offset)
+        else:
+            raise OSError(err, os.strerror(err))
+
+
+def _size_of(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return device_size(fd)
+    finally:
+        os.close(fd)
+
+
+def _parse_dev_id(text: str) -> int:
+    if not text.isdigit():
+        raise DeviceError("EINVAL", f"Invalid device id: {text!r}")
+    value = int(text)
+    if value > MAX_DEVICE_ID:
+        raise DeviceError("EINVAL", f"Invalid device id: {text} (must be 0..{MAX_DEVICE_ID})")
+    return value
+
+
+def _parse_u64(text: str) -> int:
+    if not text.isdigit() or int(text) >= 2 ** 64:
+        raise DeviceError("EINVAL", f"Invalid transaction id: {text!r}")
+    return int(text)
