@@ -1,9 +1,10 @@
-"""``thinpool demo``: a guided walk through thin metadata, step by step.
+"""``thinpool demo``: the dm-thin seed walkthrough, at block level, in userspace.
 
-Creates a sparse metadata file, formats it as the kernel would, creates a
-thin device, maps blocks, snapshots it, breaks sharing with a copy-on-write
-remap, snapshots the snapshot, then checks and dumps the result with
-thinpool's own tools (and with thin-provisioning-tools when installed).
+Two sparse files become a pool; thin volume 0 gets a line of text; snapshot
+1 of it gets another line while volume 0 stays unchanged; snapshot 2 of the
+snapshot holds both.  Each step is printed like the original shell session,
+followed by the pool and thin status lines, a metadata check (thinpool's and,
+when installed, the real thin_check) and the thin_dump XML.
 """
 
 from __future__ import annotations
@@ -15,72 +16,71 @@ import subprocess
 import tempfile
 from typing import Callable
 
-from .thin.builder import format_metadata
-from .thin.metadata import PoolMetadata
+from .pool.engine import Pool
 from .tools.check import check
 from .tools.dump import dump
-from .tools.ls import DEFAULT_FIELDS, format_ls, list_devices
 
 Echo = Callable[[str], None]
-BLOCK_SECTORS = 128  # 64 KiB data blocks, Docker's default
+BASE = b"hello world, I am a base\n"
+SNAP1 = b"I am snap1\n"
 
 
-def _map(md: PoolMetadata, dev: int, vblocks: range, echo: Echo) -> None:
-    for v in vblocks:
-        old = md.lookup(dev, v)
-        new = md.alloc_data_block()
-        md.insert(dev, v, new)
-        how = "copy-on-write of shared" if old and old.shared else "provisioned"
-        echo(f"    dev {dev} block {v} -> data block {new} ({how})")
+def _sizes(path: str) -> str:
+    st = os.stat(path)
+    return f"apparent {st.st_size:>11,} bytes, allocated {st.st_blocks * 512:>9,} bytes"
+
+
+def _show(pool: Pool, dev: int, echo: Echo) -> None:
+    with pool.volume(dev) as vol:
+        text = bytes(vol.read(0, 64)).rstrip(b"\0").decode()
+    echo(f"$ thinpool read pool {dev} --length 64")
+    for line in text.splitlines():
+        echo(f"    {line}")
 
 
 def run_demo(workdir: str | None, echo: Echo) -> None:
     own_dir = workdir is None
     root = tempfile.mkdtemp(prefix="thinpool-demo-") if own_dir else workdir
     os.makedirs(root, exist_ok=True)
-    meta = os.path.join(root, "metadata")
+    pool_dir = os.path.join(root, "pool")
     try:
         echo(f"# working in {root}")
-        echo("$ truncate -s 16M metadata      # a sparse file becomes the metadata device")
-        with open(meta, "wb") as f:
-            f.truncate(16 << 20)
-        echo("$ thinpool: format metadata (64 KiB data blocks, 1 GiB of data = 16384 blocks)")
-        format_metadata(meta, BLOCK_SECTORS, 16384)
-        st = os.stat(meta)
-        echo(f"    apparent size {st.st_size} bytes, allocated {st.st_blocks * 512} bytes")
-
-        with PoolMetadata(meta) as md:
-            echo("$ message: create_thin 0")
-            md.create_thin(0)
-            _map(md, 0, range(4), echo)
-            md.commit()
-            echo(f"    committed: transaction {md.trans_id}, time {md.time}")
-
-            echo("$ message: create_snap 1 0    # O(1): shares device 0's whole mapping tree")
-            md.create_snap(1, 0)
-            echo("  write to block 1 of snapshot 1 breaks sharing:")
-            _map(md, 1, range(1, 2), echo)
-            echo("$ message: create_snap 2 1    # a snapshot of a snapshot")
-            md.create_snap(2, 1)
-            _map(md, 2, range(4, 5), echo)
-            echo("$ message: set_transaction_id 0 1")
-            md.set_transaction_id(0, 1)
-            md.commit()
-            for dev in md.device_ids():
-                d = md.details(dev)
-                echo(f"    device {dev}: mapped {d.mapped_blocks}, created at time "
-                     f"{d.creation_time}, snapshotted at time {d.snapshotted_time}")
-
-        echo("$ thinpool check metadata")
+        echo("$ thinpool pool create pool --data-size 1G --metadata-size 16M --block-size 64K")
+        Pool.create(pool_dir, "1G", "16M")
+        for name in ("data", "metadata"):
+            echo(f"    pool/{name:<9} {_sizes(os.path.join(pool_dir, name))}")
+        with Pool(pool_dir) as pool:
+            echo('$ thinpool message pool "create_thin 0"')
+            pool.message("create_thin 0")
+            echo(f'$ echo "{BASE.decode().strip()}" | thinpool write pool 0')
+            with pool.volume(0) as vol:
+                vol.write(0, BASE)
+            echo('$ thinpool message pool "create_snap 1 0"     # O(1): shares volume 0\'s tree')
+            pool.message("create_snap 1 0")
+            echo(f'$ echo "{SNAP1.decode().strip()}" | thinpool write pool 1 --offset {len(BASE)}')
+            with pool.volume(1) as vol:
+                vol.write(len(BASE), SNAP1)  # copy-on-write: block 0 is shared with volume 0
+            _show(pool, 0, echo)
+            echo("    (volume 0 is unchanged: the write to the snapshot copied the shared block)")
+            _show(pool, 1, echo)
+            echo('$ thinpool message pool "create_snap 2 1"     # a snapshot of a snapshot')
+            pool.message("create_snap 2 1")
+            _show(pool, 2, echo)
+            echo("$ thinpool status pool")
+            echo(f"    {pool.status().line()}")
+            for dev in (0, 1, 2):
+                echo(f"$ thinpool status pool --thin {dev}")
+                echo(f"    {pool.thin_status(dev).line()}")
+        for name in ("data", "metadata"):
+            echo(f"    pool/{name:<9} {_sizes(os.path.join(pool_dir, name))}")
+        meta = os.path.join(pool_dir, "metadata")
+        echo("$ thinpool check pool/metadata")
         report = check(meta)
         echo("    clean" if report.clean else "    " + "\n    ".join(report.errors + report.leaks))
         if shutil.which("thin_check"):
             rc = subprocess.run(["thin_check", "-q", meta]).returncode
-            echo(f"$ thin_check metadata   -> exit {rc} (the real thin-provisioning-tools)")
-        echo("$ thinpool ls metadata")
-        echo(format_ls(list_devices(meta), list(DEFAULT_FIELDS), headers=True,
-                       data_block_size=BLOCK_SECTORS).rstrip("\n"))
-        echo("$ thinpool dump metadata")
+            echo(f"$ thin_check pool/metadata     # the kernel project's own checker\n    exit {rc}")
+        echo("$ thinpool dump pool/metadata")
         out = io.StringIO()
         dump(meta, out)
         echo(out.getvalue().rstrip("\n"))
