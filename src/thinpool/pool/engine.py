@@ -46,6 +46,7 @@ CONFIG = "pool.json"
 DATA = "data"
 METADATA = "metadata"
 COMMIT_PERIOD = 1.0
+COMMIT_HEADROOM = 32  # metadata blocks a commit may need (bitmaps, index, details paths)
 FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 
 
@@ -470,7 +471,7 @@ class Pool:
     def alloc_data_block(self) -> int:
         """A new data block (count 1), applying the out-of-space policy."""
         msm = self.md.tm.sm
-        if msm.nr_free <= self.meta_reserve // 2:
+        if msm.nr_free <= max(self.meta_reserve // 2, COMMIT_HEADROOM):
             self._commit_locked()
             self.mode = "ro"
             raise PoolError("metadata device is nearly full: pool switched to read-only "

@@ -21,7 +21,7 @@ import errno
 import os
 from typing import TYPE_CHECKING
 
-from ..errors import ThinpoolError
+from ..errors import NoMetadataSpaceError, ThinpoolError
 from .registry import VolumeRecord
 
 if TYPE_CHECKING:
@@ -85,6 +85,7 @@ class ThinVolume:
 
     # -- reads --------------------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytearray:
+        self._check_range(offset, length)
         buf = bytearray(length)
         self.readinto(offset, memoryview(buf), zeroed=True)
         return buf
@@ -193,6 +194,9 @@ class ThinVolume:
                 elif not pool.config.skip_block_zeroing:
                     pool._zero_data_block(new)
             md.insert(self.dev_id, v, new)
+        except NoMetadataSpaceError:
+            pool._metadata_exhausted()  # aborts the transaction, pool goes read-only
+            raise
         except BaseException:
             md.data_sm.dec(new)
             raise

@@ -1,0 +1,414 @@
+"""The pool engine: volumes, copy-on-write, discard, out-of-space, locking, status."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from thinpool.errors import DeviceError, ThinpoolError
+from thinpool.pool.config import ConfigError, PoolConfig, parse_size, parse_table
+from thinpool.pool.engine import Pool, PoolError
+from thinpool.pool.images import export_image, import_image
+from thinpool.pool.locks import PoolBusyError
+from thinpool.pool.registry import PENDING, REGISTRY
+from thinpool.pool.volume import VolumeRangeError
+
+from thinmodel import assert_thin_check_clean
+
+BS = 64 * 1024
+
+
+def make_pool(tmp_path: Path, data: str = "64M", meta: str = "8M", **features) -> str:
+    d = str(tmp_path / "pool")
+    Pool.create(d, data, meta, PoolConfig(**features))
+    return d
+
+
+def allocated(path: str) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def test_parse_size_and_table() -> None:
+    assert parse_size("64K") == 65536 and parse_size("2g") == 2 << 30 and parse_size("512") == 512
+    assert parse_size("1GiB") == 1 << 30
+    for bad in ("", "12X", "-1", "1.5G"):
+        with pytest.raises(ConfigError):
+            parse_size(bad)
+    t = parse_table("0 20971520 thin-pool /m /d 128 32768 1 skip_block_zeroing")
+    assert t.length_sectors == 20971520 and t.config.skip_block_zeroing
+    assert t.config.low_water_mark == 32768 and t.config.data_block_sectors == 128
+    t = parse_table("0 2048 thin-pool m d 1024 0 2 ERROR_IF_NO_SPACE no_discard_passdown")
+    assert t.config.error_if_no_space and t.config.no_discard_passdown
+    bad_tables = {
+        "0 2048 thin-pool m d 100 0": "Invalid block size",
+        "0 2048 thin-pool m d 64 0": "Invalid block size",
+        "0 2048 thin-pool m d 4194304 0": "Invalid block size",
+        "0 2048 thin-pool m d 128 0 1 frobnicate": "Unrecognised pool feature",
+        "0 2048 thin-pool m m 128 0": "must differ",
+        "0 2048 thin-pool m d 128 0 2 read_only": "does not match",
+        "0 2048 linear m d 128 0": "unknown target",
+        "0 2048 thin-pool m d": "needs",
+    }
+    for line, msg in bad_tables.items():
+        with pytest.raises(ConfigError, match=msg):
+            parse_table(line)
+
+
+def test_create_pool_is_sparse_and_checkable(tmp_path: Path) -> None:
+    d = make_pool(tmp_path, "1G", "16M")
+    assert os.path.getsize(f"{d}/data") == 1 << 30 and allocated(f"{d}/data") == 0
+    assert os.path.getsize(f"{d}/metadata") == 16 << 20
+    assert allocated(f"{d}/metadata") < 1 << 20
+    assert_thin_check_clean(f"{d}/metadata")
+    with pytest.raises(PoolError, match="already holds a pool"):
+        Pool.create(d, "1G", "16M")
+    with pytest.raises(PoolError, match="not a thinpool pool"):
+        Pool(str(tmp_path))
+
+
+def test_seed_walkthrough(tmp_path: Path) -> None:
+    d = make_pool(tmp_path)
+    with Pool(d) as pool:
+        pool.message("create_thin 0")
+        with pool.volume(0) as v0:
+            v0.write(0, b"hello world, I am a base\n")
+        pool.message("create_snap 1 0")
+        with pool.volume(1) as v1:
+            v1.write(25, b"I am snap1\n")
+        pool.message("create_snap 2 1")
+        with pool.volume(0) as v0, pool.volume(1) as v1, pool.volume(2) as v2:
+            assert bytes(v0.read(0, 40)).rstrip(b"\0") == b"hello world, I am a base\n"
+            assert bytes(v1.read(0, 40)).rstrip(b"\0") == b"hello world, I am a base\nI am snap1\n"
+            assert bytes(v2.read(0, 40)) == bytes(v1.read(0, 40))
+        st = pool.status()
+        assert st.line().startswith("3 ") and " 2/1024 - rw discard_passdown queue_if_no_space - " \
+            in st.line()
+        assert pool.thin_status(1).line() == "128 127"
+    assert_thin_check_clean(f"{d}/metadata")
+    with Pool(d) as pool:  # durable after reopen
+        with pool.volume(2) as v2:
+            assert bytes(v2.read(25, 11)) == b"I am snap1\n"
+
+
+def test_message_errors(tmp_path: Path) -> None:
+    d = make_pool(tmp_path)
+    with Pool(d) as pool:
+        pool.message("create_thin 0")
+        cases = {
+            "create_thin 0": "EEXIST", "create_snap 1 5": "ENODATA", "delete 9": "ENODATA",
+            "create_thin": "EINVAL", "create_thin x": "EINVAL", "create_thin 16777216": "EINVAL",
+            "create_thin -1": "EINVAL", "set_transaction_id 5 6": "EINVAL",
+            "set_transaction_id 1": "EINVAL", "frob 1": "EINVAL", "": "EINVAL",
+            "release_metadata_snap": "EINVAL", "delete 0 1": "EINVAL",
+        }
+        for text, name in cases.items():
+            with pytest.raises(DeviceError, match=name):
+                pool.message(text)
+        tid = pool.status().transaction_id
+        pool.message(f"set_transaction_id {tid} 100")
+        pool.message("reserve_metadata_snap")
+        with pytest.raises(DeviceError, match="EBUSY"):
+            pool.message("reserve_metadata_snap")
+        assert pool.status().held_root
+        pool.message("release_metadata_snap")
+        with pool.volume(0):
+            with pytest.raises(DeviceError, match="EBUSY"):
+                pool.message("delete 0")
+        pool.message("delete 0")
+        assert pool.status().transaction_id >= 100
+    assert_thin_check_clean(f"{d}/metadata")
+
+
+def test_io_any_offset_and_length(tmp_path: Path) -> None:
+    d = make_pool(tmp_path)
+    model = bytearray(4 << 20)
+    with Pool(d) as pool:
+        pool.create_thin(0, size=len(model))
+        with pool.volume(0) as vol:
+            import random
+
+            rng = random.Random(7)
+            for _ in range(200):
+                off = rng.randrange(len(model) - 1)
+                n = rng.randrange(1, min(len(model) - off, 3 * BS) + 1)
+                data = rng.randbytes(n)
+                vol.write(off, data)
+                model[off:off + n] = data
+            for _ in range(100):
+                off = rng.randrange(len(model))
+                n = rng.randrange(0, len(model) - off + 1)
+                assert bytes(vol.read(off, n)) == bytes(model[off:off + n])
+            assert bytes(vol.read(0, len(model))) == bytes(model)
+            with pytest.raises(VolumeRangeError):
+                vol.read(len(model) - 1, 2)
+            with pytest.raises(VolumeRangeError):
+                vol.write(-1, b"x")
+            with pytest.raises(VolumeRangeError):
+                vol.read(0, -5)
+    assert_thin_check_clean(f"{d}/metadata")
+
+
+def test_cow_and_zeroing_of_reused_blocks(tmp_path: Path) -> None:
+    d = make_pool(tmp_path, data="1M")  # 16 blocks: reuse is forced
+    with Pool(d) as pool:
+        pool.create_thin(0, size=1 << 20)
+        with pool.volume(0) as vol:
+            vol.write(0, b"\xff" * (1 << 20))  # every block provisioned with 0xff
+            pool.commit()
+            vol.discard(0, 1 << 20)
+            pool.commit()
+            vol.write(10, b"abc")  # a reused block: the rest must read as zeros
+            got = bytes(vol.read(0, BS))
+            assert got[:10] == bytes(10) and got[10:13] == b"abc" and got[13:] == bytes(BS - 13)
+        pool.create_snap(1, 0)
+        with pool.volume(1) as snap, pool.volume(0) as origin:
+            snap.write(5, b"Z")
+            assert bytes(snap.read(0, 14)) == bytes(5) + b"Z" + bytes(4) + b"abc" + b"\0"
+            assert bytes(origin.read(0, 14)) == bytes(10) + b"abc" + b"\0"
+    assert_thin_check_clean(f"{d}/metadata")
+
+
+def test_discard_passdown_punches_holes_after_commit(tmp_path: Path) -> None:
+    d = make_pool(tmp_path)
+    with Pool(d) as pool:
+        pool.create_thin(0, size=8 << 20)
+        with pool.volume(0) as vol:
+            vol.write(0, os.urandom(8 << 20))
+            vol.flush()
+            before = allocated(f"{d}/data")
+            assert before >= 8 << 20
+            vol.discard(BS // 2, 4 << 20)  # partial first block is kept
+            assert allocated(f"{d}/data") == before  # nothing punched before the commit
+            vol.flush()
+            assert allocated(f"{d}/data") <= before - (4 << 20) + 2 * BS
+            assert pool.thin_status(0).mapped_sectors == (128 - 63) * 128
+            assert bytes(vol.read(BS, BS)) == bytes(BS)
+
+
+def test_no_passdown_and_ignore_discard(tmp_path: Path) -> None:
+    d = make_pool(tmp_path, no_discard_passdown=True)
+    with Pool(d) as pool:
+        pool.create_thin(0, size=1 << 20)
+        with pool.volume(0) as vol:
+            vol.write(0, os.urandom(1 << 20))
+            vol.flush()
+            before = allocated(f"{d}/data")
+            vol.discard(0, 1 << 20)
+            vol.flush()
+            assert allocated(f"{d}/data") == before
+            assert pool.thin_status(0).line() == "0 -"
+    d2 = make_pool(tmp_path / "b", ignore_discard=True)
+    with Pool(d2) as pool:
+        pool.create_thin(0, size=1 << 20)
+        with pool.volume(0) as vol:
+            with pytest.raises(OSError) as e:
+                vol.discard(0, BS)
+            assert e.value.errno == errno.EOPNOTSUPP
+            vol.write_zeroes(0, BS)  # still works: unmaps
+
+
+def test_external_origin(tmp_path: Path) -> None:
+    d = make_pool(tmp_path)
+    base = tmp_path / "base.raw"
+    content = os.urandom(3 * BS + 100)
+    base.write_bytes(content)
+    with Pool(d) as pool:
+        pool.create_thin(0, size=4 * BS, origin=str(base))
+        with pool.volume(0) as vol:
+            assert bytes(vol.read(0, len(content))) == content
+            assert bytes(vol.read(len(content), 4 * BS - len(content))) == bytes(4 * BS - len(content))
+            vol.write(BS + 1, b"XY")
+            expect = bytearray(content)
+            expect[BS + 1:BS + 3] = b"XY"
+            assert bytes(vol.read(0, len(content))) == bytes(expect)
+        pool.create_snap(1, 0)
+        with pool.volume(1) as snap:
+            assert bytes(snap.read(0, len(content))) == bytes(expect)
+            snap.write(0, b"S")
+            assert bytes(snap.read(2 * BS, BS)) == content[2 * BS:3 * BS]
+        assert base.read_bytes() == content
+        assert pool.list_volumes()[1].origin == str(base)
+    assert_thin_check_clean(f"{d}/metadata")
+
+
+def test_error_if_no_space(tmp_path: Path) -> None:
+    d = make_pool(tmp_path, data="256K", error_if_no_space=True)
+    with Pool(d) as pool:
+        pool.create_thin(0, size=1 << 20)
+        with pool.volume(0) as vol:
+            vol.write(0, bytes([1]) * (4 * BS))
+            with pytest.raises(OSError) as e:
+                vol.write(4 * BS, b"x")
+            assert e.value.errno == errno.ENOSPC
+            assert pool.status().mode == "out_of_data_space"
+            vol.write(0, b"still writable")  # provisioned, unshared blocks keep working
+            assert pool.status().line().split()[4] == "out_of_data_space"
+            pool.resize(data_size="512K")
+            vol.write(4 * BS, b"x")
+            assert pool.status().mode == "rw"
+    assert_thin_check_clean(f"{d}/metadata")
+
+
+def test_queue_if_no_space_waits_for_resize(tmp_path: Path) -> None:
+    d = make_pool(tmp_path, data="128K", no_space_timeout=30.0)
+    with Pool(d) as pool:
+        pool.create_thin(0, size=1 << 20)
+        with pool.volume(0) as vol:
+            vol.write(0, bytes(2 * BS))
+            done = threading.Event()
+
+            def writer() -> None:
+                vol.write(2 * BS, b"queued")
+                done.set()
+
+            t = threading.Thread(target=writer)
+            t.start()
+            time.sleep(0.3)
+            assert not done.is_set()
+            pool.resize(data_size="1M")
+            t.join(10)
+            assert done.is_set()
+            assert bytes(vol.read(2 * BS, 6)) == b"queued"
+
+
+def test_queue_timeout(tmp_path: Path) -> None:
+    d = make_pool(tmp_path, data="64K", no_space_timeout=0.2)
+    with Pool(d) as pool:
+        pool.create_thin(0, size=1 << 20)
+        with pool.volume(0) as vol:
+            vol.write(0, b"a")
+            t0 = time.monotonic()
+            with pytest.raises(OSError) as e:
+                vol.write(BS, b"b")
+            assert e.value.errno == errno.ENOSPC and time.monotonic() - t0 >= 0.2
+
+
+def test_low_water_mark_hook(tmp_path: Path) -> None:
+    marker = tmp_path / "fired"
+    d = str(tmp_path / "pool")
+    Pool.create(d, "1M", "8M", PoolConfig(low_water_mark=10,
+                                          low_water_hook=f"touch {marker}"))
+    with Pool(d) as pool:
+        pool.create_thin(0, size=1 << 20)
+        with pool.volume(0) as vol:
+            vol.write(0, bytes(5 * BS))
+            assert not marker.exists()
+            vol.write(5 * BS, b"x" * BS)
+    for _ in range(50):
+        if marker.exists():
+            break
+        time.sleep(0.05)
+    assert marker.exists()
+
+
+def test_metadata_exhaustion_goes_read_only(tmp_path: Path) -> None:
+    d = make_pool(tmp_path, data="1G", meta="256K")
+    with Pool(d) as pool:
+        pool.create_thin(0, size=1 << 30)
+        with pool.volume(0) as vol:
+            with pytest.raises(PoolError, match="metadata"):
+                for i in range(16384):
+                    vol.write(i * BS, b"m")
+            assert pool.status().mode == "ro"
+            assert bytes(vol.read(0, 1)) == b"m"
+            with pytest.raises(DeviceError, match="EOPNOTSUPP"):
+                pool.message("create_thin 1")
+    assert_thin_check_clean(f"{d}/metadata")
+    with Pool(d) as pool:  # grows back into rw
+        pool.resize(metadata_size="8M")
+        assert pool.status().mode == "rw"
+        pool.message("create_thin 1")
+    assert_thin_check_clean(f"{d}/metadata")
+
+
+def test_exclusive_open_and_read_only_open(tmp_path: Path) -> None:
+    d = make_pool(tmp_path)
+    with Pool(d) as pool:
+        pool.create_thin(0, size=1 << 20)
+        with pytest.raises(PoolBusyError, match=f"in use by pid {os.getpid()}"):
+            Pool(d)
+        with Pool(d, read_only=True) as ro:
+            assert [v.dev_id for v in ro.list_volumes()] == [0]
+            with pytest.raises(PoolError, match="read-only"):
+                ro.create_thin(1)
+
+
+def test_concurrent_io(tmp_path: Path) -> None:
+    d = make_pool(tmp_path)
+    with Pool(d) as pool:
+        for i in range(4):
+            pool.create_thin(i, size=2 << 20)
+        vols = [pool.volume(i) for i in range(4)]
+        errors: list[BaseException] = []
+
+        def work(idx: int) -> None:
+            try:
+                vol = vols[idx % 4]
+                for j in range(64):
+                    off = (j * 4096 * 7 + idx * 512) % ((2 << 20) - 512)
+                    vol.write(off, bytes([idx]) * 512)
+            except BaseException as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        # Threads idx and idx+4 share a volume with disjoint 512-byte slots: both must be there.
+        for idx in range(8):
+            vol = vols[idx % 4]
+            for j in range(64):
+                off = (j * 4096 * 7 + idx * 512) % ((2 << 20) - 512)
+                assert bytes(vol.read(off, 512)) == bytes([idx]) * 512
+        for v in vols:
+            v.close()
+    assert_thin_check_clean(f"{d}/metadata")
+
+
+def test_registry_commit_point(tmp_path: Path) -> None:
+    d = make_pool(tmp_path)
+    with Pool(d) as pool:
+        pool.create_thin(0, size=1 << 20, name="base")
+    # A pending registry for a transaction that never committed is rolled back.
+    pending = Path(d) / PENDING
+    pending.write_text('{"transaction_id": 99, "volumes": {}}')
+    with Pool(d) as pool:
+        assert pool.list_volumes()[0].name == "base"
+        tid = pool.status().transaction_id
+    assert not pending.exists()
+    # One stamped with the committed transaction id is rolled forward.
+    pending.write_text('{"transaction_id": %d, "volumes": {"0": {"size": 4096, "name": "new"}}}' % tid)
+    with Pool(d) as pool:
+        assert pool.list_volumes()[0].name == "new"
+    assert (Path(d) / REGISTRY).exists() and not pending.exists()
+
+
+def test_image_export_import_roundtrip_sparse(tmp_path: Path) -> None:
+    d = make_pool(tmp_path)
+    img = tmp_path / "in.raw"
+    with open(img, "wb") as f:
+        f.truncate(8 << 20)
+        f.seek(BS * 3 + 17)
+        f.write(os.urandom(100_000))
+        f.seek(6 << 20)
+        f.write(b"tail" * 1000)
+    with Pool(d) as pool:
+        pool.create_thin(0, size=8 << 20)
+        import_image(pool, 0, str(img))
+        mapped = pool.thin_status(0).mapped_sectors // 128
+        assert mapped == 3  # only blocks with data were provisioned
+        out = tmp_path / "out.raw"
+        export_image(pool, 0, str(out))
+    assert out.read_bytes() == img.read_bytes()
+    assert allocated(str(out)) <= 4 * BS
+    with Pool(d) as pool:
+        pool.create_thin(1, size=1 << 20)
+        with pytest.raises(ThinpoolError, match="larger than volume"):
+            import_image(pool, 1, str(img))
