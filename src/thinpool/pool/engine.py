@@ -208,7 +208,7 @@ class Pool:
         if self._committer is not None:
             self._committer.join()
         try:
-            if self.mode != "ro" and not self.read_only:
+            if not self.read_only:
                 self.commit()
         finally:
             os.close(self.data_fd)
@@ -230,7 +230,7 @@ class Pool:
             self._commit_locked()
 
     def _commit_locked(self) -> None:
-        if self.read_only or self.mode == "ro":
+        if self.read_only or self.md.needs_check:
             if self.md.dirty:
                 raise PoolError("pool is read-only; changes cannot be committed")
             return
@@ -248,6 +248,13 @@ class Pool:
         self.mode = "ro"
         raise PoolError("metadata device is full: pool switched to read-only "
                         "(grow it with 'thinpool pool resize --metadata-size')")
+
+    def _metadata_failed(self, err: Exception) -> None:
+        """A metadata operation hit corruption: abort, set needs_check, go read-only."""
+        self.md.set_needs_check()
+        self.mode = "ro"
+        raise PoolError(f"metadata operation failed; pool is read-only and needs_check is set "
+                        f"(run 'thinpool check'): {err}") from None
 
     def _passdown(self) -> None:
         """Punch holes for data blocks that the last commit left unreferenced."""
@@ -402,7 +409,7 @@ class Pool:
             return out
 
     def status(self) -> PoolStatus:
-        if not self.read_only and self.mode != "ro":
+        if not self.read_only:
             self.commit()
         with self.lock:
             msm = self.md.tm.sm
@@ -472,8 +479,7 @@ class Pool:
         """A new data block (count 1), applying the out-of-space policy."""
         msm = self.md.tm.sm
         if msm.nr_free <= max(self.meta_reserve // 2, COMMIT_HEADROOM):
-            self._commit_locked()
-            self.mode = "ro"
+            self.mode = "ro"  # what is written so far still commits, from the reserve
             raise PoolError("metadata device is nearly full: pool switched to read-only "
                             "(grow it with 'thinpool pool resize --metadata-size')")
         deadline = None

@@ -21,7 +21,7 @@ import errno
 import os
 from typing import TYPE_CHECKING
 
-from ..errors import NoMetadataSpaceError, ThinpoolError
+from ..errors import MetadataError, NoMetadataSpaceError, ThinpoolError
 from .registry import VolumeRecord
 
 if TYPE_CHECKING:
@@ -196,6 +196,9 @@ class ThinVolume:
             md.insert(self.dev_id, v, new)
         except NoMetadataSpaceError:
             pool._metadata_exhausted()  # aborts the transaction, pool goes read-only
+            raise
+        except MetadataError as e:
+            pool._metadata_failed(e)
             raise
         except BaseException:
             md.data_sm.dec(new)
