@@ -97,15 +97,11 @@ def restore(xml: str, metadata: str) -> None:
 @_clean_errors
 def ls_cmd(metadata: str, snapshot: bool, no_headers: bool, fields: str | None) -> None:
     """List devices with mapped, exclusive and shared blocks (like thin_ls)."""
-    from .tools.ls import DEFAULT_FIELDS, format_ls, list_devices
+    from .tools.ls import DEFAULT_FIELDS, format_ls, list_devices, parse_fields
 
+    chosen = parse_fields(fields) if fields is not None else list(DEFAULT_FIELDS)
     rows = list_devices(metadata, snapshot=snapshot)
-    chosen = [f.strip().upper() for f in fields.split(",")] if fields else list(DEFAULT_FIELDS)
-    from .thin.reader import MetadataReader
-
-    with MetadataReader(metadata, snapshot=snapshot) as reader:
-        block_size = reader.live.data_block_size
-    click.echo(format_ls(rows, chosen, headers=not no_headers, data_block_size=block_size), nl=False)
+    click.echo(format_ls(rows, chosen, headers=not no_headers), nl=False)
 
 
 @main.command()
@@ -117,9 +113,10 @@ def ls_cmd(metadata: str, snapshot: bool, no_headers: bool, fields: str | None) 
 @_clean_errors
 def delta(metadata: str, snap1: int, snap2: int, snapshot: bool, verbose: bool) -> None:
     """Show how two devices' mappings differ (like thin_delta)."""
-    from .tools.delta import delta as run_delta
+    from .tools.delta import write_delta
 
-    click.echo(run_delta(metadata, snap1, snap2, snapshot=snapshot, verbose=verbose), nl=False)
+    write_delta(metadata, snap1, snap2, sys.stdout, snapshot=snapshot, verbose=verbose)
+    sys.stdout.flush()
 
 
 # -- pools ---------------------------------------------------------------------------------------
