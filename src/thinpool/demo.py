@@ -71,6 +71,7 @@ def run_demo(workdir: str | None, echo: Echo) -> None:
             for dev in (0, 1, 2):
                 echo(f"$ thinpool status pool --thin {dev}")
                 echo(f"    {pool.thin_status(dev).line()}")
+        echo("# after the walkthrough: three volumes share two 64 KiB data blocks")
         for name in ("data", "metadata"):
             echo(f"    pool/{name:<9} {_sizes(os.path.join(pool_dir, name))}")
         meta = os.path.join(pool_dir, "metadata")
