@@ -301,3 +301,24 @@ MetadataMachine.TestCase.settings = settings(
     max_examples=25, stateful_step_count=25, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 test_metadata_state_machine = MetadataMachine.TestCase
+
+
+def test_changes_under_a_held_snapshot_keep_counts(tmp_path: Path) -> None:
+    """Regression: a device changed while only the top level is shared by a metadata snapshot."""
+    meta = new_pool(tmp_path)
+    with PoolMetadata(meta) as md:
+        md.create_thin(1)
+        for v in range(20):
+            md.insert(1, v, md.alloc_data_block())
+        md.commit()
+        md.reserve_metadata_snap()
+        md.commit()
+        for v in range(3):
+            md.remove(1, v)
+        md.insert(1, 5, md.alloc_data_block())
+        md.commit()
+        verify(meta)
+        assert_thin_check_clean(meta, "-m")
+        md.release_metadata_snap()
+        md.commit()
+    verify(meta)

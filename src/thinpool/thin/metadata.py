@@ -119,6 +119,7 @@ class PoolMetadata:
         self.mapping_root = sb.data_mapping_root
         self.details_root = sb.device_details_root
         self._devices: dict[int, _Device] = {}
+        self._top_shadowed: set[int] = set()  # devices whose top-level path is ours this txn
         self.dirty = False
 
     def close(self) -> None:
@@ -255,7 +256,7 @@ class PoolMetadata:
     def insert(self, dev_id: int, vblock: int, data_block: int) -> None:
         """Map ``vblock`` to ``data_block`` (whose reference the mapping takes over)."""
         self._writable()
-        dev = self._require(dev_id)
+        dev = self._own_top_path(dev_id)
         root, new = self.bottom.insert(dev.root, vblock, pack_block_time(data_block, self.time))
         self._set_root(dev_id, dev, root)
         if new:
@@ -265,7 +266,7 @@ class PoolMetadata:
     def remove(self, dev_id: int, vblock: int) -> bool:
         """Unmap ``vblock``; True if it was mapped."""
         self._writable()
-        dev = self._require(dev_id)
+        dev = self._own_top_path(dev_id)
         root, old = self.bottom.remove(dev.root, vblock)
         if old is None:
             return False
@@ -273,6 +274,19 @@ class PoolMetadata:
         dev.details = dev.details._replace(mapped_blocks=dev.details.mapped_blocks - 1)
         dev.changed = True
         return True
+
+    def _own_top_path(self, dev_id: int) -> _Device:
+        """Shadow the top-level path to a device before changing its mapping tree.
+
+        If the top-level tree is shared (a held metadata snapshot), shadowing it
+        gives the device's subtree root its second reference, so the subtree
+        itself is then shadowed, not changed in place under the snapshot.
+        """
+        dev = self._require(dev_id)
+        if dev_id not in self._top_shadowed:
+            self.mapping_root = self.top.update(self.mapping_root, dev_id, dev.root)
+            self._top_shadowed.add(dev_id)
+        return dev
 
     def _set_root(self, dev_id: int, dev: _Device, root: int) -> None:
         if root != dev.root:
@@ -337,6 +351,7 @@ class PoolMetadata:
         self.data_sm.committed()
         self.tm.sm.committed()
         self.tm.begin()
+        self._top_shadowed.clear()
         self.dirty = False
 
     def abort(self) -> None:
