@@ -26,10 +26,12 @@ import stat
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
-from ..errors import DeviceError, NoDataSpaceError, NoMetadataSpaceError, ThinpoolError
+from ..errors import (DeviceError, MetadataError, NoDataSpaceError, NoMetadataSpaceError,
+                      ThinpoolError)
 from ..ondisk.checksum import BLOCK_SIZE
 from ..ondisk.superblock import MAX_METADATA_BLOCKS
 from ..ondisk.values import MAX_DEVICE_ID
@@ -273,23 +275,30 @@ class Pool:
             os.pwrite(self.data_fd, bytes(bs), b * bs)
 
     # -- registry-tracked device changes ----------------------------------------------------
-    def _device_change(self, change, registry_update) -> None:
-        """Apply a metadata change and a registry change under one transaction id."""
+    def _device_change(self, change, registry_update, new_tid: int | None = None) -> None:
+        """Apply a metadata change and a registry change under one transaction id.
+
+        The registry is prepared for the new transaction id before the metadata
+        commit that makes that id current, and finished after it (registry.py).
+        """
         self._require_writable()
         with self.io.exclusive(), self.lock:
             self._commit_locked()
             old = self.md.trans_id
-            new = old + 1
-            change()
-            registry_update()
-            self.registry.prepare(new)
-            self.md.set_transaction_id(old, new)
+            new = old + 1 if new_tid is None else new_tid
             try:
+                change()
+                registry_update()
+                self.registry.prepare(new)
+                self.md.set_transaction_id(old, new)
                 self.md.commit()
-            except BaseException:
+            except BaseException as e:
                 self.md.abort()
-                os.unlink(self.registry.pending_path)
+                if os.path.exists(self.registry.pending_path):
+                    os.unlink(self.registry.pending_path)
                 self.registry.load(self.md.trans_id, writable=True)
+                if isinstance(e, MetadataError):
+                    self._metadata_failed(e)
                 raise
             self.registry.finish(new)
             self._passdown()
@@ -342,15 +351,14 @@ class Pool:
         self._device_change(change, lambda: self.registry.volumes.pop(dev_id, None))
 
     def set_transaction_id(self, old: int, new: int) -> None:
-        self._require_writable()
-        with self.io.exclusive(), self.lock:
-            self.md.set_transaction_id(old, new)
-            self._commit_locked()
-            self.registry.save(new)
+        if old != self.md.trans_id:
+            raise DeviceError("EINVAL", f"transaction id mismatch: current is "
+                                        f"{self.md.trans_id}, not {old}")
+        self._device_change(lambda: None, lambda: None, new_tid=new)
 
     def reserve_metadata_snap(self) -> int:
         self._require_writable()
-        with self.io.exclusive(), self.lock:
+        with self.io.exclusive(), self.lock, self._metadata_guard():
             os.fsync(self.data_fd)
             held = self.md.reserve_metadata_snap()
             self._commit_locked()
@@ -358,9 +366,19 @@ class Pool:
 
     def release_metadata_snap(self) -> None:
         self._require_writable()
-        with self.io.exclusive(), self.lock:
+        with self.io.exclusive(), self.lock, self._metadata_guard():
             self.md.release_metadata_snap()
             self._commit_locked()
+
+    @contextmanager
+    def _metadata_guard(self) -> Iterator[None]:
+        """Roll back a metadata operation that failed half-way (lock held)."""
+        try:
+            yield
+        except NoMetadataSpaceError:
+            self._metadata_exhausted()
+        except MetadataError as e:
+            self._metadata_failed(e)
 
     def message(self, text: str) -> None:
         """Execute a kernel pool message (``dmsetup message <pool> 0 <text>``)."""

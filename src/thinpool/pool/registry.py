@@ -62,13 +62,18 @@ class Registry:
 
     def load(self, metadata_transaction: int, writable: bool) -> None:
         """Read the registry, resolving a half-finished commit against the metadata."""
-        if os.path.exists(self.pending_path) and writable:
-            stamp = self._read(self.pending_path)[0]
-            if stamp == metadata_transaction:
-                os.replace(self.pending_path, self.path)
+        if os.path.exists(self.pending_path):
+            stamp, volumes = self._read(self.pending_path)
+            if not writable:  # read-only: resolve in memory, leave the files alone
+                if stamp == metadata_transaction:
+                    self.transaction_id, self.volumes = stamp, volumes
+                    return
             else:
-                os.unlink(self.pending_path)
-            _fsync_dir(self.directory)
+                if stamp == metadata_transaction:
+                    os.replace(self.pending_path, self.path)
+                else:
+                    os.unlink(self.pending_path)
+                _fsync_dir(self.directory)
         if os.path.exists(self.path):
             self.transaction_id, self.volumes = self._read(self.path)
         else:
@@ -97,7 +102,3 @@ class Registry:
         _fsync_dir(self.directory)
         self.transaction_id = transaction_id
 
-    def save(self, transaction_id: int) -> None:
-        """Rewrite the registry for the current transaction id (no device change)."""
-        write_json_atomic(self.path, self._payload(transaction_id))
-        self.transaction_id = transaction_id
