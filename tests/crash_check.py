@@ -27,8 +27,8 @@ have been in flight or not started at all).  S_k is the model state after op
 k (S_F is the acknowledged state).
 
 * The metadata passes ``thin_check`` and ``thinpool.tools.check``; the
-  on-disk registry (volumes.json, or the pending file the next read-write
-  open rolls forward) agrees with the metadata devices and the model's
+  on-disk registry (volumes.json plus the committed prefix of the
+  volumes.log journal) agrees with the metadata devices and the model's
   sizes; the pool opens read-write (the dead process's lock is gone) and its
   registry then lists exactly the metadata devices.  Recorded as notes, not
   failures (known engine issues, see test_crash.py): a read-only open showing
@@ -80,11 +80,12 @@ RECORD = np.dtype([("magic", "<u2"), ("run", "<u2"), ("step", "<u4"), ("vol", "<
                    ("seed", "<u2"), ("unit", "<u4")])
 # Function calls to die at: every step of a commit and of a device change.
 KILL_POINTS = [
-    "thinpool.pool.registry.Registry.prepare",  # device change: before the pending registry
+    "thinpool.pool.registry.Registry.prepare",  # device change: before the journal line
+    "thinpool.pool.registry.Registry.prepare:after",  # journal line synced, metadata not committed
     "thinpool.pdata.block_manager.BlockManager.flush",  # commit: before the metadata blocks
     "thinpool.pdata.block_manager.BlockManager.write_superblock",  # blocks synced, no superblock
     "thinpool.pdata.block_manager.BlockManager.write_superblock:after",  # superblock written
-    "thinpool.pool.registry.Registry.finish",  # metadata committed, registry not renamed
+    "thinpool.pool.registry.Registry.finish",  # metadata committed, registry not updated in memory
     "thinpool.pool.engine.Pool._passdown",  # committed, holes not punched yet
     "thinpool.pool.engine._punch_hole",  # zeroing a new block / passdown
     "thinpool.pool.volume._copy_range",  # copy-on-write of a shared block
@@ -356,12 +357,15 @@ def copy_pool(src: str, dst: str) -> None:
             copy_sparse(s, d)
 
 
-def _read_registry_file(path: str) -> tuple[int, dict[int, int]] | None:
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        raw = json.load(f)
-    return int(raw["transaction_id"]), {int(k): int(v["size"]) for k, v in raw["volumes"].items()}
+def _registry_on_disk(pool_dir: str, md_tid: int) -> tuple[dict[int, int], bool]:
+    """Volume sizes the next open will see, and whether an uncommitted journal line is there."""
+    from thinpool.pool.registry import JOURNAL, Registry
+
+    reg = Registry(pool_dir)
+    reg.load(md_tid, writable=False)
+    journal = os.path.join(pool_dir, JOURNAL)
+    trailing = os.path.exists(journal) and os.path.getsize(journal) > reg._journal_size
+    return {k: v.size for k, v in reg.volumes.items()}, trailing
 
 
 @dataclass
@@ -442,15 +446,12 @@ def verify(pool_dir: str, log_path: str, base: Model, seed: int, *,
     state = rp.before_last if undone else rp.model
 
     # 3. registry files on disk: what the next read-write open will use
-    current = _read_registry_file(os.path.join(pool_dir, "volumes.json"))
-    pending = _read_registry_file(os.path.join(pool_dir, "volumes.json.pending"))
-    effective = pending if pending is not None and pending[0] == md_tid else current
-    eff_sizes = effective[1] if effective is not None else {}
+    eff_sizes, trailing = _registry_on_disk(pool_dir, md_tid)
     if set(eff_sizes) != set(md_devs):
-        fail(f"registry on disk (volumes.json {current}, pending {pending}) lists "
-             f"{sorted(eff_sizes)}, metadata (transaction {md_tid}) has {md_devs}")
-    if pending is not None and effective is pending:
-        notes.append("registry roll-forward pending")
+        fail(f"registry on disk lists {sorted(eff_sizes)}, metadata (transaction {md_tid}) "
+             f"has {md_devs}")
+    if trailing:
+        notes.append("registry journal line not committed")
     if eff_sizes != state.sizes():
         fail(f"registry sizes {eff_sizes} differ from the model {state.sizes()}")
 
@@ -459,7 +460,7 @@ def verify(pool_dir: str, log_path: str, base: Model, seed: int, *,
         ro_sizes = {v.dev_id: v.size for v in ro.list_volumes()}
     if ro_sizes != eff_sizes:
         msg = (f"read-only open shows volumes {ro_sizes}, the committed registry is "
-               f"{eff_sizes} (stale volumes.json while volumes.json.pending is current)")
+               f"{eff_sizes}")
         if strict_ro_registry:
             fail(msg)
         notes.append("ro-registry-stale: " + msg)
@@ -469,9 +470,6 @@ def verify(pool_dir: str, log_path: str, base: Model, seed: int, *,
     lost = torn = 0
     with Pool(pool_dir) as pool:
         if pool.registry.transaction_id != pool.md.trans_id:
-            # Known, harmless for the device records: set_transaction_id commits the
-            # metadata, then rewrites volumes.json; a crash in between leaves the old stamp
-            # until the next device change.  Recorded, not fatal.
             msg = (f"registry transaction id {pool.registry.transaction_id} != metadata "
                    f"transaction id {pool.md.trans_id}")
             if strict_registry_tid:

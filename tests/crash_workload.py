@@ -21,7 +21,7 @@ Deterministic kill points: with THINPOOL_CRASH_AT="module.Class.method:N[:after]
 the process SIGKILLs itself on the N-th call of that function (before it runs,
 or after it returned with ``:after``), e.g.
 ``thinpool.pool.registry.Registry.finish:3`` dies between a device change's
-metadata commit and the registry rename.
+metadata commit and the registry update.
 """
 
 from __future__ import annotations

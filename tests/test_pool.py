@@ -15,7 +15,7 @@ from thinpool.pool.config import ConfigError, PoolConfig, parse_size, parse_tabl
 from thinpool.pool.engine import Pool, PoolError
 from thinpool.pool.images import export_image, import_image
 from thinpool.pool.locks import PoolBusyError
-from thinpool.pool.registry import PENDING, REGISTRY
+from thinpool.pool.registry import JOURNAL
 from thinpool.pool.volume import VolumeRangeError
 
 from thinmodel import assert_thin_check_clean
@@ -376,18 +376,42 @@ def test_registry_commit_point(tmp_path: Path) -> None:
     d = make_pool(tmp_path)
     with Pool(d) as pool:
         pool.create_thin(0, size=1 << 20, name="base")
-    # A pending registry for a transaction that never committed is rolled back.
-    pending = Path(d) / PENDING
-    pending.write_text('{"transaction_id": 99, "volumes": {}}')
+        tid = pool.status().transaction_id
+    journal = Path(d) / JOURNAL
+    committed = journal.read_bytes()
+    # A journal line for a transaction that never committed is ignored and cut off.
+    with open(journal, "ab") as f:
+        f.write(b'{"tid":%d,"set":{"0":{"size":4096,"name":"ghost"}},"del":[]}\n' % (tid + 1))
+    with Pool(d, read_only=True) as ro:
+        assert ro.list_volumes()[0].name == "base"
     with Pool(d) as pool:
         assert pool.list_volumes()[0].name == "base"
-        tid = pool.status().transaction_id
-    assert not pending.exists()
-    # One stamped with the committed transaction id is rolled forward.
-    pending.write_text('{"transaction_id": %d, "volumes": {"0": {"size": 4096, "name": "new"}}}' % tid)
+    assert journal.read_bytes() == committed
+    # A torn last line (crash while appending) is ignored too.
+    with open(journal, "ab") as f:
+        f.write(b'{"tid":%d,"set":{"0"' % (tid + 1))
     with Pool(d) as pool:
-        assert pool.list_volumes()[0].name == "new"
-    assert (Path(d) / REGISTRY).exists() and not pending.exists()
+        assert pool.list_volumes()[0].name == "base"
+        pool.create_snap(1, 0, name="snap")
+    # Compaction folds the journal into the base file; the state survives.
+    with Pool(d) as pool:
+        pool.registry.compact()
+    assert journal.read_bytes() == b""
+    with Pool(d) as pool:
+        assert [(v.dev_id, v.name, v.size) for v in pool.list_volumes()] == \
+            [(0, "base", 1 << 20), (1, "snap", 1 << 20)]
+
+
+def test_registry_device_change_is_constant_cost(tmp_path: Path) -> None:
+    """Each device change appends one journal line, whatever the number of volumes."""
+    d = make_pool(tmp_path)
+    with Pool(d) as pool:
+        for i in range(50):
+            pool.create_thin(i, size=1 << 20)
+        journal = Path(d) / JOURNAL
+        before = journal.stat().st_size
+        pool.create_snap(100, 3)
+        assert 0 < journal.stat().st_size - before < 200
 
 
 def test_image_export_import_roundtrip_sparse(tmp_path: Path) -> None:

@@ -116,6 +116,31 @@ class BTree:
             b = node.values[-1]
         raise BadBlockError(root, self.name, "tree deeper than 64 levels (cycle?)")
 
+    def range_u64(self, root: int, lo: int, hi: int) -> tuple[list[int], list[int]]:
+        """Keys in [lo, hi) and their u64 values, without decoding whole nodes (read path)."""
+        keys_out: list[int] = []
+        values_out: list[int] = []
+        self._range_u64(root, lo, hi, keys_out, values_out, 0)
+        return keys_out, values_out
+
+    def _range_u64(self, b: int, lo: int, hi: int, keys_out: list[int], values_out: list[int],
+                   depth: int) -> None:
+        if depth > 64:
+            raise BadBlockError(b, self.name, "tree deeper than 64 levels (cycle?)")
+        node = self.view(b)
+        if isinstance(node, Node):
+            keys, values, leaf = node.keys, node.values, node.leaf
+        else:
+            keys, leaf = node.keys(), node.is_leaf
+            values = node.values_raw().cast("Q")
+        if leaf:
+            i, j = bisect_left(keys, lo), bisect_left(keys, hi)
+            keys_out.extend(keys[i:j])
+            values_out.extend(values[i:j])
+            return
+        for k in range(max(bisect_right(keys, lo) - 1, 0), bisect_left(keys, hi)):
+            self._range_u64(values[k], lo, hi, keys_out, values_out, depth + 1)
+
     def items(self, root: int, lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, Any]]:
         """(key, value) pairs with lo <= key < hi, in key order."""
         for node in self.leaves(root, lo, hi):

@@ -13,9 +13,6 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
-from contextlib import contextmanager
-from typing import Iterator
-
 from ..errors import ThinpoolError
 
 
@@ -44,6 +41,21 @@ class PoolLock:
             self.fd = -1
 
 
+class _Guard:
+    """Reusable context manager for one side of a SharedExclusiveLock (no generator cost)."""
+
+    __slots__ = ("_acquire", "_release")
+
+    def __init__(self, acquire, release) -> None:  # type: ignore[no-untyped-def]
+        self._acquire, self._release = acquire, release
+
+    def __enter__(self) -> None:
+        self._acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._release()
+
+
 class SharedExclusiveLock:
     """Many shared holders or one exclusive holder; exclusive waiters go first."""
 
@@ -52,32 +64,36 @@ class SharedExclusiveLock:
         self._shared = 0
         self._exclusive = False
         self._waiting_exclusive = 0
+        self._shared_guard = _Guard(self._acquire_shared, self._release_shared)
+        self._exclusive_guard = _Guard(self._acquire_exclusive, self._release_exclusive)
 
-    @contextmanager
-    def shared(self) -> Iterator[None]:
+    def shared(self) -> _Guard:
+        return self._shared_guard
+
+    def exclusive(self) -> _Guard:
+        return self._exclusive_guard
+
+    def _acquire_shared(self) -> None:
         with self._cond:
             while self._exclusive or self._waiting_exclusive:
                 self._cond.wait()
             self._shared += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._shared -= 1
-                if self._shared == 0:
-                    self._cond.notify_all()
 
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
+    def _release_shared(self) -> None:
+        with self._cond:
+            self._shared -= 1
+            if self._shared == 0:
+                self._cond.notify_all()
+
+    def _acquire_exclusive(self) -> None:
         with self._cond:
             self._waiting_exclusive += 1
             while self._exclusive or self._shared:
                 self._cond.wait()
             self._waiting_exclusive -= 1
             self._exclusive = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
+
+    def _release_exclusive(self) -> None:
+        with self._cond:
+            self._exclusive = False
+            self._cond.notify_all()

@@ -84,8 +84,18 @@ class ThinVolume:
                                    f"{self.dev_id} ({self.size} bytes)")
 
     # -- reads --------------------------------------------------------------------------------
-    def read(self, offset: int, length: int) -> bytearray:
+    def read(self, offset: int, length: int) -> bytes | bytearray:
+        """The bytes at [offset, offset + length)."""
         self._check_range(offset, length)
+        bs, pool = self.bs, self.pool
+        if length and offset // bs == (offset + length - 1) // bs:
+            with pool.io.shared():  # one block: a single lookup and pread
+                with pool.lock:
+                    m = pool.md.data_blocks(self.dev_id, offset // bs, offset // bs + 1)
+                if m:
+                    data = os.pread(pool.data_fd, length, m[offset // bs] * bs + offset % bs)
+                    if len(data) == length:
+                        return data
         buf = bytearray(length)
         self.readinto(offset, memoryview(buf), zeroed=True)
         return buf
@@ -99,8 +109,7 @@ class ThinVolume:
         first, last = offset // bs, (offset + length - 1) // bs
         with pool.io.shared():
             with pool.lock:
-                mapped = {v: m.data_block for v, m in
-                          pool.md.mappings(self.dev_id, first, last + 1)}
+                mapped = pool.md.data_blocks(self.dev_id, first, last + 1)
             fd = pool.data_fd
             run_file = run_buf = run_len = 0
             pos = 0

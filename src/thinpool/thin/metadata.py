@@ -301,6 +301,11 @@ class PoolMetadata:
             t = v & 0xFFFFFF
             yield k, Mapping(v >> 24, t, t < stime)
 
+    def data_blocks(self, dev_id: int, lo: int, hi: int) -> dict[int, int]:
+        """virtual block -> data block for the mapped blocks in [lo, hi) (fast read path)."""
+        keys, values = self.bottom.range_u64(self._require(dev_id).root, lo, hi)
+        return {k: v >> 24 for k, v in zip(keys, values)}
+
     def highest_mapped(self, dev_id: int) -> int | None:
         return self.bottom.last_key(self._require(dev_id).root)
 
