@@ -105,7 +105,8 @@ def build_pool(directory: str, n_devices: int, mapped: int, rng: np.random.Gener
         reg.volumes[dev_id] = VolumeRecord(1 << 30, f"vol{dev_id}", None, time.time())
     with PoolMetadata(os.path.join(directory, "metadata"), read_only=True) as md:
         assert md.nr_data_blocks == nr_data and md.details(1).mapped_blocks == mapped
-        reg.save(md.trans_id)
+        reg.transaction_id = md.trans_id
+        reg.compact()
     return dict(mappings=nmap, xml_lines=nlines, gen_s=t1 - t0, restore_s=t2 - t1,
                 vsize_bytes=vsize * bs, nr_data=nr_data)
 
@@ -135,7 +136,7 @@ def bench_snap(work: str, quick: bool, rng: np.random.Generator) -> tuple[list, 
         reg.load(trans, writable=True)
         for i in range(k):
             reg.volumes[n + 1 + i] = VolumeRecord(info["vsize_bytes"], None, None, time.time())
-        reg.save(trans)
+        reg.compact()
         # full message path
         lat_pool = []
         t0 = time.perf_counter()

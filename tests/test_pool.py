@@ -144,6 +144,10 @@ def test_io_any_offset_and_length(tmp_path: Path) -> None:
                 n = rng.randrange(0, len(model) - off + 1)
                 assert bytes(vol.read(off, n)) == bytes(model[off:off + n])
             assert bytes(vol.read(0, len(model))) == bytes(model)
+            for off, n in ((0, 1), (BS - 3, 7), (5, 3 * BS + 11), (len(model) - BS, BS)):
+                buf = bytearray(b"\xee" * n)  # readinto must overwrite holes too
+                vol.readinto(off, memoryview(buf))
+                assert bytes(buf) == bytes(model[off:off + n])
             with pytest.raises(VolumeRangeError):
                 vol.read(len(model) - 1, 2)
             with pytest.raises(VolumeRangeError):

@@ -16,7 +16,7 @@ import struct
 import sys
 from array import array
 from bisect import bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 from . import checksum
@@ -45,14 +45,12 @@ class ValueCodec:
 
     name: str
     fmt: str  # struct format without byte order, e.g. "Q" or "QQII"
+    size: int = field(init=False)
+    max_entries: int = field(init=False)
 
-    @property
-    def size(self) -> int:
-        return struct.calcsize("<" + self.fmt)
-
-    @property
-    def max_entries(self) -> int:
-        return max_entries_for(self.size)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", struct.calcsize("<" + self.fmt))
+        object.__setattr__(self, "max_entries", max_entries_for(self.size))
 
     def unpack_many(self, raw: memoryview) -> list[Any]:
         if self.fmt == "Q":

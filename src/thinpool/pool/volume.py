@@ -87,52 +87,63 @@ class ThinVolume:
     def read(self, offset: int, length: int) -> bytes | bytearray:
         """The bytes at [offset, offset + length)."""
         self._check_range(offset, length)
-        bs, pool = self.bs, self.pool
-        if length and offset // bs == (offset + length - 1) // bs:
-            with pool.io.shared():  # one block: a single lookup and pread
-                with pool.lock:
-                    m = pool.md.data_blocks(self.dev_id, offset // bs, offset // bs + 1)
-                if m:
-                    data = os.pread(pool.data_fd, length, m[offset // bs] * bs + offset % bs)
-                    if len(data) == length:
-                        return data
-        buf = bytearray(length)
-        self.readinto(offset, memoryview(buf), zeroed=True)
-        return buf
-
-    def readinto(self, offset: int, buf: memoryview, zeroed: bool = False) -> None:
-        length = len(buf)
-        self._check_range(offset, length)
         if length == 0:
-            return
+            return b""
         bs, pool = self.bs, self.pool
         first, last = offset // bs, (offset + length - 1) // bs
         with pool.io.shared():
             with pool.lock:
                 mapped = pool.md.data_blocks(self.dev_id, first, last + 1)
-            fd = pool.data_fd
-            run_file = run_buf = run_len = 0
-            pos = 0
-            for v in range(first, last + 1):
-                boff = (offset + pos) % bs
-                seg = min(bs - boff, length - pos)
-                d = mapped.get(v)
-                if d is not None:
-                    file_off = d * bs + boff
-                    if run_len and run_file + run_len == file_off:
-                        run_len += seg
-                    else:
-                        if run_len:
-                            self._pread(fd, buf[run_buf:run_buf + run_len], run_file)
-                        run_file, run_buf, run_len = file_off, pos, seg
+            if len(mapped) == last - first + 1:  # fully provisioned: one pread if contiguous
+                d0 = mapped[first]
+                if all(mapped[first + i] == d0 + i for i in range(1, last - first + 1)):
+                    data = os.pread(pool.data_fd, length, d0 * bs + offset % bs)
+                    if len(data) == length:
+                        return data
+            buf = bytearray(length)
+            self._fill(offset, memoryview(buf), mapped, zeroed=True)
+            return buf
+
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        """Read len(buf) bytes at ``offset`` into ``buf`` (for servers with their own buffers)."""
+        length = len(buf)
+        self._check_range(offset, length)
+        if length == 0:
+            return
+        bs, pool = self.bs, self.pool
+        with pool.io.shared():
+            with pool.lock:
+                mapped = pool.md.data_blocks(self.dev_id, offset // bs,
+                                             (offset + length - 1) // bs + 1)
+            self._fill(offset, buf, mapped, zeroed=False)
+
+    def _fill(self, offset: int, buf: memoryview, mapped: dict[int, int], zeroed: bool) -> None:
+        """Copy [offset, offset + len(buf)) into ``buf``: runs of contiguous blocks, holes, origin."""
+        bs, fd = self.bs, self.pool.data_fd
+        length = len(buf)
+        first, last = offset // bs, (offset + length - 1) // bs
+        run_file = run_buf = run_len = 0
+        pos = 0
+        for v in range(first, last + 1):
+            boff = (offset + pos) % bs
+            seg = min(bs - boff, length - pos)
+            d = mapped.get(v)
+            if d is not None:
+                file_off = d * bs + boff
+                if run_len and run_file + run_len == file_off:
+                    run_len += seg
                 else:
                     if run_len:
                         self._pread(fd, buf[run_buf:run_buf + run_len], run_file)
-                        run_len = 0
-                    self._read_unprovisioned(v * bs + boff, buf[pos:pos + seg], zeroed)
-                pos += seg
-            if run_len:
-                self._pread(fd, buf[run_buf:run_buf + run_len], run_file)
+                    run_file, run_buf, run_len = file_off, pos, seg
+            else:
+                if run_len:
+                    self._pread(fd, buf[run_buf:run_buf + run_len], run_file)
+                    run_len = 0
+                self._read_unprovisioned(v * bs + boff, buf[pos:pos + seg], zeroed)
+            pos += seg
+        if run_len:
+            self._pread(fd, buf[run_buf:run_buf + run_len], run_file)
 
     @staticmethod
     def _pread(fd: int, out: memoryview, offset: int) -> None:
