@@ -40,7 +40,7 @@ def _show(pool: Pool, dev: int, echo: Echo) -> None:
 
 def run_demo(workdir: str | None, echo: Echo) -> None:
     own_dir = workdir is None
-    root = tempfile.mkdtemp(prefix="thinpool-demo-") if own_dir else workdir
+    root = tempfile.mkdtemp(prefix="thinpool-demo-") if workdir is None else workdir
     os.makedirs(root, exist_ok=True)
     pool_dir = os.path.join(root, "pool")
     try:

@@ -19,7 +19,7 @@ of a whole unshared tree is O(n) and belongs off the I/O path.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator, Protocol, Sequence
 
 from ..errors import BadBlockError
 from ..ondisk.checksum import Salt
@@ -128,6 +128,8 @@ class BTree:
         if depth > 64:
             raise BadBlockError(b, self.name, "tree deeper than 64 levels (cycle?)")
         node = self.view(b)
+        keys: Sequence[int]
+        values: Sequence[int]
         if isinstance(node, Node):
             keys, values, leaf = node.keys, node.values, node.leaf
         else:

@@ -11,13 +11,14 @@ Every block read is checksum-verified; structural problems raise
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 from ..errors import BadBlockError, MetadataError
 from ..ondisk.checksum import Salt
-from ..ondisk.node import DEVICE_DETAILS, HEADER, LEAF, U64, NodeView, check_header, values_offset
+from ..ondisk.node import (DEVICE_DETAILS, HEADER, LEAF, U64, NodeView, ValueCodec, check_header,
+                           values_offset)
 from ..ondisk.superblock import MAGIC, Superblock
 from ..ondisk.values import DeviceDetails
 from ..pdata.block_manager import BlockManager
@@ -87,7 +88,7 @@ class MetadataReader:
             children = node.values_raw().cast("Q").tolist()
             stack.extend(reversed(children))
 
-    def tree_items(self, root: int, codec=U64) -> Iterator[tuple[int, object]]:
+    def tree_items(self, root: int, codec: ValueCodec = U64) -> Iterator[tuple[int, Any]]:
         for leaf in self.leaves(root, codec.size):
             keys = leaf.keys().tolist()
             values = codec.unpack_many(leaf.values_raw())
@@ -96,10 +97,10 @@ class MetadataReader:
     # -- thin structures ------------------------------------------------------------------
     def details(self) -> dict[int, DeviceDetails]:
         return {k: DeviceDetails(*v) for k, v in
-                self.tree_items(self.sb.device_details_root, DEVICE_DETAILS)}  # type: ignore[misc]
+                self.tree_items(self.sb.device_details_root, DEVICE_DETAILS)}
 
     def mapping_roots(self) -> dict[int, int]:
-        return dict(self.tree_items(self.sb.data_mapping_root, U64))  # type: ignore[arg-type]
+        return dict(self.tree_items(self.sb.data_mapping_root, U64))
 
     def mapping_leaves(self, root: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(virtual blocks, raw block_time values) per leaf, as uint64 arrays."""
