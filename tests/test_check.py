@@ -703,19 +703,34 @@ def big_xml(per_dev: int = 100_000, nr_devices: int = 10, seed: int = 1) -> str:
     return "\n".join(out) + "\n"
 
 
+_MEMORY_PROBE = """
+import resource, sys, tracemalloc
+from thinpool.tools.check import check
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+tracemalloc.start()
+r = check(sys.argv[1])
+assert r.clean, r.errors + r.leaks
+assert r.nr_mappings == 1_000_000
+print(tracemalloc.get_traced_memory()[1] >> 10, base,
+      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
 @pytest.mark.slow
 def test_million_mappings_clean_in_bounded_memory(tmp_path: Path) -> None:
-    """A 1,000,000-mapping image checks clean in a fresh process with peak RSS < 200 MB.
+    """A 1,000,000-mapping image checks clean in a fresh process in bounded memory.
 
-    Speed against thin_check is measured by benchmarks/metadata_bench.py, not here.
+    The bound is asserted on what our code allocates (tracemalloc sees Python
+    objects and numpy buffers) and on the peak RSS growth after imports: the
+    absolute RSS also counts shared-library pages, which vary with the host's
+    page cache (large folios) and once pushed a 51 MB run past 200 MB in CI.
+    Speed and absolute RSS against thin_check are in benchmarks/metadata_bench.py.
     """
     path = restore(big_xml(), tmp_path / "big.bin", size=256 << 20)
-    script = ("import resource, sys; from thinpool.tools.check import check; "
-              "r = check(sys.argv[1]); assert r.clean, r.errors + r.leaks; "
-              "assert r.nr_mappings == 1_000_000; "
-              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
-    proc = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True,
-                          text=True, env=env, check=True)
-    assert int(proc.stdout.split()[-1]) < 200 * 1024
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path)],
+                          capture_output=True, text=True, env=env, check=True)
+    traced_kib, base_kib, peak_kib = map(int, proc.stdout.split()[-3:])
+    assert traced_kib < 64 * 1024, f"check allocated {traced_kib} KiB at peak"
+    assert peak_kib - base_kib < 150 * 1024, f"RSS grew {base_kib} -> {peak_kib} KiB"
     assert run_tool("thin_check", "-q", path).returncode == 0
