@@ -99,6 +99,35 @@ def test_big_device_three_levels_and_merging_deletes(tmp_path: Path) -> None:
     verify(meta, {7: model})
 
 
+def test_insert_many_splits_grows_and_shares(tmp_path: Path) -> None:
+    """Batches: 70,000 keys at once into an empty tree (a three-level tree built in one
+    call), interleaved batches into full leaves, remaps of a snapshot's shared keys."""
+    meta = new_pool(tmp_path, size=64 << 20)
+    with PoolMetadata(meta) as md:
+        md.create_thin(0)
+        first = [(v * 4, md.alloc_data_block()) for v in range(70_000)]
+        md.insert_many(0, first)
+        model = dict(first)
+        node, depth = md.bottom.read_node(md._require(0).root), 1
+        while not node.leaf:
+            node, depth = md.bottom.read_node(node.values[0]), depth + 1
+        assert depth == 3
+        md.commit()
+        md.create_snap(1, 0)
+        for start in (1, 2, 3):  # fill the gaps: every leaf overflows, several times
+            batch = [(v * 4 + start, md.alloc_data_block()) for v in range(0, 70_000, 2)]
+            md.insert_many(0, batch)
+            model.update(batch)
+        remap = [(v * 4, md.alloc_data_block()) for v in range(1000, 3000)]
+        md.insert_many(1, remap)  # breaks sharing with device 0 over 2000 blocks
+        snap = dict(first)
+        snap.update(remap)
+        assert md.details(0).mapped_blocks == len(model)
+        assert md.details(1).mapped_blocks == len(snap)
+        md.commit()
+    verify(meta, {0: model, 1: snap})
+
+
 def test_fifty_deep_snapshot_chain(tmp_path: Path) -> None:
     meta = new_pool(tmp_path)
     model: dict[int, dict[int, int]] = {}
@@ -270,6 +299,22 @@ class MetadataMachine(RuleBasedStateMachine):
                 return
             self.md.insert(dev, v, b)
             self.model[dev][v] = b
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data(), start=vblocks, count=st.integers(1, 800), step=st.integers(1, 3))
+    def map_batch(self, data: st.DataObject, start: int, count: int, step: int) -> None:
+        """insert_many: one batch, possibly splitting a leaf several ways and growing the root."""
+        dev = data.draw(st.sampled_from(sorted(self.model)))
+        pairs = []
+        try:
+            for v in range(start, start + count * step, step):
+                pairs.append((v, self.md.alloc_data_block()))
+        except NoDataSpaceError:
+            for _, b in pairs:
+                self.md.data_sm.dec(b)
+            return
+        self.md.insert_many(dev, pairs)
+        self.model[dev].update(pairs)
 
     @precondition(lambda self: self.model)
     @rule(data=st.data(), start=vblocks, count=st.integers(1, 300))

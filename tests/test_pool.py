@@ -280,6 +280,34 @@ def test_queue_if_no_space_waits_for_resize(tmp_path: Path) -> None:
             assert bytes(vol.read(2 * BS, 6)) == b"queued"
 
 
+def test_writers_queued_for_space_into_one_block_both_land(tmp_path: Path) -> None:
+    """Two writers wait for space to provision the same block (different bytes of it).
+    Whichever wakes second must see the first one's mapping, not overwrite it."""
+    d = make_pool(tmp_path, data="128K", no_space_timeout=30.0)
+    with Pool(d) as pool:
+        pool.create_thin(0, size=1 << 20)
+        with pool.volume(0) as vol:
+            vol.write(0, bytes(2 * BS))  # the pool is full
+            writers = [threading.Thread(target=vol.write, args=(5 * BS + off, text))
+                       for off, text in ((100, b"first writer"), (BS - 200, b"second writer"))]
+            for t in writers:
+                t.start()
+            deadline = time.monotonic() + 10
+            while pool.space_waits < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert pool.space_waits >= 2
+            pool.resize(data_size="1M")
+            for t in writers:
+                t.join(10)
+            block = bytes(vol.read(5 * BS, BS))
+            assert block[100:112] == b"first writer"
+            assert block[BS - 200:BS - 187] == b"second writer"
+            assert block.count(0) == BS - 25
+            pool.commit()
+            assert pool.status().used_data == 3
+    assert_thin_check_clean(f"{d}/metadata")
+
+
 def test_queue_timeout(tmp_path: Path) -> None:
     d = make_pool(tmp_path, data="64K", no_space_timeout=0.2)
     with Pool(d) as pool:

@@ -236,6 +236,74 @@ class BTree:
         self.tm.put_node(right)
         return node.blocknr, (right.keys[0], right.blocknr)
 
+    def insert_many(self, root: int, items: Sequence[tuple[int, Any]]) -> tuple[int, int]:
+        """Insert or overwrite sorted, distinct keys; returns (new root, number of new keys).
+
+        The same reference rules as ``insert``, but each node on the way is
+        shadowed once for the whole batch (a run of a write's new blocks).
+        """
+        self._new_keys = 0
+        if not items:
+            return root, 0
+        b, extra = self._insert_many(root, items, [k for k, _ in items])
+        level = [(self.read_node(b).keys[0] if extra else 0, b), *extra]
+        while len(level) > 1:  # the root split: build internal levels above it
+            level = [(group[0][0], self._new_internal(group)) for group in
+                     _balanced_parts(level, U64.max_entries)]
+        return level[0][1], self._new_keys
+
+    def _new_internal(self, children: list[tuple[int, int]]) -> int:
+        b = self.tm.new_block()
+        self.tm.put_node(Node(b, False, [k for k, _ in children], [c for _, c in children], U64))
+        return b
+
+    def _insert_many(self, b: int, items: Sequence[tuple[int, Any]], item_keys: list[int]
+                     ) -> tuple[int, list[tuple[int, int]]]:
+        """Insert ``items`` below node b; (its new block, [(first key, block)] of new siblings)."""
+        node = self._shadow(b)
+        keys, values = node.keys, node.values
+        if node.leaf:
+            lo = 0
+            for key, value in items:
+                i = bisect_left(keys, key, lo)
+                if i < len(keys) and keys[i] == key:
+                    old = values[i]
+                    values[i] = value
+                    if old != value:
+                        self.vt.dec(old)
+                else:
+                    keys.insert(i, key)
+                    values.insert(i, value)
+                    self._new_keys += 1
+                lo = i + 1
+        else:
+            if item_keys[0] < keys[0]:
+                keys[0] = item_keys[0]
+            start = 0
+            while start < len(items):
+                i = bisect_right(keys, item_keys[start]) - 1
+                end = (bisect_left(item_keys, keys[i + 1], start) if i + 1 < len(keys)
+                       else len(items))
+                child, extra = self._insert_many(values[i], items[start:end],
+                                                 item_keys[start:end])
+                values[i] = child
+                keys[i + 1:i + 1] = [k for k, _ in extra]
+                values[i + 1:i + 1] = [c for _, c in extra]
+                start = end
+        self.tm.put_node(node)
+        if len(keys) <= node.max_entries:
+            return node.blocknr, []
+        parts = _balanced_parts(list(zip(keys, values)), node.max_entries)
+        first = parts[0]
+        del keys[len(first):], values[len(first):]
+        siblings = []
+        for part in parts[1:]:
+            sib = Node(self.tm.new_block(), node.leaf, [k for k, _ in part], [v for _, v in part],
+                       node.codec)
+            self.tm.put_node(sib)
+            siblings.append((sib.keys[0], sib.blocknr))
+        return node.blocknr, siblings
+
     def update(self, root: int, key: int, value: Any) -> int:
         """Overwrite an existing key's value with no reference-count effect.
 
@@ -335,3 +403,15 @@ class BTree:
             for child in node.values:
                 self.release(child)
         self._free_fresh(root)
+
+
+def _balanced_parts(entries: list[Any], max_entries: int) -> list[list[Any]]:
+    """Split entries into the fewest runs of <= max_entries, sizes differing by at most one."""
+    nr_parts = -(-len(entries) // max_entries)
+    base, extra = divmod(len(entries), nr_parts)
+    parts, pos = [], 0
+    for i in range(nr_parts):
+        size = base + (i < extra)
+        parts.append(entries[pos:pos + size])
+        pos += size
+    return parts

@@ -179,6 +179,7 @@ class Pool:
             log.warning("pool %s needs_check is set: opened read-only", directory)
         self.lock = threading.RLock()  # metadata and allocation
         self.space = threading.Condition(self.lock)
+        self.space_waits = 0  # times a writer released self.lock waiting for data space
         self.io = SharedExclusiveLock()  # volume I/O vs commit / snapshot / delete
         self._pending_passdown: set[int] = set()
         self._open_volumes: dict[int, int] = {}
@@ -516,6 +517,7 @@ class Pool:
                 if now >= deadline:
                     raise OSError(errno.ENOSPC, "thin pool is out of data space "
                                   "(no resize within the timeout)") from None
+                self.space_waits += 1
                 self.space.wait(deadline - now)
         if self.mode == "out_of_data_space":
             self.mode = "rw"

@@ -25,11 +25,16 @@ from ..errors import MetadataError, NoMetadataSpaceError, ThinpoolError
 from .registry import VolumeRecord
 
 if TYPE_CHECKING:
+    from ..thin.metadata import Mapping
     from .engine import Pool
 
 
 class VolumeRangeError(ThinpoolError):
     pass
+
+
+class _Stale(Exception):
+    """The pool lock was released during a write's placement (see ThinVolume._place)."""
 
 
 def _copy_range(fd: int, src: int, dst: int, length: int) -> None:
@@ -171,24 +176,11 @@ class ThinVolume:
         self._check_range(offset, length)
         if length == 0:
             return
-        self.pool._require_writable()
-        bs, pool = self.bs, self.pool
-        first, last = offset // bs, (offset + length - 1) // bs
+        pool = self.pool
+        pool._require_writable()
         with pool.io.shared():
-            targets: list[tuple[int, int, int]] = []  # (file offset, data pos, length)
             with pool.lock:
-                pos = 0
-                for v in range(first, last + 1):
-                    boff = (offset + pos) % bs
-                    seg = min(bs - boff, length - pos)
-                    d = self._writable_block(v, seg == bs)
-                    file_off = d * bs + boff
-                    if targets and targets[-1][0] + targets[-1][2] == file_off:
-                        f, p, n = targets[-1]
-                        targets[-1] = (f, p, n + seg)
-                    else:
-                        targets.append((file_off, pos, seg))
-                    pos += seg
+                targets = self._place(offset, length)
             fd = pool.data_fd
             for file_off, p, n in targets:
                 chunk = mv[p:p + n]
@@ -196,12 +188,66 @@ class ThinVolume:
                     written = os.pwrite(fd, chunk, file_off)
                     chunk, file_off = chunk[written:], file_off + written
 
-    def _writable_block(self, v: int, full: bool) -> int:
-        """Data block that virtual block v may be written into (pool.lock held)."""
-        pool, md = self.pool, self.pool.md
-        m = md.lookup(self.dev_id, v)
-        if m is not None and not m.shared:
-            return m.data_block
+    def _place(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """Where a write's bytes go: (data file offset, position in data, length) runs.
+
+        Blocks that are unmapped or shared get new data blocks, mapped in one
+        batch at the end (pool.lock held). If a new block had to wait for data
+        space, the lock was released meanwhile and the mappings looked up may
+        be stale: the new blocks are given back and the placement starts over.
+        """
+        bs, pool, md = self.bs, self.pool, self.pool.md
+        first, last = offset // bs, (offset + length - 1) // bs
+        while True:
+            waits = pool.space_waits
+            mapped = md.lookup_range(self.dev_id, first, last + 1)
+            targets: list[tuple[int, int, int]] = []
+            fresh: list[tuple[int, int]] = []  # (virtual block, new data block)
+            pos = 0
+            try:
+                for v in range(first, last + 1):
+                    boff = (offset + pos) % bs
+                    seg = min(bs - boff, length - pos)
+                    m = mapped.get(v)
+                    if m is not None and not m.shared:
+                        d = m.data_block
+                    else:
+                        d = self._new_block(v, m, seg == bs)
+                        fresh.append((v, d))
+                    file_off = d * bs + boff
+                    if targets and targets[-1][0] + targets[-1][2] == file_off:
+                        f, p, n = targets[-1]
+                        targets[-1] = (f, p, n + seg)
+                    else:
+                        targets.append((file_off, pos, seg))
+                    pos += seg
+                if pool.space_waits != waits:
+                    raise _Stale
+            except BaseException as e:
+                for _, d in fresh:
+                    md.data_sm.dec(d)
+                if isinstance(e, _Stale):
+                    continue
+                raise
+            break
+        if fresh:
+            try:
+                md.insert_many(self.dev_id, fresh)
+            except NoMetadataSpaceError:
+                pool._metadata_exhausted()  # aborts the transaction, pool goes read-only
+                raise
+            except MetadataError as e:
+                pool._metadata_failed(e)
+                raise
+        return targets
+
+    def _new_block(self, v: int, m: Mapping | None, full: bool) -> int:
+        """A new data block for virtual block v, unmapped or shared as ``m`` (pool.lock held).
+
+        Unless the write covers the whole block, the new block first gets the
+        old contents: the shared block's, the external origin's, or zeros.
+        """
+        pool = self.pool
         new = pool.alloc_data_block()
         bs = self.bs
         try:
@@ -213,15 +259,8 @@ class ThinVolume:
                     os.pwrite(pool.data_fd, block.ljust(bs, b"\0"), new * bs)
                 elif not pool.config.skip_block_zeroing:
                     pool._zero_data_block(new)
-            md.insert(self.dev_id, v, new)
-        except NoMetadataSpaceError:
-            pool._metadata_exhausted()  # aborts the transaction, pool goes read-only
-            raise
-        except MetadataError as e:
-            pool._metadata_failed(e)
-            raise
         except BaseException:
-            md.data_sm.dec(new)
+            pool.md.data_sm.dec(new)
             raise
         return new
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 from ..errors import DeviceError, MetadataError, ThinpoolError
 from ..ondisk.checksum import Salt
@@ -263,6 +263,17 @@ class PoolMetadata:
             dev.details = dev.details._replace(mapped_blocks=dev.details.mapped_blocks + 1)
             dev.changed = True
 
+    def insert_many(self, dev_id: int, pairs: Sequence[tuple[int, int]]) -> None:
+        """Map each (vblock, data block) of sorted, distinct vblocks, as ``insert`` does."""
+        self._writable()
+        dev = self._own_top_path(dev_id)
+        t = self.time
+        root, new = self.bottom.insert_many(dev.root, [(v, pack_block_time(d, t)) for v, d in pairs])
+        self._set_root(dev_id, dev, root)
+        if new:
+            dev.details = dev.details._replace(mapped_blocks=dev.details.mapped_blocks + new)
+            dev.changed = True
+
     def remove(self, dev_id: int, vblock: int) -> bool:
         """Unmap ``vblock``; True if it was mapped."""
         self._writable()
@@ -300,6 +311,17 @@ class PoolMetadata:
         for k, v in self.bottom.items(dev.root, lo, hi):
             t = v & 0xFFFFFF
             yield k, Mapping(v >> 24, t, t < stime)
+
+    def lookup_range(self, dev_id: int, lo: int, hi: int) -> dict[int, Mapping]:
+        """virtual block -> Mapping for the mapped blocks in [lo, hi) (one tree walk)."""
+        dev = self._require(dev_id)
+        stime = dev.details.snapshotted_time
+        keys, values = self.bottom.range_u64(dev.root, lo, hi)
+        out = {}
+        for k, v in zip(keys, values):
+            t = v & 0xFFFFFF
+            out[k] = Mapping(v >> 24, t, t < stime)
+        return out
 
     def data_blocks(self, dev_id: int, lo: int, hi: int) -> dict[int, int]:
         """virtual block -> data block for the mapped blocks in [lo, hi) (fast read path)."""
