@@ -51,6 +51,7 @@ SNAP_RATIO_GOAL = 2.0
 READ_GOAL = 0.7
 WRITE_GOAL = 0.5
 RSS_GOAL_MB = 200.0
+SNAPS_PER_STATE = 41
 
 
 # -- (a) state building ---------------------------------------------------------------------
@@ -112,48 +113,63 @@ def build_pool(directory: str, n_devices: int, mapped: int, rng: np.random.Gener
 
 
 def bench_snap(work: str, quick: bool, rng: np.random.Generator) -> tuple[list, dict]:
+    """Snapshot latency per pool state, the states interleaved round by round so that
+    drift in the disk's fsync latency affects them alike."""
     mapped = 100_000 if quick else 1_000_000
     counts = [1, 100, 10_000] if not quick else [1, 100, 1_000]
-    k = 5 if quick else 21
+    k = 5 if quick else SNAPS_PER_STATE
+    dirs = {n: os.path.join(work, f"snap-{n}") for n in counts}
+    infos = {n: build_pool(dirs[n], n, mapped, rng) for n in counts}
+    # metadata only
+    lat_md: dict[int, list[float]] = {n: [] for n in counts}
+    open_md = {}
+    mds = {}
+    try:
+        for n in counts:
+            t0 = time.perf_counter()
+            mds[n] = PoolMetadata(os.path.join(dirs[n], "metadata"))
+            mds[n].details(1)
+            open_md[n] = time.perf_counter() - t0
+        for i in range(k):
+            for n in counts:
+                t0 = time.perf_counter()
+                mds[n].create_snap(n + 1 + i, 1)
+                mds[n].commit()
+                lat_md[n].append(time.perf_counter() - t0)
+        trans = {n: md.trans_id for n, md in mds.items()}
+    finally:
+        for md in mds.values():
+            md.close()
+    for n in counts:
+        reg = Registry(dirs[n])
+        reg.load(trans[n], writable=True)
+        for i in range(k):
+            reg.volumes[n + 1 + i] = VolumeRecord(infos[n]["vsize_bytes"], None, None, time.time())
+        reg.compact()
+    # full message path
+    lat_pool: dict[int, list[float]] = {n: [] for n in counts}
+    open_pool = {}
+    pools = {}
+    try:
+        for n in counts:
+            t0 = time.perf_counter()
+            pools[n] = Pool(dirs[n])
+            open_pool[n] = time.perf_counter() - t0
+        for i in range(k):
+            for n in counts:
+                t0 = time.perf_counter()
+                pools[n].message(f"create_snap {n + 1 + k + i} 1")
+                lat_pool[n].append(time.perf_counter() - t0)
+    finally:
+        for pool in pools.values():
+            pool.close()
     rows, res = [], {}
     for n in counts:
-        d = os.path.join(work, f"snap-{n}")
-        info = build_pool(d, n, mapped, rng)
-        meta = os.path.join(d, "metadata")
-        # metadata only
-        lat_md = []
-        with PoolMetadata(meta) as md:
-            t0 = time.perf_counter()
-            md.details(1)
-            open_md = time.perf_counter() - t0
-            for i in range(k):
-                t0 = time.perf_counter()
-                md.create_snap(n + 1 + i, 1)
-                md.commit()
-                lat_md.append(time.perf_counter() - t0)
-            trans = md.trans_id
-        reg = Registry(d)
-        reg.load(trans, writable=True)
-        for i in range(k):
-            reg.volumes[n + 1 + i] = VolumeRecord(info["vsize_bytes"], None, None, time.time())
-        reg.compact()
-        # full message path
-        lat_pool = []
-        t0 = time.perf_counter()
-        pool = Pool(d)
-        open_pool = time.perf_counter() - t0
-        try:
-            for i in range(k):
-                new = n + 1 + k + i
-                t0 = time.perf_counter()
-                pool.message(f"create_snap {new} 1")
-                lat_pool.append(time.perf_counter() - t0)
-        finally:
-            pool.close()
-        res[n] = dict(md=median(lat_md), pool=median(lat_pool), dir=d)
-        rows.append([n, info["mappings"], info["restore_s"], open_md * 1e3,
-                     median(lat_md) * 1e3, max(lat_md) * 1e3, open_pool * 1e3,
-                     median(lat_pool) * 1e3, lat_pool[0] * 1e3, max(lat_pool) * 1e3])
+        md_l, pool_l = lat_md[n], lat_pool[n]
+        res[n] = dict(md=median(md_l), pool=median(pool_l), dir=dirs[n])
+        rows.append([n, infos[n]["mappings"], infos[n]["restore_s"], open_md[n] * 1e3,
+                     median(md_l) * 1e3, max(md_l) * 1e3, open_pool[n] * 1e3,
+                     median(pool_l) * 1e3, pool_l[0] * 1e3, max(pool_l) * 1e3])
     return rows, res
 
 
@@ -167,16 +183,20 @@ def _fresh_file(path: str, size: int) -> int:
     return fd
 
 
-def _settle(fd: int) -> None:
+def _settle(fd: int, drop_from: int | None = 0) -> None:
     """Start a write phase from the same memory state for ours and plain.
 
     Earlier phases' dirty pages would throttle writes, so sync; and drop the
-    file's clean cached pages so that both sides fill the page cache from
-    recently freed memory (in a VM, first-touched guest pages cost ~10 us
-    each, which once made plain writes look 10x slower, or ours).
+    file's clean cached pages from ``drop_from`` on, so that both sides fill the
+    page cache from recently freed memory: in a VM, first-touched guest pages
+    cost ~10 us each, which once made plain writes look 10x slower, or ours.
+    Copy-on-write phases keep their sources cached as written (re-reading them
+    after a drop brings them back as large folios, and then every 4 KiB plain
+    write dirties a whole folio and is throttled ~10x).
     """
     os.sync()
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    if drop_from is not None:
+        os.posix_fadvise(fd, drop_from, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _seq_write_vol(vol, size: int, buf: bytes) -> tuple[float, float]:
@@ -265,11 +285,15 @@ def bench_seq(pool: Pool, work: str, bs: int, size: int, reps: int, next_id: lis
 
 # -- (c) random 4 KiB -------------------------------------------------------------------------
 
-def _rand_vol(vol, offsets: list[int], buf: bytes) -> tuple[float, float, float, float]:
-    """(loop s, loop+flush s, p99 write latency s, max write latency s)."""
+def _rand_vol(vol, offsets: list[int], buf: bytes, keep: int
+              ) -> tuple[float, float, float, float]:
+    """(loop s, loop+flush s, p99 write latency s, max write latency s).
+
+    ``keep``: data file bytes whose cached pages stay (a CoW origin's blocks).
+    """
     clock = time.perf_counter
     lat = []
-    _settle(vol.pool.data_fd)
+    _settle(vol.pool.data_fd, keep)
     t0 = clock()
     t = t0
     for off in offsets:
@@ -283,8 +307,8 @@ def _rand_vol(vol, offsets: list[int], buf: bytes) -> tuple[float, float, float,
     return t1 - t0, clock() - t0, lat[int(len(lat) * 0.99)], lat[-1]
 
 
-def _rand_ref(fd: int, offsets: list[int], buf: bytes) -> tuple[float, float]:
-    _settle(fd)
+def _rand_ref(fd: int, offsets: list[int], buf: bytes, cow: bool) -> tuple[float, float]:
+    _settle(fd, None if cow else 0)  # a CoW reference file is a fresh, cached copy
     t0 = time.perf_counter()
     for off in offsets:
         os.pwrite(fd, buf, off)
@@ -311,6 +335,7 @@ def bench_rand(pool: Pool, work: str, bs: int, size: int, nwrites: int, reps: in
         for off in range(0, size, MiB):
             ov.write(off, big)
         ov.flush()
+    origin_end = (max(pool.md.data_blocks(origin, 0, nblocks).values()) + 1) * bs
     full_path = os.path.join(work, "ref-full.img")
     fd = _fresh_file(full_path, size)
     for off in range(0, size, MiB):
@@ -335,13 +360,14 @@ def bench_rand(pool: Pool, work: str, bs: int, size: int, nwrites: int, reps: in
                     shutil.copyfile(full_path, ref_path)
                     fd = os.open(ref_path, os.O_RDWR | os.O_CLOEXEC)
                     os.fsync(fd)
+                cow = case != "fresh volume"
                 with pool.volume(dev) as vol:
                     if r % 2 == 0:
-                        ours.append(_rand_vol(vol, offsets, buf))
-                        ref.append(_rand_ref(fd, offsets, buf))
+                        ours.append(_rand_vol(vol, offsets, buf, origin_end if cow else 0))
+                        ref.append(_rand_ref(fd, offsets, buf, cow))
                     else:
-                        ref.append(_rand_ref(fd, offsets, buf))
-                        ours.append(_rand_vol(vol, offsets, buf))
+                        ref.append(_rand_ref(fd, offsets, buf, cow))
+                        ours.append(_rand_vol(vol, offsets, buf, origin_end if cow else 0))
                     assert bytes(vol.read(offsets[-1], 4096)) == buf
                 os.close(fd)
                 os.unlink(ref_path)
@@ -450,8 +476,8 @@ def main() -> int:
                 ns = sorted(snap_res)
                 lo, hi = snap_res[ns[0]], snap_res[ns[-1]]
                 print(f"\n(a) create_snap of device 1 (10^{6 if not quick else 5} mapped blocks) "
-                      f"+ commit, latency in ms ({'5' if quick else '21'} snapshots per state; "
-                      f"median / max)")
+                      f"+ commit, latency in ms ({5 if quick else SNAPS_PER_STATE} snapshots per "
+                      f"state, states interleaved; median / max)")
                 print(table(["devices", "mappings", "restore s", "md open ms", "md snap+commit med",
                              "md max", "Pool() open ms", "Pool.create_snap med", "first", "max"],
                             rows))
