@@ -57,7 +57,7 @@ class BTree:
         self.codec = vt.codec
         self.name = name
         self.min_entries = self.codec.max_entries // 3
-        self._inserted = False
+        self._new_keys = 0  # counted by _insert_many
 
     # -- reading ------------------------------------------------------------------
     def view(self, b: int) -> Node | NodeView:
@@ -195,52 +195,15 @@ class BTree:
         A new key takes over the caller's reference to ``value``; overwriting
         drops the old value's reference unless it is equal.
         """
-        self._inserted = False
-        b, split = self._insert(root, key, value)
-        if split is None:
-            return b, self._inserted
-        first_key = self.read_node(b).keys[0]
-        new_root = self.tm.new_block()
-        self.tm.put_node(Node(new_root, False, [first_key, split[0]], [b, split[1]], U64))
-        return new_root, self._inserted
-
-    def _insert(self, b: int, key: int, value: Any) -> tuple[int, tuple[int, int] | None]:
-        node = self._shadow(b)
-        keys = node.keys
-        if node.leaf:
-            i = bisect_left(keys, key)
-            if i < len(keys) and keys[i] == key:
-                old = node.values[i]
-                node.values[i] = value
-                if old != value:
-                    self.vt.dec(old)
-            else:
-                keys.insert(i, key)
-                node.values.insert(i, value)
-                self._inserted = True
-        else:
-            i = max(bisect_right(keys, key) - 1, 0)
-            if key < keys[0]:
-                keys[0] = key
-            child, split = self._insert(node.values[i], key, value)
-            node.values[i] = child
-            if split is not None:
-                keys.insert(i + 1, split[0])
-                node.values.insert(i + 1, split[1])
-        self.tm.put_node(node)
-        if len(keys) <= node.max_entries:
-            return node.blocknr, None
-        half = len(keys) // 2
-        right = Node(self.tm.new_block(), node.leaf, keys[half:], node.values[half:], node.codec)
-        del keys[half:], node.values[half:]
-        self.tm.put_node(right)
-        return node.blocknr, (right.keys[0], right.blocknr)
+        root, new = self.insert_many(root, ((key, value),))
+        return root, new == 1
 
     def insert_many(self, root: int, items: Sequence[tuple[int, Any]]) -> tuple[int, int]:
         """Insert or overwrite sorted, distinct keys; returns (new root, number of new keys).
 
-        The same reference rules as ``insert``, but each node on the way is
-        shadowed once for the whole batch (a run of a write's new blocks).
+        The same reference rules as ``insert``; each node on the way is shadowed
+        once for the whole batch (a run of a write's new blocks), and an
+        overfull node splits into as many balanced nodes as it needs.
         """
         self._new_keys = 0
         if not items:
@@ -284,11 +247,15 @@ class BTree:
                 i = bisect_right(keys, item_keys[start]) - 1
                 end = (bisect_left(item_keys, keys[i + 1], start) if i + 1 < len(keys)
                        else len(items))
-                child, extra = self._insert_many(values[i], items[start:end],
-                                                 item_keys[start:end])
+                if start == 0 and end == len(items):  # the usual case: one child takes all
+                    child, extra = self._insert_many(values[i], items, item_keys)
+                else:
+                    child, extra = self._insert_many(values[i], items[start:end],
+                                                     item_keys[start:end])
                 values[i] = child
-                keys[i + 1:i + 1] = [k for k, _ in extra]
-                values[i + 1:i + 1] = [c for _, c in extra]
+                if extra:
+                    keys[i + 1:i + 1] = [k for k, _ in extra]
+                    values[i + 1:i + 1] = [c for _, c in extra]
                 start = end
         self.tm.put_node(node)
         if len(keys) <= node.max_entries:

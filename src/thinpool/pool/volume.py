@@ -33,10 +33,6 @@ class VolumeRangeError(ThinpoolError):
     pass
 
 
-class _Stale(Exception):
-    """The pool lock was released during a write's placement (see ThinVolume._place)."""
-
-
 def _copy_range(fd: int, src: int, dst: int, length: int) -> None:
     while length:
         n = os.copy_file_range(fd, fd, length, src, dst)
@@ -196,40 +192,14 @@ class ThinVolume:
         space, the lock was released meanwhile and the mappings looked up may
         be stale: the new blocks are given back and the placement starts over.
         """
-        bs, pool, md = self.bs, self.pool, self.pool.md
-        first, last = offset // bs, (offset + length - 1) // bs
+        pool, md = self.pool, self.pool.md
         while True:
             waits = pool.space_waits
-            mapped = md.lookup_range(self.dev_id, first, last + 1)
-            targets: list[tuple[int, int, int]] = []
-            fresh: list[tuple[int, int]] = []  # (virtual block, new data block)
-            pos = 0
-            try:
-                for v in range(first, last + 1):
-                    boff = (offset + pos) % bs
-                    seg = min(bs - boff, length - pos)
-                    m = mapped.get(v)
-                    if m is not None and not m.shared:
-                        d = m.data_block
-                    else:
-                        d = self._new_block(v, m, seg == bs)
-                        fresh.append((v, d))
-                    file_off = d * bs + boff
-                    if targets and targets[-1][0] + targets[-1][2] == file_off:
-                        f, p, n = targets[-1]
-                        targets[-1] = (f, p, n + seg)
-                    else:
-                        targets.append((file_off, pos, seg))
-                    pos += seg
-                if pool.space_waits != waits:
-                    raise _Stale
-            except BaseException as e:
-                for _, d in fresh:
-                    md.data_sm.dec(d)
-                if isinstance(e, _Stale):
-                    continue
-                raise
-            break
+            targets, fresh = self._plan(offset, length)
+            if pool.space_waits == waits:
+                break
+            for _, d in fresh:
+                md.data_sm.dec(d)
         if fresh:
             try:
                 md.insert_many(self.dev_id, fresh)
@@ -240,6 +210,42 @@ class ThinVolume:
                 pool._metadata_failed(e)
                 raise
         return targets
+
+    def _plan(self, offset: int, length: int
+              ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]]:
+        """(write runs, [(virtual block, new data block)]) from one range lookup.
+
+        New blocks are allocated and filled but not mapped; on an error they
+        are given back before it propagates.
+        """
+        bs, md = self.bs, self.pool.md
+        first, last = offset // bs, (offset + length - 1) // bs
+        mapped = md.lookup_range(self.dev_id, first, last + 1)
+        targets: list[tuple[int, int, int]] = []
+        fresh: list[tuple[int, int]] = []
+        pos = 0
+        try:
+            for v in range(first, last + 1):
+                boff = (offset + pos) % bs
+                seg = min(bs - boff, length - pos)
+                m = mapped.get(v)
+                if m is not None and not m.shared:
+                    d = m.data_block
+                else:
+                    d = self._new_block(v, m, seg == bs)
+                    fresh.append((v, d))
+                file_off = d * bs + boff
+                if targets and targets[-1][0] + targets[-1][2] == file_off:
+                    f, p, n = targets[-1]
+                    targets[-1] = (f, p, n + seg)
+                else:
+                    targets.append((file_off, pos, seg))
+                pos += seg
+        except BaseException:
+            for _, d in fresh:
+                md.data_sm.dec(d)
+            raise
+        return targets, fresh
 
     def _new_block(self, v: int, m: Mapping | None, full: bool) -> int:
         """A new data block for virtual block v, unmapped or shared as ``m`` (pool.lock held).

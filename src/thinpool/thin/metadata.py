@@ -25,7 +25,7 @@ from ..errors import DeviceError, MetadataError, ThinpoolError
 from ..ondisk.checksum import Salt
 from ..ondisk.node import DEVICE_DETAILS, INDEX_ENTRY, U32, U64
 from ..ondisk.superblock import NEEDS_CHECK, Superblock
-from ..ondisk.values import MAX_DEVICE_ID, DeviceDetails, pack_block_time
+from ..ondisk.values import MAX_DEVICE_ID, DeviceDetails, pack_block_time, unpack_block_time
 from ..pdata.block_manager import BlockManager
 from ..pdata.blockio import FileBlockIO
 from ..pdata.btree import BTree, PlainValue
@@ -38,6 +38,12 @@ class Mapping(NamedTuple):
     data_block: int
     time: int
     shared: bool
+
+    @classmethod
+    def decode(cls, value: int, snapshotted_time: int) -> Mapping:
+        """A bottom-level leaf value; shared when older than the device's last snapshot."""
+        block, time = unpack_block_time(value)
+        return cls(block, time, time < snapshotted_time)
 
 
 class _DataBlockValue:
@@ -250,18 +256,11 @@ class PoolMetadata:
         value = self.bottom.lookup(dev.root, vblock)
         if value is None:
             return None
-        time = value & 0xFFFFFF
-        return Mapping(value >> 24, time, time < dev.details.snapshotted_time)
+        return Mapping.decode(value, dev.details.snapshotted_time)
 
     def insert(self, dev_id: int, vblock: int, data_block: int) -> None:
         """Map ``vblock`` to ``data_block`` (whose reference the mapping takes over)."""
-        self._writable()
-        dev = self._own_top_path(dev_id)
-        root, new = self.bottom.insert(dev.root, vblock, pack_block_time(data_block, self.time))
-        self._set_root(dev_id, dev, root)
-        if new:
-            dev.details = dev.details._replace(mapped_blocks=dev.details.mapped_blocks + 1)
-            dev.changed = True
+        self.insert_many(dev_id, ((vblock, data_block),))
 
     def insert_many(self, dev_id: int, pairs: Sequence[tuple[int, int]]) -> None:
         """Map each (vblock, data block) of sorted, distinct vblocks, as ``insert`` does."""
@@ -309,19 +308,14 @@ class PoolMetadata:
         dev = self._require(dev_id)
         stime = dev.details.snapshotted_time
         for k, v in self.bottom.items(dev.root, lo, hi):
-            t = v & 0xFFFFFF
-            yield k, Mapping(v >> 24, t, t < stime)
+            yield k, Mapping.decode(v, stime)
 
     def lookup_range(self, dev_id: int, lo: int, hi: int) -> dict[int, Mapping]:
         """virtual block -> Mapping for the mapped blocks in [lo, hi) (one tree walk)."""
         dev = self._require(dev_id)
         stime = dev.details.snapshotted_time
         keys, values = self.bottom.range_u64(dev.root, lo, hi)
-        out = {}
-        for k, v in zip(keys, values):
-            t = v & 0xFFFFFF
-            out[k] = Mapping(v >> 24, t, t < stime)
-        return out
+        return {k: Mapping.decode(v, stime) for k, v in zip(keys, values)}
 
     def data_blocks(self, dev_id: int, lo: int, hi: int) -> dict[int, int]:
         """virtual block -> data block for the mapped blocks in [lo, hi) (fast read path)."""
