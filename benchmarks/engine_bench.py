@@ -112,6 +112,28 @@ def build_pool(directory: str, n_devices: int, mapped: int, rng: np.random.Gener
                 vsize_bytes=vsize * bs, nr_data=nr_data)
 
 
+def _interleaved(counts: list[int], k: int, open_one, snap
+                 ) -> tuple[dict[int, float], dict[int, list[float]]]:
+    """Open one object per pool state (timed), then k rounds of ``snap(obj, n, i)``
+    over the states in turn, timing each; every object is closed at the end."""
+    objs, opened = {}, {}
+    lat: dict[int, list[float]] = {n: [] for n in counts}
+    try:
+        for n in counts:
+            t0 = time.perf_counter()
+            objs[n] = open_one(n)
+            opened[n] = time.perf_counter() - t0
+        for i in range(k):
+            for n in counts:
+                t0 = time.perf_counter()
+                snap(objs[n], n, i)
+                lat[n].append(time.perf_counter() - t0)
+    finally:
+        for obj in objs.values():
+            obj.close()
+    return opened, lat
+
+
 def bench_snap(work: str, quick: bool, rng: np.random.Generator) -> tuple[list, dict]:
     """Snapshot latency per pool state, the states interleaved round by round so that
     drift in the disk's fsync latency affects them alike."""
@@ -121,25 +143,19 @@ def bench_snap(work: str, quick: bool, rng: np.random.Generator) -> tuple[list, 
     dirs = {n: os.path.join(work, f"snap-{n}") for n in counts}
     infos = {n: build_pool(dirs[n], n, mapped, rng) for n in counts}
     # metadata only
-    lat_md: dict[int, list[float]] = {n: [] for n in counts}
-    open_md = {}
-    mds = {}
-    try:
-        for n in counts:
-            t0 = time.perf_counter()
-            mds[n] = PoolMetadata(os.path.join(dirs[n], "metadata"))
-            mds[n].details(1)
-            open_md[n] = time.perf_counter() - t0
-        for i in range(k):
-            for n in counts:
-                t0 = time.perf_counter()
-                mds[n].create_snap(n + 1 + i, 1)
-                mds[n].commit()
-                lat_md[n].append(time.perf_counter() - t0)
-        trans = {n: md.trans_id for n, md in mds.items()}
-    finally:
-        for md in mds.values():
-            md.close()
+    trans = {}
+
+    def open_md(n: int) -> PoolMetadata:
+        md = PoolMetadata(os.path.join(dirs[n], "metadata"))
+        md.details(1)
+        return md
+
+    def snap_md(md: PoolMetadata, n: int, i: int) -> None:
+        md.create_snap(n + 1 + i, 1)
+        md.commit()
+        trans[n] = md.trans_id
+
+    opened_md, lat_md = _interleaved(counts, k, open_md, snap_md)
     for n in counts:
         reg = Registry(dirs[n])
         reg.load(trans[n], writable=True)
@@ -147,28 +163,15 @@ def bench_snap(work: str, quick: bool, rng: np.random.Generator) -> tuple[list, 
             reg.volumes[n + 1 + i] = VolumeRecord(infos[n]["vsize_bytes"], None, None, time.time())
         reg.compact()
     # full message path
-    lat_pool: dict[int, list[float]] = {n: [] for n in counts}
-    open_pool = {}
-    pools = {}
-    try:
-        for n in counts:
-            t0 = time.perf_counter()
-            pools[n] = Pool(dirs[n])
-            open_pool[n] = time.perf_counter() - t0
-        for i in range(k):
-            for n in counts:
-                t0 = time.perf_counter()
-                pools[n].message(f"create_snap {n + 1 + k + i} 1")
-                lat_pool[n].append(time.perf_counter() - t0)
-    finally:
-        for pool in pools.values():
-            pool.close()
+    opened_pool, lat_pool = _interleaved(
+        counts, k, lambda n: Pool(dirs[n]),
+        lambda pool, n, i: pool.message(f"create_snap {n + 1 + k + i} 1"))
     rows, res = [], {}
     for n in counts:
         md_l, pool_l = lat_md[n], lat_pool[n]
         res[n] = dict(md=median(md_l), pool=median(pool_l), dir=dirs[n])
-        rows.append([n, infos[n]["mappings"], infos[n]["restore_s"], open_md[n] * 1e3,
-                     median(md_l) * 1e3, max(md_l) * 1e3, open_pool[n] * 1e3,
+        rows.append([n, infos[n]["mappings"], infos[n]["restore_s"], opened_md[n] * 1e3,
+                     median(md_l) * 1e3, max(md_l) * 1e3, opened_pool[n] * 1e3,
                      median(pool_l) * 1e3, pool_l[0] * 1e3, max(pool_l) * 1e3])
     return rows, res
 
