@@ -58,3 +58,15 @@ class DeviceError(ThinpoolError):
 
 class XmlFormatError(ThinpoolError):
     """thin_dump-style XML that cannot be restored."""
+
+
+class DataPathError(ThinpoolError):
+    """A failed read, write, discard, zeroing or flush of a volume's data.
+
+    ``errno`` is what a block client is told (EIO, ENOSPC, EINVAL, EPERM,
+    EOPNOTSUPP, ...): NBD replies and FUSE answers are built from it.
+    """
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = err
