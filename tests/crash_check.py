@@ -30,11 +30,11 @@ k (S_F is the acknowledged state).
   on-disk registry (volumes.json plus the committed prefix of the
   volumes.log journal) agrees with the metadata devices and the model's
   sizes; the pool opens read-write (the dead process's lock is gone) and its
-  registry then lists exactly the metadata devices.  Recorded as notes, not
-  failures (known engine issues, see test_crash.py): a read-only open showing
-  a stale registry (``strict_ro_registry``), and a registry transaction id
-  behind the metadata's after a kill inside set_transaction_id
-  (``strict_registry_tid``).
+  registry then lists exactly the metadata devices.  Recorded as a note, not
+  a failure: a read-only open showing a stale registry (``strict_ro_registry``).
+* Transaction id: only set_transaction_id changes it (device changes do not):
+  the ``new`` of the last completed one in the window, either value of one
+  in flight, or the run's starting id when there was none.
 * Device set: that of S_N; or that of S_{N-1} when op N is a device change
   (create_thin, create_snap, delete).
 * Contents, per volume and per 64 KiB block b: the block equals S_k[b] for
@@ -357,15 +357,13 @@ def copy_pool(src: str, dst: str) -> None:
             copy_sparse(s, d)
 
 
-def _registry_on_disk(pool_dir: str, md_tid: int) -> tuple[dict[int, int], bool]:
-    """Volume sizes the next open will see, and whether an uncommitted journal line is there."""
-    from thinpool.pool.registry import JOURNAL, Registry
+def _registry_on_disk(pool_dir: str, md_devs: list[int]) -> tuple[dict[int, int], list[str]]:
+    """Volume sizes the next open will see, and what it will cut (uncommitted lines)."""
+    from thinpool.pool.registry import Registry
 
     reg = Registry(pool_dir)
-    reg.load(md_tid, writable=False)
-    journal = os.path.join(pool_dir, JOURNAL)
-    trailing = os.path.exists(journal) and os.path.getsize(journal) > reg._journal_size
-    return {k: v.size for k, v in reg.volumes.items()}, trailing
+    reg.load(set(md_devs), writable=False)
+    return {k: v.size for k, v in reg.volumes.items()}, reg.problems
 
 
 @dataclass
@@ -388,8 +386,7 @@ def _thin_check(meta: str) -> tuple[int, str]:
 
 
 def verify(pool_dir: str, log_path: str, base: Model, seed: int, *,
-           context: str = "", strict_ro_registry: bool = False,
-           strict_registry_tid: bool = False) -> Outcome:
+           context: str = "", strict_ro_registry: bool = False) -> Outcome:
     """Check the pool in ``pool_dir`` (nobody running) against the log; see module doc.
 
     Returns the recovered contents (the base for the next run).  Raises
@@ -434,7 +431,17 @@ def verify(pool_dir: str, log_path: str, base: Model, seed: int, *,
         if md.needs_check:
             fail("needs_check is set")
 
-    # 2. device set
+    # 2. transaction id: set only by set_transaction_id
+    tid_ops = [e for e in events if e.get("ev") == "op" and e["op"] == "set_transaction_id"]
+    if tid_ops:
+        t = tid_ops[-1]
+        want_tids = {t["new"]} if (t is not last or rp.last_done) else {t["old"], t["new"]}
+    else:
+        want_tids = {rp.start.get("trans_id", md_tid)} if rp.start is not None else {md_tid}
+    if md_tid not in want_tids:
+        fail(f"metadata transaction id {md_tid}, expected {sorted(want_tids)}")
+
+    # 3. device set
     want = set(rp.model.vols)
     allowed = [want]
     if last is not None and last["op"] in DEVICE_OPS and not rp.last_done:
@@ -445,17 +452,19 @@ def verify(pool_dir: str, log_path: str, base: Model, seed: int, *,
     undone = set(md_devs) != want
     state = rp.before_last if undone else rp.model
 
-    # 3. registry files on disk: what the next read-write open will use
-    eff_sizes, trailing = _registry_on_disk(pool_dir, md_tid)
+    # 4. registry files on disk: what the next read-write open will use
+    eff_sizes, reg_problems = _registry_on_disk(pool_dir, md_devs)
     if set(eff_sizes) != set(md_devs):
         fail(f"registry on disk lists {sorted(eff_sizes)}, metadata (transaction {md_tid}) "
              f"has {md_devs}")
-    if trailing:
+    if any("skipped" in p for p in reg_problems):
+        fail(f"registry journal damaged: {reg_problems}")
+    if reg_problems:
         notes.append("registry journal line not committed")
     if eff_sizes != state.sizes():
         fail(f"registry sizes {eff_sizes} differ from the model {state.sizes()}")
 
-    # 4. a read-only open sees the same registry (it does not roll forward)
+    # 5. a read-only open sees the same registry (it does not roll forward)
     with Pool(pool_dir, read_only=True) as ro:
         ro_sizes = {v.dev_id: v.size for v in ro.list_volumes()}
     if ro_sizes != eff_sizes:
@@ -465,17 +474,10 @@ def verify(pool_dir: str, log_path: str, base: Model, seed: int, *,
             fail(msg)
         notes.append("ro-registry-stale: " + msg)
 
-    # 5. read-write open (the lock died with the process), registry agreement, contents
+    # 6. read-write open (the lock died with the process), registry agreement, contents
     recovered = Model()
     lost = torn = 0
     with Pool(pool_dir) as pool:
-        if pool.registry.transaction_id != pool.md.trans_id:
-            msg = (f"registry transaction id {pool.registry.transaction_id} != metadata "
-                   f"transaction id {pool.md.trans_id}")
-            if strict_registry_tid:
-                problems.append(msg)
-            else:
-                notes.append("registry-tid-stale: " + msg)
         if sorted(pool.registry.volumes) != pool.md.device_ids():
             fail(f"after opening, registry {sorted(pool.registry.volumes)} != metadata "
                  f"{pool.md.device_ids()}")

@@ -58,7 +58,7 @@ def test_pool_lifecycle(tmp_path: Path) -> None:
         "hello world, I am a base I am snap1"
     ok("create-thin", d, "5", "--size", "1M")
     status = ok("status", d).split()
-    assert status[0] == "3" and status[2] == "2/1024" and status[4] == "rw"
+    assert status[0] == "0" and status[2] == "2/1024" and status[4] == "rw"
     assert ok("status", d, "--thin", "1").strip() == "128 127"
     assert '"mapped_sectors": 128' in ok("status", d, "--thin", "1", "--json")
     listing = ok("list", d)

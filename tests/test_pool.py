@@ -86,7 +86,7 @@ def test_seed_walkthrough(tmp_path: Path) -> None:
             assert bytes(v1.read(0, 40)).rstrip(b"\0") == b"hello world, I am a base\nI am snap1\n"
             assert bytes(v2.read(0, 40)) == bytes(v1.read(0, 40))
         st = pool.status()
-        assert st.line().startswith("3 ") and " 2/1024 - rw discard_passdown queue_if_no_space - " \
+        assert st.line().startswith("0 ") and " 2/1024 - rw discard_passdown queue_if_no_space - " \
             in st.line()
         assert pool.thin_status(1).line() == "128 127"
     assert_thin_check_clean(f"{d}/metadata")
@@ -404,26 +404,48 @@ def test_concurrent_io(tmp_path: Path) -> None:
     assert_thin_check_clean(f"{d}/metadata")
 
 
+def test_transaction_id_changes_only_by_set_transaction_id(tmp_path: Path) -> None:
+    """Docker's bracket: record the next id, send the message, then set_transaction_id old new."""
+    d = make_pool(tmp_path)
+    with Pool(d) as pool:
+        pool.message("create_thin 0")
+        pool.create_thin(5, size=1 << 20, name="five")
+        pool.resize(data_size="128M")
+        assert pool.status().transaction_id == 0
+        pool.message("set_transaction_id 0 1")
+        pool.message("create_snap 1 0")
+        pool.message("delete 5")
+        assert pool.status().transaction_id == 1
+        pool.message("set_transaction_id 1 2")
+        with pytest.raises(DeviceError, match="current is 2, not 1"):
+            pool.message("set_transaction_id 1 3")
+    with Pool(d) as pool:
+        assert pool.status().transaction_id == 2
+        assert [v.dev_id for v in pool.list_volumes()] == [0, 1]
+    assert_thin_check_clean(f"{d}/metadata")
+
+
 def test_registry_commit_point(tmp_path: Path) -> None:
     d = make_pool(tmp_path)
     with Pool(d) as pool:
         pool.create_thin(0, size=1 << 20, name="base")
-        tid = pool.status().transaction_id
     journal = Path(d) / JOURNAL
     committed = journal.read_bytes()
-    # A journal line for a transaction that never committed is ignored and cut off.
-    with open(journal, "ab") as f:
-        f.write(b'{"tid":%d,"set":{"0":{"size":4096,"name":"ghost"}},"del":[]}\n' % (tid + 1))
-    with Pool(d, read_only=True) as ro:
-        assert ro.list_volumes()[0].name == "base"
+    # A last line whose metadata commit never happened (device 1 does not exist) is ignored
+    # by a read-only open and cut, with a message, by a read-write open.
+    ghost = b'{"op":"create","id":1,"record":{"size":4096,"name":"ghost"}}\n'
+    for uncommitted in (ghost, b'{"op":"delete","id":0}\n', b'{"op":"create","id":1,"rec'):
+        with open(journal, "ab") as f:
+            f.write(uncommitted)
+        with Pool(d, read_only=True) as ro:
+            assert [(v.dev_id, v.name) for v in ro.list_volumes()] == [(0, "base")]
+            assert journal.read_bytes() == committed + uncommitted
+        with Pool(d) as pool:
+            assert [(v.dev_id, v.name) for v in pool.list_volumes()] == [(0, "base")]
+            assert len(pool.registry.problems) == 1 and "cut" in pool.registry.problems[0]
+        assert journal.read_bytes() == committed
     with Pool(d) as pool:
-        assert pool.list_volumes()[0].name == "base"
-    assert journal.read_bytes() == committed
-    # A torn last line (crash while appending) is ignored too.
-    with open(journal, "ab") as f:
-        f.write(b'{"tid":%d,"set":{"0"' % (tid + 1))
-    with Pool(d) as pool:
-        assert pool.list_volumes()[0].name == "base"
+        assert pool.registry.problems == []
         pool.create_snap(1, 0, name="snap")
     # Compaction folds the journal into the base file; the state survives.
     with Pool(d) as pool:
@@ -432,6 +454,52 @@ def test_registry_commit_point(tmp_path: Path) -> None:
     with Pool(d) as pool:
         assert [(v.dev_id, v.name, v.size) for v in pool.list_volumes()] == \
             [(0, "base", 1 << 20), (1, "snap", 1 << 20)]
+
+
+def test_registry_damaged_line_keeps_later_records(tmp_path: Path) -> None:
+    """An unreadable line in the middle drops only itself: said, copied aside, folded in."""
+    d = make_pool(tmp_path)
+    with Pool(d) as pool:
+        for i in range(4):
+            pool.create_thin(i, size=(i + 1) << 20, name=f"v{i}")
+    journal = Path(d) / JOURNAL
+    lines = journal.read_bytes().split(b"\n")
+    lines[1] = b"\xff" * len(lines[1])  # volume 1's record is unreadable
+    damaged = b"\n".join(lines)
+    journal.write_bytes(damaged)
+    with Pool(d, read_only=True) as ro:  # read-only: reports, changes nothing
+        assert ro.registry.problems == [
+            f"volumes.log line 2 ({len(lines[1])} bytes, "
+            f"'{chr(0xfffd) * 40}...'): " + ro.registry.problems[0].split("): ", 1)[1]]
+        assert journal.read_bytes() == damaged
+    with Pool(d) as pool:
+        vols = {v.dev_id: (v.name, v.size) for v in pool.list_volumes()}
+        problems = pool.registry.problems
+    default = 64 << 20  # a volume without a record gets the pool's data size
+    assert vols == {0: ("v0", 1 << 20), 1: (None, default), 2: ("v2", 3 << 20), 3: ("v3", 4 << 20)}
+    assert "line 2" in problems[0] and "skipped" in problems[0]
+    copies = list(Path(d).glob(JOURNAL + ".damaged-*"))
+    assert len(copies) == 1 and copies[0].read_bytes() == damaged
+    assert str(copies[0]) in problems[1]
+    assert journal.read_bytes() == b""  # folded into volumes.json
+    with Pool(d) as pool:
+        assert pool.registry.problems == []
+        assert {v.dev_id: (v.name, v.size) for v in pool.list_volumes()} == vols
+
+
+def test_registry_reads_transaction_stamped_journal(tmp_path: Path) -> None:
+    """Pools written before the registry had its own commit point still open."""
+    d = make_pool(tmp_path)
+    with Pool(d) as pool:
+        pool.message("create_thin 0")
+        pool.message("create_thin 1")
+    (Path(d) / JOURNAL).write_bytes(
+        b'{"tid":1,"set":{"0":{"size":1048576,"name":"old"}},"del":[]}\n'
+        b'{"tid":2,"set":{"1":{"size":2097152,"name":null}},"del":[]}\n'
+        b'{"tid":3,"set":{},"del":[1]}\n')  # not committed: device 1 still exists
+    with Pool(d) as pool:
+        assert [(v.dev_id, v.name, v.size) for v in pool.list_volumes()] == \
+            [(0, "old", 1 << 20), (1, None, 2 << 20)]
 
 
 def test_registry_device_change_is_constant_cost(tmp_path: Path) -> None:

@@ -17,8 +17,11 @@ MIN_BLOCK_SECTORS = 128
 MAX_BLOCK_SECTORS = 2_097_152
 FEATURES = ("skip_block_zeroing", "ignore_discard", "no_discard_passdown", "read_only",
             "error_if_no_space")
+MAX_DATA_BLOCKS = 1 << 40  # a mapping stores its data block in 40 bits
+MAX_VOLUME_SIZE = (1 << 63) - SECTOR  # byte offsets must fit a signed 64-bit off_t
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*([0-9]+)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE | re.ASCII)
+_DECIMAL = re.compile(r"^[0-9]+$", re.ASCII)
 
 
 class ConfigError(ThinpoolError):
@@ -35,6 +38,32 @@ def parse_size(text: str | int) -> int:
     if not m:
         raise ConfigError(f"invalid size {text!r} (examples: 4096, 64K, 100G)")
     return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def parse_decimal(text: str, what: str) -> int:
+    """A non-negative integer written in ASCII digits (``int`` also takes '５' and '²')."""
+    if not _DECIMAL.match(text):
+        raise ConfigError(f"invalid {what} {text!r}: expected a decimal number")
+    return int(text)
+
+
+def check_data_blocks(nr_blocks: int, block_size: int) -> int:
+    """Refuse a data device that dm-thin cannot address (data blocks are 40-bit numbers)."""
+    if nr_blocks > MAX_DATA_BLOCKS:
+        raise ConfigError(f"data size {nr_blocks * block_size} bytes is beyond what dm-thin can "
+                          f"address with {block_size // 1024} KiB blocks (at most {MAX_DATA_BLOCKS} "
+                          f"blocks = {MAX_DATA_BLOCKS * block_size >> 50} PiB)")
+    return nr_blocks
+
+
+def check_volume_size(size: int) -> int:
+    """A thin volume's virtual size: a positive multiple of 512 bytes that fits an off_t."""
+    if size <= 0 or size % SECTOR:
+        raise ConfigError(f"volume size {size} must be a positive multiple of 512 bytes")
+    if size > MAX_VOLUME_SIZE:
+        raise ConfigError(f"volume size {size} bytes is too large (at most {MAX_VOLUME_SIZE} "
+                          "bytes, 8 EiB)")
+    return size
 
 
 def validate_block_sectors(sectors: int) -> int:
@@ -92,10 +121,9 @@ def parse_table(line: str) -> Table:
     start, length, target, meta, data, block, lwm, *rest = words
     if target != "thin-pool":
         raise ConfigError(f"unknown target type {target!r} (expected thin-pool)")
-    try:
-        start_i, length_i, block_i, lwm_i = int(start), int(length), int(block), int(lwm)
-    except ValueError:
-        raise ConfigError("start, length, block size and low water mark must be integers") from None
+    start_i, length_i, block_i, lwm_i = (parse_decimal(w, name) for w, name in (
+        (start, "start sector"), (length, "length"), (block, "data block size"),
+        (lwm, "low water mark")))
     if start_i != 0:
         raise ConfigError("a thin-pool must be the only target in its table (start 0)")
     if meta == data:
@@ -104,10 +132,9 @@ def parse_table(line: str) -> Table:
         raise ConfigError("Invalid low water mark")
     config = PoolConfig(data_block_sectors=validate_block_sectors(block_i), low_water_mark=lwm_i)
     if rest:
-        try:
-            count = int(rest[0])
-        except ValueError:
-            raise ConfigError(f"Invalid number of pool feature arguments: {rest[0]!r}") from None
+        if not _DECIMAL.match(rest[0]):
+            raise ConfigError(f"Invalid number of pool feature arguments: {rest[0]!r}")
+        count = int(rest[0])
         args = rest[1:]
         if count != len(args) or count > len(FEATURES):
             raise ConfigError(f"feature count {count} does not match {len(args)} feature arguments")
@@ -118,4 +145,5 @@ def parse_table(line: str) -> Table:
             setattr(config, name, True)
     if length_i < block_i:
         raise ConfigError("pool length is smaller than one data block")
+    check_data_blocks(length_i // block_i, block_i * SECTOR)
     return Table(length_i, meta, data, config)

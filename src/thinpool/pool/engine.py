@@ -22,13 +22,14 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import stat
 import subprocess
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from ..errors import (DeviceError, MetadataError, NoDataSpaceError, NoMetadataSpaceError,
                       ThinpoolError)
@@ -38,7 +39,8 @@ from ..ondisk.values import MAX_DEVICE_ID
 from ..pdata.blockio import device_size
 from ..thin.builder import format_metadata
 from ..thin.metadata import PoolMetadata, check_device_id
-from .config import PoolConfig, parse_size
+from ..thin.reader import probe_superblock
+from .config import (SECTOR, PoolConfig, check_data_blocks, check_volume_size, parse_size)
 from .locks import PoolLock, SharedExclusiveLock
 from .registry import Registry, VolumeRecord, write_json_atomic
 
@@ -103,9 +105,11 @@ def _is_pool_dir(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, CONFIG))
 
 
-def _create_file(path: str, size: int) -> None:
-    with open(path, "xb") as f:
-        f.truncate(size)
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
 
 
 class Pool:
@@ -115,33 +119,64 @@ class Pool:
     @classmethod
     def create(cls, directory: str, data_size: int | str = "100G",
                metadata_size: int | str = "2G", config: PoolConfig | None = None,
-               data_dev: str | None = None, metadata_dev: str | None = None) -> None:
-        """Create sparse DIR/data and DIR/metadata (or use given files/devices) and format."""
+               data_dev: str | None = None, metadata_dev: str | None = None,
+               create_devices: bool = False, format: bool = False) -> str:
+        """Make DIRECTORY a pool; returns one line saying what was done.
+
+        Without ``data_dev``/``metadata_dev`` the pool gets sparse DIR/data and
+        DIR/metadata of the given sizes.  Given devices or files must exist,
+        unless ``create_devices`` (a ``--table`` line) asks to create missing
+        ones as sparse files of the given sizes.  Like the kernel, metadata is
+        formatted only when its superblock block is all zeros; valid dm-thin
+        metadata is used as it is (its devices and mappings stay), and any
+        other content is refused.  ``format`` formats over whatever is there.
+
+        Everything is validated before anything is created; if the command
+        fails, the files and directory it created are removed again.
+        """
         config = config or PoolConfig()
-        if config.read_only:
-            raise PoolError("read_only cannot be used to create a pool on blank metadata")
-        os.makedirs(directory, exist_ok=True)
+        bs = config.block_size
         if _is_pool_dir(directory):
             raise PoolError(f"{directory} already holds a pool")
         data_path = os.path.abspath(data_dev) if data_dev else os.path.join(directory, DATA)
         meta_path = os.path.abspath(metadata_dev) if metadata_dev else os.path.join(directory, METADATA)
-        if data_path == meta_path:
+        if _same_file(data_path, meta_path):
             raise PoolError("Error setting metadata or data device: they must differ")
-        bs = config.block_size
-        if data_dev is None:
-            _create_file(data_path, parse_size(data_size))
-        if metadata_dev is None:
-            _create_file(meta_path, parse_size(metadata_size))
-        nr_data = _size_of(data_path) // bs
-        if nr_data < 1:
-            raise PoolError(f"data device {data_path} is smaller than one {bs}-byte block")
-        if _size_of(meta_path) < 64 * BLOCK_SIZE:
-            raise PoolError(f"metadata device {meta_path} is too small (at least 256 KiB)")
-        format_metadata(meta_path, config.data_block_sectors, nr_data)
-        write_json_atomic(os.path.join(directory, CONFIG), {
-            "data": data_path if data_dev else DATA,
-            "metadata": meta_path if metadata_dev else METADATA,
-            "config": json.loads(config.to_json())})
+        new_files: dict[str, int] = {}
+        for path, size, given in ((data_path, data_size, data_dev), (meta_path, metadata_size,
+                                                                     metadata_dev)):
+            if given is None or (create_devices and not os.path.lexists(path)):
+                new_files[path] = parse_size(size)
+            elif not os.path.exists(path):
+                raise PoolError(f"{path}: no such file or device")
+        if data_path in new_files:
+            nr = new_files[data_path] // bs
+            if nr < 1:
+                raise PoolError(f"data size {new_files[data_path]} is smaller than one {bs}-byte "
+                                "block")
+            check_data_blocks(nr, bs)
+        if meta_path in new_files:
+            _check_metadata_size(new_files[meta_path])
+        created: list[str] = []
+        made_dir = not os.path.isdir(directory)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            for path, size in new_files.items():
+                with open(path, "xb") as f:
+                    created.append(path)
+                    f.truncate(size)
+            what = _prepare_metadata(meta_path, data_path, config, format)
+            write_json_atomic(os.path.join(directory, CONFIG), {
+                "data": data_path if data_dev else DATA,
+                "metadata": meta_path if metadata_dev else METADATA,
+                "config": json.loads(config.to_json())})
+        except BaseException:
+            for path in created:
+                os.unlink(path)
+            if made_dir:
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return what
 
     # -- opening ------------------------------------------------------------------------
     def __init__(self, directory: str, read_only: bool = False) -> None:
@@ -167,7 +202,7 @@ class Pool:
             self.data_fd = os.open(self.data_path, (os.O_RDONLY if self.read_only else os.O_RDWR)
                                    | os.O_CLOEXEC)
             self.registry = Registry(self.directory)
-            self.registry.load(self.md.trans_id, writable=not self.read_only)
+            self.registry.load(set(self.md.device_ids()), writable=not self.read_only)
         except BaseException:
             self._release_lock()
             raise
@@ -282,23 +317,20 @@ class Pool:
             os.pwrite(self.data_fd, bytes(bs), b * bs)
 
     # -- registry-tracked device changes ----------------------------------------------------
-    def _device_change(self, change, sets: dict[int, VolumeRecord] | None = None,
-                       deletes: list[int] | None = None, new_tid: int | None = None) -> None:
-        """Apply a metadata change and a registry change under one transaction id.
+    def _device_change(self, change: Callable[[], None], kind: str, dev_id: int,
+                       record: VolumeRecord | None = None) -> None:
+        """Apply a metadata change and its registry line as one commit.
 
-        The registry journal line for the new transaction id is synced before the
-        metadata commit that makes that id current (registry.py).
+        The registry line is synced before the metadata commit; the metadata
+        commit is the commit point of both (registry.py).  The transaction id
+        is left alone: only set_transaction_id changes it, as in the kernel.
         """
         self._require_writable()
         with self.io.exclusive(), self.lock:
             self._commit_locked()
-            old = self.md.trans_id
-            new = old + 1 if new_tid is None else new_tid
             try:
                 change()
-                if new != old:
-                    self.registry.prepare(new, sets or {}, deletes or [])
-                    self.md.set_transaction_id(old, new)
+                self.registry.prepare(kind, dev_id, record)
                 self.md.commit()
             except BaseException as e:
                 self.md.abort()
@@ -306,8 +338,7 @@ class Pool:
                 if isinstance(e, MetadataError):
                     self._metadata_failed(e)
                 raise
-            if new != old:
-                self.registry.finish()
+            self.registry.finish()
             self._passdown()
 
     def _require_writable(self) -> None:
@@ -320,41 +351,59 @@ class Pool:
     def _default_size(self) -> int:
         return self.md.nr_data_blocks * self.block_size
 
+    def _check_name(self, name: str | None) -> None:
+        if name is None:
+            return
+        if not name or name.isdigit() or len(name) > 255 or "/" in name or \
+                not name.isprintable() or name != name.strip():
+            raise PoolError(f"invalid volume name {name!r}: 1-255 printable characters, no "
+                            "'/', no leading or trailing spaces, not all digits (ids are)")
+        for dev_id, rec in self.registry.volumes.items():
+            if rec.name == name:
+                raise PoolError(f"volume name {name!r} is already used by volume {dev_id}")
+
     def create_thin(self, dev_id: int, size: int | None = None, name: str | None = None,
                     origin: str | None = None) -> None:
         check_device_id(dev_id)
-        if size is not None and (size <= 0 or size % 512):
-            raise PoolError(f"volume size {size} must be a positive multiple of 512 bytes")
+        if size is not None:
+            check_volume_size(size)
+        self._check_name(name)
         if origin is not None:
             origin = os.path.abspath(origin)
             try:
                 origin_size = _size_of(origin)
             except OSError as e:
                 raise PoolError(f"external origin {origin}: {e.strerror}") from None
-            size = size or origin_size
+            size = size or check_volume_size(origin_size + (-origin_size % SECTOR))
         record = VolumeRecord(size or self._default_size(), name, origin, time.time())
-        self._device_change(lambda: self.md.create_thin(dev_id), {dev_id: record})
+        self._device_change(lambda: self.md.create_thin(dev_id), "create", dev_id, record)
 
     def create_snap(self, dev_id: int, origin_id: int, name: str | None = None) -> None:
+        """Snapshot ``origin_id`` as ``dev_id``; the registry records which volume it came from."""
         check_device_id(dev_id)
         check_device_id(origin_id)
-
+        self._check_name(name)
         parent = self.registry.volumes.get(origin_id) or VolumeRecord(self._default_size())
-        record = VolumeRecord(parent.size, name, parent.origin, time.time())
-        self._device_change(lambda: self.md.create_snap(dev_id, origin_id), {dev_id: record})
+        record = VolumeRecord(parent.size, name, parent.origin, time.time(), origin_id)
+        self._device_change(lambda: self.md.create_snap(dev_id, origin_id), "create", dev_id,
+                            record)
 
     def delete(self, dev_id: int) -> None:
         check_device_id(dev_id)
         if self._open_volumes.get(dev_id):
             raise DeviceError("EBUSY", f"thin device {dev_id} is open")
-
-        self._device_change(lambda: self.md.delete(dev_id), deletes=[dev_id])
+        self._device_change(lambda: self.md.delete(dev_id), "delete", dev_id)
 
     def set_transaction_id(self, old: int, new: int) -> None:
-        if old != self.md.trans_id:
-            raise DeviceError("EINVAL", f"transaction id mismatch: current is "
-                                        f"{self.md.trans_id}, not {old}")
-        self._device_change(lambda: None, new_tid=new)
+        """Compare-and-swap of the pool's transaction id (the kernel's message), committed."""
+        self._require_writable()
+        with self.io.exclusive(), self.lock, self._metadata_guard():
+            self._commit_locked()
+            if old != self.md.trans_id:
+                raise DeviceError("EINVAL", f"transaction id mismatch: current is "
+                                            f"{self.md.trans_id}, not {old}")
+            self.md.set_transaction_id(old, new)
+            self._commit_locked()
 
     def reserve_metadata_snap(self) -> int:
         self._require_writable()
@@ -455,32 +504,39 @@ class Pool:
     # -- growing -------------------------------------------------------------------------------
     def resize(self, data_size: int | str | None = None,
                metadata_size: int | str | None = None) -> None:
-        """Grow the data and/or metadata device (never shrink); wakes waiting writers."""
+        """Grow the data and/or metadata device (never shrink); wakes waiting writers.
+
+        Both sizes are validated before either device changes.
+        """
         self._require_writable_for_resize()
         with self.lock:
+            nr_data = nr_meta = None
             if data_size is not None:
-                new_bytes = parse_size(data_size)
-                nr = new_bytes // self.block_size
-                if nr < self.md.nr_data_blocks:
+                data_bytes = parse_size(data_size)
+                nr_data = check_data_blocks(data_bytes // self.block_size, self.block_size)
+                if nr_data < self.md.nr_data_blocks:
                     raise PoolError(f"cannot shrink the data device ({self.md.nr_data_blocks} -> "
-                                    f"{nr} blocks)")
-                if _size_of(self.data_path) < new_bytes:
-                    if not self.data_is_file:
-                        raise PoolError("the data block device is smaller than the requested size")
-                    os.truncate(self.data_path, new_bytes)
-                self.md.resize_data(nr)
+                                    f"{nr_data} blocks)")
+                if not self.data_is_file and _size_of(self.data_path) < data_bytes:
+                    raise PoolError("the data block device is smaller than the requested size")
+            if metadata_size is not None:
+                meta_bytes = parse_size(metadata_size)
+                _check_metadata_size(meta_bytes)
+                nr_meta = meta_bytes // BLOCK_SIZE
+                if nr_meta < self.md.tm.sm.nr_blocks:
+                    raise PoolError("cannot shrink the metadata device")
+            if nr_data is not None:
+                if self.data_is_file and _size_of(self.data_path) < data_bytes:
+                    os.truncate(self.data_path, data_bytes)
+                self.md.resize_data(nr_data)
                 self._low_water_armed = True
                 if self.mode == "out_of_data_space":
                     self.mode = "rw"
-            if metadata_size is not None:
-                new_bytes = parse_size(metadata_size)
-                nr = min(new_bytes // BLOCK_SIZE, MAX_METADATA_BLOCKS)
-                if nr < self.md.tm.sm.nr_blocks:
-                    raise PoolError("cannot shrink the metadata device")
-                if _size_of(self.meta_path) < new_bytes:
-                    os.truncate(self.meta_path, new_bytes)
-                self.md.resize_metadata(nr)
-                self.meta_reserve = min(4096, nr // 10)
+            if nr_meta is not None:
+                if _size_of(self.meta_path) < meta_bytes:
+                    os.truncate(self.meta_path, meta_bytes)
+                self.md.resize_metadata(nr_meta)
+                self.meta_reserve = min(4096, nr_meta // 10)
                 if self.mode == "ro" and not self.md.needs_check and not self.read_only:
                     self.mode = "rw"
             self.space.notify_all()
@@ -558,6 +614,53 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 
 
+def _check_metadata_size(size: int) -> None:
+    if size < 64 * BLOCK_SIZE:
+        raise PoolError(f"metadata size {size} is too small (at least 256 KiB)")
+    if size > MAX_METADATA_BLOCKS * BLOCK_SIZE:
+        raise PoolError(f"metadata size {size} is beyond dm-thin's limit of "
+                        f"{MAX_METADATA_BLOCKS * BLOCK_SIZE} bytes ({MAX_METADATA_BLOCKS} blocks "
+                        "of 4 KiB, about 15.9 GiB)")
+
+
+def _prepare_metadata(meta_path: str, data_path: str, config: PoolConfig, format: bool) -> str:
+    """Format blank (or, with ``format``, any) metadata; check and adopt valid metadata."""
+    bs = config.block_size
+    nr_data = check_data_blocks(_size_of(data_path) // bs, bs)
+    if nr_data < 1:
+        raise PoolError(f"data device {data_path} is smaller than one {bs}-byte block")
+    meta_bytes = _size_of(meta_path)
+    if meta_bytes < 64 * BLOCK_SIZE:
+        raise PoolError(f"metadata device {meta_path} is too small (at least 256 KiB)")
+    sb = None
+    if not format:
+        try:
+            sb = probe_superblock(meta_path)
+        except MetadataError as e:
+            raise PoolError(f"metadata device {meta_path} holds something that is not valid "
+                            f"dm-thin metadata ({e}); use --format to overwrite it") from None
+    if sb is None:
+        if config.read_only:
+            raise PoolError("read_only cannot be used to create a pool on blank metadata")
+        format_metadata(meta_path, config.data_block_sectors, nr_data)
+        return f"formatted metadata: {nr_data} data blocks of {bs // 1024} KiB"
+    if sb.data_block_size != config.data_block_sectors:
+        raise PoolError(f"the metadata on {meta_path} uses {sb.data_block_size}-sector data "
+                        f"blocks, not {config.data_block_sectors} (changing the data block size "
+                        "is not supported)")
+    with PoolMetadata(meta_path, read_only=config.read_only) as md:
+        if nr_data < md.nr_data_blocks:
+            raise PoolError(f"data device {data_path} holds {nr_data} blocks, less than the "
+                            f"{md.nr_data_blocks} that its metadata records")
+        devices = len(md.device_ids())
+        if nr_data > md.nr_data_blocks and not config.read_only:
+            md.resize_data(nr_data)
+            md.commit()
+        return (f"using the existing dm-thin metadata on {meta_path}: {devices} thin devices, "
+                f"transaction {md.trans_id}, {md.nr_data_blocks} data blocks "
+                "(pass --format to start empty instead)")
+
+
 def _punch_hole(fd: int, offset: int, length: int) -> None:
     """Deallocate a range of a regular file so it reads as zeros (falls back to writing zeros)."""
     if _libc.fallocate(fd, FALLOC_PUNCH, offset, length) != 0:
@@ -577,7 +680,7 @@ def _size_of(path: str) -> int:
 
 
 def _parse_dev_id(text: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise DeviceError("EINVAL", f"Invalid device id: {text!r}")
     value = int(text)
     if value > MAX_DEVICE_ID:
@@ -586,6 +689,6 @@ def _parse_dev_id(text: str) -> int:
 
 
 def _parse_u64(text: str) -> int:
-    if not text.isdigit() or int(text) >= 2 ** 64:
+    if not (text.isascii() and text.isdigit()) or int(text) >= 2 ** 64:
         raise DeviceError("EINVAL", f"Invalid transaction id: {text!r}")
     return int(text)

@@ -1,23 +1,37 @@
-"""Volume registry: what dm-thin does not store (virtual size, name, origin).
+"""Volume registry: what dm-thin does not store about a volume.
 
-The registry commits together with the pool transaction, using the pool's
-transaction id as the commit point (as Docker's devmapper driver does).  It is
-a base file plus an append-only journal, so a device change costs one short
-appended line whatever the number of volumes:
+A record holds a volume's virtual size (dm-thin keeps sizes in the thin
+target's table, not in the pool), its name, its external origin file and the
+volume it was snapshotted from (the kernel does not record that either).
 
-* ``volumes.json``: ``{"transaction_id": T, "volumes": {id: record}}``, the
-  state at transaction T, replaced atomically when the journal is compacted;
-* ``volumes.log``: one JSON line per device change,
-  ``{"tid": N, "set": {id: record}, "del": [id]}``.
+Files in the pool directory:
 
-Protocol for a device change: append and sync the line stamped with the new
-transaction id N (``prepare``); commit the metadata with transaction id N;
-apply the line in memory (``finish``).  Consecutive lines always carry
-different ids, so on open the committed prefix of the journal ends at the last
-line stamped with the metadata's transaction id; later lines belong to a
-metadata commit that never happened and are cut off.  Replaying the prefix on
-the base is idempotent (lines only set or delete records), which makes a crash
-during compaction harmless too.
+* ``volumes.json``: ``{"format": 2, "volumes": {id: record}}``, the state at
+  the last compaction, replaced atomically (write, sync, rename, sync dir);
+* ``volumes.log``: an append-only journal, one JSON line per change,
+  ``{"op": "create"|"delete"|"update", "id": N, "record": {...}}``.
+
+Commit point.  The pool's transaction id belongs to its user (Docker keeps
+its own counter there), so it cannot mark registry commits.  Instead a device
+change (create_thin, create_snap, delete) appends and syncs its line
+(``prepare``), then the metadata commit makes the change, then the change
+takes effect in memory (``finish``).  The metadata itself tells whether a
+line was committed: a created device exists, a deleted one does not.  Device
+changes are serialized and every line is resolved (committed, or rolled back
+and cut) before the next is appended, so only the *last* line can be
+uncommitted; a read-write open cuts it, saying so.  ``update`` lines (name or
+size changes that touch no metadata) are committed once synced.
+
+Damage.  A line that cannot be parsed is skipped, never the lines after it:
+the open names every skipped line, keeps a copy of the journal beside it
+(``volumes.log.damaged-<time>``) and, when read-write, folds the readable
+records into the base file.  A torn last line (no newline: the process died
+while appending) is an uncommitted change and is cut.
+
+Replaying the journal on the base is idempotent (lines only set or delete
+records), which makes a crash during compaction harmless.
+
+Thread safety: none of its own; the pool serializes device changes.
 """
 
 from __future__ import annotations
@@ -25,7 +39,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass
+from typing import Any, Collection
 
 from ..errors import ThinpoolError
 
@@ -33,6 +49,7 @@ log = logging.getLogger("thinpool.registry")
 
 BASE = "volumes.json"
 JOURNAL = "volumes.log"
+FORMAT = 2
 COMPACT_AFTER = 1024  # journal lines
 
 
@@ -42,6 +59,28 @@ class VolumeRecord:
     name: str | None = None
     origin: str | None = None  # external origin file (read-only)
     created: float = 0.0
+    snapshot_of: int | None = None  # the volume this one was snapshotted from
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> VolumeRecord:
+        snap = raw.get("snapshot_of")
+        return cls(int(raw["size"]), raw.get("name"), raw.get("origin"),
+                   float(raw.get("created", 0.0)), None if snap is None else int(snap))
+
+
+@dataclass(frozen=True)
+class _Op:
+    kind: str  # create | delete | update
+    dev_id: int
+    record: VolumeRecord | None
+
+    def committed(self, devices: Collection[int]) -> bool:
+        """Whether the metadata shows this change (updates need no metadata commit)."""
+        if self.kind == "create":
+            return self.dev_id in devices
+        if self.kind == "delete":
+            return self.dev_id not in devices
+        return True
 
 
 def _fsync_dir(directory: str) -> None:
@@ -63,9 +102,18 @@ def write_json_atomic(path: str, payload: object) -> None:
     _fsync_dir(os.path.dirname(path) or ".")
 
 
-def _record(raw: dict) -> VolumeRecord:
-    return VolumeRecord(int(raw["size"]), raw.get("name"), raw.get("origin"),
-                        float(raw.get("created", 0.0)))
+def _parse_line(line: bytes) -> list[_Op]:
+    """The changes of one journal line (also reads the transaction-stamped lines of format 1)."""
+    entry = json.loads(line)
+    if "op" in entry:
+        kind = entry["op"]
+        if kind not in ("create", "delete", "update"):
+            raise ValueError(f"unknown op {kind!r}")
+        rec = entry.get("record")
+        return [_Op(kind, int(entry["id"]), None if rec is None else VolumeRecord.from_json(rec))]
+    int(entry["tid"])
+    return ([_Op("create", int(k), VolumeRecord.from_json(v)) for k, v in entry["set"].items()]
+            + [_Op("delete", int(k), None) for k in entry["del"]])
 
 
 class RegistryError(ThinpoolError):
@@ -73,81 +121,111 @@ class RegistryError(ThinpoolError):
 
 
 class Registry:
+    """Records of the pool's volumes, loaded against the metadata's device set."""
+
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self.base_path = os.path.join(directory, BASE)
         self.journal_path = os.path.join(directory, JOURNAL)
         self.volumes: dict[int, VolumeRecord] = {}
-        self.transaction_id = 0
+        self.problems: list[str] = []  # what the last load skipped or cut, one line each
         self._lines = 0
         self._journal_size = 0
-        self._pending: tuple[int, dict[int, VolumeRecord], list[int]] | None = None
+        self._pending: _Op | None = None
+        self._pending_end = 0
 
     # -- loading --------------------------------------------------------------------------
-    def load(self, metadata_transaction: int, writable: bool) -> None:
-        """Base plus the committed prefix of the journal; cut the rest if writable."""
-        raw: dict = {"transaction_id": 0}
-        if os.path.exists(self.base_path):
+    def load(self, devices: Collection[int], writable: bool) -> None:
+        """Base plus every committed journal line; ``devices`` are the metadata's devices.
+
+        A read-write open cuts an uncommitted last line and folds a damaged
+        journal into the base (after copying it aside); a read-only open
+        changes no file.  Records of devices the metadata does not have (its
+        devices were changed by another tool) are left out of ``volumes``.
+        """
+        volumes = self._read_base()
+        data = self._read_journal_bytes()
+        parsed: list[tuple[int, int, list[_Op]]] = []  # (start, end, ops) of readable lines
+        damaged: list[str] = []
+        start = 0
+        lines = data.split(b"\n")
+        for number, line in enumerate(lines[:-1], start=1):
+            end = start + len(line) + 1
             try:
-                with open(self.base_path, encoding="utf-8") as f:
-                    raw = json.load(f)
-                self.volumes = {int(k): _record(v) for k, v in raw["volumes"].items()}
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise RegistryError(f"volume registry {self.base_path} is unreadable: {e}") from None
-        else:
-            self.volumes = {}
-        base_tid = raw["transaction_id"] if self.volumes or os.path.exists(self.base_path) else 0
-        entries, ends = self._read_journal()
-        keep = 0
-        for i, entry in enumerate(entries):
-            if entry["tid"] == metadata_transaction:
-                keep = i + 1
-        if keep == 0 and entries and base_tid != metadata_transaction:
-            # The transaction id was changed behind our back (another tool): no line is the
-            # commit point, so keep every record rather than lose volume sizes.
-            log.warning("registry of %s does not match metadata transaction %d; keeping all "
-                        "%d journal entries", self.directory, metadata_transaction, len(entries))
-            keep = len(entries)
-        for entry in entries[:keep]:
-            self._apply(entry)
-        self._lines = keep
-        self._journal_size = ends[keep - 1] if keep else 0
-        if writable and os.path.exists(self.journal_path) and \
-                os.path.getsize(self.journal_path) != self._journal_size:
-            os.truncate(self.journal_path, self._journal_size)
+                parsed.append((start, end, _parse_line(line)))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                damaged.append(f"line {number} ({len(line)} bytes, {_preview(line)}): {e}")
+            start = end
+        committed_end = start
+        cut: list[str] = []
+        if lines[-1]:  # bytes after the last newline: an append the process never finished
+            cut.append(f"torn last line ({len(lines[-1])} bytes, {_preview(lines[-1])})")
+        if parsed and parsed[-1][1] == committed_end and \
+                not all(op.committed(devices) for op in parsed[-1][2]):
+            committed_end, _, ops = parsed.pop()
+            cut.append("uncommitted last line (" + ", ".join(f"{o.kind} {o.dev_id}" for o in ops)
+                       + "): the process stopped before its metadata commit")
+        ops_by_line = parsed
+        for _, _, ops in ops_by_line:
+            for op in ops:
+                if op.kind == "delete":
+                    volumes.pop(op.dev_id, None)
+                elif op.record is not None:
+                    volumes[op.dev_id] = op.record
+        self.problems = [f"volumes.log {d}: skipped" for d in damaged]
+        self.problems += [f"volumes.log {c}: " + ("cut" if writable else "ignored") for c in cut]
+        self.volumes = {k: v for k, v in volumes.items() if k in devices}
+        self._lines = len(ops_by_line)
+        self._journal_size = committed_end
+        if not writable:
+            for p in self.problems:
+                log.warning("%s: %s", self.directory, p)
+            return
+        if damaged:
+            copy = f"{self.journal_path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+            with open(copy, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            self.problems.append(f"a copy of the damaged journal is kept at {copy}")
+            self.compact()
+        elif len(data) != committed_end:
+            os.truncate(self.journal_path, committed_end)
             _fsync_dir(self.directory)
-        self.transaction_id = metadata_transaction
+        for p in self.problems:
+            log.warning("%s: %s", self.directory, p)
 
-    def _read_journal(self) -> tuple[list[dict], list[int]]:
-        """Parsed journal lines and the byte offset where each ends (a torn tail is dropped)."""
-        if not os.path.exists(self.journal_path):
-            return [], []
-        with open(self.journal_path, "rb") as f:
-            data = f.read()
-        entries, ends, pos = [], [], 0
-        for line in data.split(b"\n")[:-1]:
-            pos += len(line) + 1
-            try:
-                entry = json.loads(line)
-                int(entry["tid"])
-            except (ValueError, KeyError, TypeError):
-                break  # a torn or foreign line: nothing after it can be committed
-            entries.append(entry)
-            ends.append(pos)
-        return entries, ends
+    def _read_base(self) -> dict[int, VolumeRecord]:
+        try:
+            with open(self.base_path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            raise RegistryError(f"volume registry {self.base_path} is unreadable: {e}") from None
+        try:
+            return {int(k): VolumeRecord.from_json(v) for k, v in raw["volumes"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise RegistryError(f"volume registry {self.base_path} is malformed: {e!r}") from None
 
-    def _apply(self, entry: dict) -> None:
-        for k, v in entry.get("set", {}).items():
-            self.volumes[int(k)] = _record(v)
-        for k in entry.get("del", []):
-            self.volumes.pop(int(k), None)
+    def _read_journal_bytes(self) -> bytes:
+        try:
+            with open(self.journal_path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return b""
 
-    # -- a device change ------------------------------------------------------------------
-    def prepare(self, transaction_id: int, sets: dict[int, VolumeRecord],
-                deletes: list[int]) -> None:
-        """Step 1: append and sync the journal line for ``transaction_id``."""
-        entry = {"tid": transaction_id, "set": {str(k): asdict(v) for k, v in sets.items()},
-                 "del": deletes}
+    # -- changes ----------------------------------------------------------------------------
+    def prepare(self, kind: str, dev_id: int, record: VolumeRecord | None = None) -> None:
+        """Step 1 of a device change: append and sync its journal line.
+
+        The caller commits the metadata next, then calls ``finish`` (or
+        ``rollback`` if the metadata commit failed).
+        """
+        op = _Op(kind, dev_id, record)
+        entry: dict[str, Any] = {"op": kind, "id": dev_id}
+        if record is not None:
+            entry["record"] = asdict(record)
         line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
         fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -157,35 +235,45 @@ class Registry:
             os.close(fd)
         if self._journal_size == 0:
             _fsync_dir(self.directory)
-        self._pending = (transaction_id, sets, deletes)
+        self._pending = op
         self._pending_end = self._journal_size + len(line)
 
     def rollback(self) -> None:
-        """The metadata commit failed: forget the prepared line."""
+        """The metadata commit failed: cut the prepared line."""
         if self._pending is not None:
             os.truncate(self.journal_path, self._journal_size)
             self._pending = None
 
     def finish(self) -> None:
         """Step 3 (after the metadata commit): the change is in effect."""
-        assert self._pending is not None
-        tid, sets, deletes = self._pending
-        self.volumes.update(sets)
-        for k in deletes:
-            self.volumes.pop(k, None)
-        self.transaction_id = tid
+        op = self._pending
+        assert op is not None
+        if op.kind == "delete":
+            self.volumes.pop(op.dev_id, None)
+        elif op.record is not None:
+            self.volumes[op.dev_id] = op.record
         self._journal_size = self._pending_end
         self._lines += 1
         self._pending = None
         if self._lines >= COMPACT_AFTER:
             self.compact()
 
+    def update(self, dev_id: int, record: VolumeRecord) -> None:
+        """A registry-only change (name, size): durable when this returns."""
+        self.prepare("update", dev_id, record)
+        self.finish()
+
     def compact(self) -> None:
         """Fold the journal into the base file (crash-safe at every step)."""
         write_json_atomic(self.base_path, {
-            "transaction_id": self.transaction_id,
+            "format": FORMAT,
             "volumes": {str(k): asdict(v) for k, v in sorted(self.volumes.items())}})
         if os.path.exists(self.journal_path):
             os.truncate(self.journal_path, 0)
         self._journal_size = 0
         self._lines = 0
+
+
+def _preview(line: bytes) -> str:
+    text = line[:40].decode("utf-8", "replace")
+    return repr(text + ("..." if len(line) > 40 else ""))

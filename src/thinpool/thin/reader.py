@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import BadBlockError, MetadataError
-from ..ondisk.checksum import Salt
+from ..ondisk.checksum import BLOCK_SIZE, Salt
 from ..ondisk.node import (DEVICE_DETAILS, HEADER, LEAF, U64, NodeView, ValueCodec, check_header,
                            values_offset)
 from ..ondisk.superblock import MAGIC, Superblock
@@ -35,6 +35,23 @@ def read_superblock(bm: BlockManager, location: int = 0) -> Superblock:
     if sb.blocknr != location:
         raise BadBlockError(location, "superblock", f"bad block nr {sb.blocknr}")
     return sb
+
+
+def probe_superblock(path: str | os.PathLike[str]) -> Superblock | None:
+    """The superblock of a metadata file or device; None if block 0 is all zeros (blank).
+
+    Raises ``MetadataError`` when block 0 holds something that is not a valid
+    dm-thin superblock (what the kernel refuses to open and never formats).
+    """
+    io = FileBlockIO(path, writable=False)
+    try:
+        if io.nr_blocks == 0:
+            raise MetadataError(f"{os.fspath(path)} is smaller than one 4 KiB metadata block")
+        if io.read(0).count(0) == BLOCK_SIZE:
+            return None
+        return read_superblock(BlockManager(io, max_cached=1), 0)
+    finally:
+        io.close()
 
 
 class MetadataReader:
