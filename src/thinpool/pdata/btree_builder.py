@@ -23,9 +23,13 @@ _BATCH = 256
 
 
 class SequentialWriter:
-    """Hands out blocks 1, 2, 3... and writes them in contiguous batches."""
+    """Hands out blocks 1, 2, 3... and writes them in contiguous batches.
 
-    def __init__(self, io: FileBlockIO, limit: int) -> None:
+    With ``io=None`` nothing is written: a dry run that finds out whether a
+    build fits in ``limit`` blocks.
+    """
+
+    def __init__(self, io: FileBlockIO | None, limit: int) -> None:
         self.io = io
         self.limit = limit
         self.next = 1
@@ -41,6 +45,8 @@ class SequentialWriter:
         return b
 
     def write(self, b: int, data: bytes | bytearray) -> None:
+        if self.io is None:
+            return
         if self._run and b == self._run_start + len(self._run) and len(self._run) < _BATCH:
             self._run.append(data)
             return
@@ -48,7 +54,7 @@ class SequentialWriter:
         self._run_start, self._run = b, [data]
 
     def flush(self) -> None:
-        if self._run:
+        if self._run and self.io is not None:
             os.pwritev(self.io.fd, self._run, self._run_start * BLOCK_SIZE)
             self._run = []
 

@@ -43,14 +43,22 @@ def validate_data_block_size(sectors: int) -> None:
 
 
 class MetadataBuilder:
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.io = FileBlockIO(path, writable=True)
+    """An IR sink that writes fresh metadata to an existing file or device.
+
+    With ``dry_run`` the output is only opened to learn its size and nothing
+    is written: the whole build runs, so every error it would raise (bad
+    input, too little space) is raised without touching the output.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], dry_run: bool = False) -> None:
+        self.dry_run = dry_run
+        self.io = FileBlockIO(path, writable=not dry_run)
         self.nr_metadata_blocks = min(self.io.nr_blocks, MAX_METADATA_BLOCKS)
         if self.nr_metadata_blocks < 8:
             self.io.close()
             raise XmlFormatError(f"{os.fspath(path)} is too small for thin metadata "
                                  f"({self.io.nr_blocks * BLOCK_SIZE} bytes; at least 32 KiB)")
-        self.writer = SequentialWriter(self.io, self.nr_metadata_blocks)
+        self.writer = SequentialWriter(None if dry_run else self.io, self.nr_metadata_blocks)
         self.data_counts = ChunkedCounts()
         self.devices: list[tuple[int, int, tuple[int, int, int, int]]] = []
         self.seen_ids: set[int] = set()
@@ -58,7 +66,8 @@ class MetadataBuilder:
         self._dev: DeviceInfo | None = None
         self._tree: TreeBuilder | None = None
         self._mapped = 0
-        os.pwrite(self.io.fd, bytes(BLOCK_SIZE), 0)
+        if not dry_run:
+            os.pwrite(self.io.fd, bytes(BLOCK_SIZE), 0)
 
     def close(self) -> None:
         self.io.close()
@@ -113,6 +122,8 @@ class MetadataBuilder:
         data_root = self._data_space_map(info.nr_data_blocks)
         meta_root = self._metadata_space_map()
         self.writer.flush()
+        if self.dry_run:
+            return
         self.io.sync()
         sb = Superblock(
             flags=info.flags or 0, version=info.version if info.version is not None else VERSION,
