@@ -42,7 +42,7 @@ from ..thin.metadata import PoolMetadata, check_device_id
 from ..thin.reader import probe_superblock
 from .config import (SECTOR, PoolConfig, check_data_blocks, check_volume_size, parse_size)
 from .locks import PoolLock, SharedExclusiveLock
-from .registry import Registry, VolumeRecord, write_json_atomic
+from .registry import BASE, JOURNAL, Registry, VolumeRecord, write_json_atomic
 
 log = logging.getLogger("thinpool.pool")
 
@@ -99,6 +99,7 @@ class VolumeInfo:
     creation_time: int
     snapshotted_time: int
     transaction_id: int
+    snapshot_of: int | None  # the volume it was snapshotted from (None: not recorded)
 
 
 def _is_pool_dir(directory: str) -> bool:
@@ -465,6 +466,12 @@ class Pool:
                 raise DeviceError("ENODATA", f"thin device {dev_id} does not exist")
         return self.registry.volumes.get(dev_id) or VolumeRecord(self._default_size())
 
+    def files(self) -> list[str]:
+        """Every file this pool keeps or reads; a command's output must not be one of them."""
+        own = [self.data_path, self.meta_path] + [os.path.join(self.directory, name) for name in
+                                                  (CONFIG, "lock", BASE, JOURNAL)]
+        return own + sorted({r.origin for r in self.registry.volumes.values() if r.origin})
+
     def list_volumes(self) -> list[VolumeInfo]:
         with self.lock:
             out = []
@@ -472,7 +479,8 @@ class Pool:
                 d = self.md.details(dev_id)
                 rec = self.registry.volumes.get(dev_id) or VolumeRecord(self._default_size())
                 out.append(VolumeInfo(dev_id, rec.size, rec.name, rec.origin, d.mapped_blocks,
-                                      d.creation_time, d.snapshotted_time, d.transaction_id))
+                                      d.creation_time, d.snapshotted_time, d.transaction_id,
+                                      rec.snapshot_of))
             return out
 
     def status(self) -> PoolStatus:
@@ -643,7 +651,7 @@ def _prepare_metadata(meta_path: str, data_path: str, config: PoolConfig, format
         if config.read_only:
             raise PoolError("read_only cannot be used to create a pool on blank metadata")
         format_metadata(meta_path, config.data_block_sectors, nr_data)
-        return f"formatted metadata: {nr_data} data blocks of {bs // 1024} KiB"
+        return "formatted new metadata"
     if sb.data_block_size != config.data_block_sectors:
         raise PoolError(f"the metadata on {meta_path} uses {sb.data_block_size}-sector data "
                         f"blocks, not {config.data_block_sectors} (changing the data block size "
