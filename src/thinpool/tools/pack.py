@@ -407,7 +407,7 @@ class PackReader:
             raise self._fail(f"unsupported pack version {version} (only {VERSION} is known)")
         if block_size != BLOCK_SIZE:
             raise self._fail(f"block size {block_size}, expected {BLOCK_SIZE}")
-        if not 0 < nr_blocks <= (1 << 63) // BLOCK_SIZE:
+        if not 0 < nr_blocks <= ((1 << 63) - 1) // BLOCK_SIZE:  # sizes must fit an off_t
             raise self._fail(f"impossible image size of {nr_blocks} blocks")
         return int(nr_blocks)
 
@@ -535,7 +535,10 @@ def _replacing(real: str) -> Iterator[int]:
     """
     directory, base = os.path.split(real)
     tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        raise PackError(f"cannot create a file in {directory}: {e.strerror}") from None
     try:
         try:
             os.fchmod(fd, stat.S_IMODE(os.stat(real).st_mode))
@@ -601,7 +604,11 @@ def unpack(pack_path: str | os.PathLike[str], out_path: str | os.PathLike[str],
         real, device = _check_output(out_path, reader.stat, force, device_ok=True)
         if not device:
             with _replacing(real) as fd:
-                os.ftruncate(fd, size)
+                try:
+                    os.ftruncate(fd, size)
+                except OSError as e:
+                    raise PackError(f"cannot make {os.fspath(out_path)} {size} bytes long: "
+                                    f"{e.strerror}") from None
                 stored = _write_records(fd, reader.records())
             return PackSummary(reader.nr_blocks, stored)
         for _rec in reader.records():
