@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -11,8 +11,12 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(os.environ.get("THINPOOL_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-KERNEL_FIXTURES = SHARED / "fixtures" / "kernel-metadata" / "expected"
+from thinpool.tools.pack import unpack
+
+KERNEL_PACKS = Path(__file__).resolve().parent / "fixtures" / "kernel-metadata"
+"""The kernel-written packs (see its README.md); their images are unpacked on demand."""
+KERNEL_FIXTURES = KERNEL_PACKS / "expected"
+"""thin-provisioning-tools 0.9.0 results for each image, and index.json."""
 KERNEL_IMAGES = [
     "tmeta",
     "tmeta_with_metadata_snap",
@@ -49,15 +53,23 @@ def kernel_index() -> dict:
 
 
 @pytest.fixture(scope="session")
-def kernel_image(tmp_path_factory: pytest.TempPathFactory):
-    """Function NAME -> path of the unpacked (read-only) kernel metadata image."""
+def kernel_image(tmp_path_factory: pytest.TempPathFactory, kernel_index: dict):
+    """Function NAME -> path of the (read-only) kernel metadata image.
+
+    The image is unpacked from NAME.pack by thinpool's own unpacker and must
+    have the sha256 that index.json records for it, else the test fails.
+    """
     root = tmp_path_factory.mktemp("kernel-metadata")
 
     def get(name: str) -> Path:
         out = root / f"{name}.bin"
         if not out.exists():
-            with gzip.open(KERNEL_FIXTURES / f"{name}.bin.gz", "rb") as src, open(out, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+            unpack(KERNEL_PACKS / f"{name}.pack", out)
+            digest = hashlib.sha256(out.read_bytes()).hexdigest()
+            if digest != kernel_index[name]["image_sha256"]:
+                out.unlink()
+                pytest.fail(f"{name}.pack unpacks to an image with sha256 {digest}, "
+                            f"index.json expects {kernel_index[name]['image_sha256']}")
             out.chmod(0o444)
         return out
 

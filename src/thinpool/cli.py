@@ -207,6 +207,35 @@ def delta(metadata: str, snap1: int, snap2: int, snapshot: bool, verbose: bool) 
     sys.stdout.flush()
 
 
+# -- pack / unpack ------------------------------------------------------------------------------
+@main.command("pack")
+@click.option("-i", "--input", "metadata", required=True, type=click.Path(dir_okay=False),
+              help="Metadata file or device to pack.")
+@click.option("-o", "--output", "packed", required=True, type=click.Path(dir_okay=False),
+              help="Pack file to write.")
+@click.option("-f", "--force", is_flag=True, help="Overwrite an output that holds thin metadata.")
+@_clean_errors
+def pack_cmd(metadata: str, packed: str, force: bool) -> None:
+    """Compress metadata into a pack file (like thin_metadata_pack)."""
+    from .tools.pack import pack
+
+    pack(metadata, packed, force=force)
+
+
+@main.command("unpack")
+@click.option("-i", "--input", "packed", required=True, type=click.Path(dir_okay=False),
+              help="Pack file to expand.")
+@click.option("-o", "--output", "metadata", required=True, type=click.Path(dir_okay=False),
+              help="Metadata file to create or replace, or an existing device.")
+@click.option("-f", "--force", is_flag=True, help="Overwrite an output that holds thin metadata.")
+@_clean_errors
+def unpack_cmd(packed: str, metadata: str, force: bool) -> None:
+    """Regenerate metadata from a pack file (like thin_metadata_unpack)."""
+    from .tools.pack import unpack
+
+    unpack(packed, metadata, force=force)
+
+
 # -- pools ---------------------------------------------------------------------------------------
 def _open_pool(directory: str, read_only: bool = False):
     from .pool.engine import Pool
