@@ -208,7 +208,7 @@ def delta(metadata: str, snap1: int, snap2: int, snapshot: bool, verbose: bool) 
 
 
 # -- pack / unpack ------------------------------------------------------------------------------
-@main.command("pack")
+@cli.command("pack")
 @click.option("-i", "--input", "metadata", required=True, type=click.Path(dir_okay=False),
               help="Metadata file or device to pack.")
 @click.option("-o", "--output", "packed", required=True, type=click.Path(dir_okay=False),
@@ -222,7 +222,7 @@ def pack_cmd(metadata: str, packed: str, force: bool) -> None:
     pack(metadata, packed, force=force)
 
 
-@main.command("unpack")
+@cli.command("unpack")
 @click.option("-i", "--input", "packed", required=True, type=click.Path(dir_okay=False),
               help="Pack file to expand.")
 @click.option("-o", "--output", "metadata", required=True, type=click.Path(dir_okay=False),

@@ -27,6 +27,19 @@ def _identity(st: os.stat_result) -> tuple[int, int]:
     return (st.st_dev, st.st_ino)
 
 
+def same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    """Whether two stats name the same file (same inode) or the same device."""
+    return _identity(a) == _identity(b)
+
+
+def same_path(a: PathLike, b: PathLike) -> bool:
+    """Whether two paths name the same file or device (equal paths if either is missing)."""
+    try:
+        return same_file(os.stat(a), os.stat(b))
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
 def _identities(inputs: Iterable[PathLike]) -> dict[tuple[int, int], str]:
     out = {}
     for path in inputs:

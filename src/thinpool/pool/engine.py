@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Iterator
 from ..errors import (DeviceError, MetadataError, NoDataSpaceError, NoMetadataSpaceError,
                       ThinpoolError)
 from ..ondisk.checksum import BLOCK_SIZE
+from ..outputs import same_path
 from ..ondisk.superblock import MAX_METADATA_BLOCKS
 from ..ondisk.values import MAX_DEVICE_ID
 from ..pdata.blockio import device_size
@@ -106,13 +107,6 @@ def _is_pool_dir(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, CONFIG))
 
 
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.abspath(a) == os.path.abspath(b)
-
-
 class Pool:
     """An open pool.  Use as a context manager; ``close`` commits."""
 
@@ -141,7 +135,7 @@ class Pool:
             raise PoolError(f"{directory} already holds a pool")
         data_path = os.path.abspath(data_dev) if data_dev else os.path.join(directory, DATA)
         meta_path = os.path.abspath(metadata_dev) if metadata_dev else os.path.join(directory, METADATA)
-        if _same_file(data_path, meta_path):
+        if same_path(data_path, meta_path):
             raise PoolError("Error setting metadata or data device: they must differ")
         new_files: dict[str, int] = {}
         for path, size, given in ((data_path, data_size, data_dev), (meta_path, metadata_size,

@@ -67,6 +67,7 @@ from ..errors import ThinpoolError
 from ..ondisk import checksum
 from ..ondisk.checksum import BLOCK_SIZE, Salt
 from ..ondisk.node import HEADER, HEADER_SIZE, LEAF
+from ..outputs import same_file
 from ..pdata.blockio import device_size
 
 MAGIC = 0xA537A0AA6309EF77
@@ -482,12 +483,6 @@ class PackReader:
 
 
 # -- outputs -------------------------------------------------------------------------------------
-def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
-    if stat.S_ISBLK(a.st_mode) and stat.S_ISBLK(b.st_mode):
-        return a.st_rdev == b.st_rdev
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-
 def _holds_metadata(path: str) -> bool:
     """Whether block 0 of ``path`` is a valid thin superblock (unreadable counts as no)."""
     try:
@@ -514,7 +509,7 @@ def _check_output(path: str | os.PathLike[str], source: os.stat_result, force: b
         if not os.path.isdir(os.path.dirname(real)):
             raise PackError(f"cannot create {name}: its directory does not exist") from None
         return real, False
-    if _same_file(st, source):
+    if same_file(st, source):
         raise PackError(f"output {name} is the input file")
     device = stat.S_ISBLK(st.st_mode)
     if not (stat.S_ISREG(st.st_mode) or (device and device_ok)):
