@@ -86,9 +86,9 @@ KILL_POINTS = [
     "thinpool.pdata.block_manager.BlockManager.write_superblock",  # blocks synced, no superblock
     "thinpool.pdata.block_manager.BlockManager.write_superblock:after",  # superblock written
     "thinpool.pool.registry.Registry.finish",  # metadata committed, registry not updated in memory
-    "thinpool.pool.engine.Pool._passdown",  # committed, holes not punched yet
-    "thinpool.pool.engine._punch_hole",  # zeroing a new block / passdown
-    "thinpool.pool.volume._copy_range",  # copy-on-write of a shared block
+    "thinpool.block.core.DataPath.zero_block",  # zeroing a new block / passdown after commit
+    "thinpool.block.core.punch_hole",  # the hole punch itself
+    "thinpool.block.device._copy_range",  # copy-on-write of a shared block
 ]
 PWRITE_OPS = ("write", "write_zeroes")  # ops that pwrite data in place
 DEVICE_OPS = ("create_thin", "create_snap", "delete")

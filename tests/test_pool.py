@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from thinpool.errors import DeviceError, ThinpoolError
+from thinpool.errors import DataPathError, DeviceError, ThinpoolError
 from thinpool.pool.config import ConfigError, PoolConfig, parse_size, parse_table
 from thinpool.pool.engine import Pool, PoolError
 from thinpool.pool.images import export_image, import_image
 from thinpool.pool.locks import PoolBusyError
 from thinpool.pool.registry import JOURNAL
-from thinpool.pool.volume import VolumeRangeError
+from thinpool.block.device import RangeError as VolumeRangeError
 
 from thinmodel import assert_thin_check_clean
 
@@ -343,9 +343,10 @@ def test_metadata_exhaustion_goes_read_only(tmp_path: Path) -> None:
     with Pool(d) as pool:
         pool.create_thin(0, size=1 << 30)
         with pool.volume(0) as vol:
-            with pytest.raises(PoolError, match="metadata"):
+            with pytest.raises(DataPathError, match="metadata") as e:
                 for i in range(16384):
                     vol.write(i * BS, b"m")
+            assert e.value.errno == errno.ENOSPC
             assert pool.status().mode == "ro"
             assert bytes(vol.read(0, 1)) == b"m"
             with pytest.raises(DeviceError, match="EOPNOTSUPP"):

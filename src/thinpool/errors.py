@@ -60,13 +60,18 @@ class XmlFormatError(ThinpoolError):
     """thin_dump-style XML that cannot be restored."""
 
 
-class DataPathError(ThinpoolError):
+class DataPathError(ThinpoolError, OSError):
     """A failed read, write, discard, zeroing or flush of a volume's data.
 
     ``errno`` is what a block client is told (EIO, ENOSPC, EINVAL, EPERM,
-    EOPNOTSUPP, ...): NBD replies and FUSE answers are built from it.
+    EOPNOTSUPP, ...): NBD replies and FUSE answers are built from it.  It is
+    an ``OSError`` too, so code that handles I/O errors handles it; ``str``
+    is the message alone.
     """
 
     def __init__(self, err: int, message: str) -> None:
-        super().__init__(message)
-        self.errno = err
+        OSError.__init__(self, err, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

@@ -1,23 +1,20 @@
-"""The pool: a data file, a metadata file and the kernel's thin-pool semantics.
+"""The pool: a directory holding a data device, a metadata device and a volume registry.
 
-``Pool`` owns the metadata (``PoolMetadata``), the data file descriptor, the
-volume registry and the commit policy:
+``Pool`` opens the metadata (``PoolMetadata``) and the data device, hands
+both to the data path (``block.DataPath``, which does volume I/O, allocation
+and commits), and adds what lives above it:
 
 * every message (create_thin, create_snap, delete, set_transaction_id,
   reserve/release_metadata_snap) is followed by a commit, like the kernel;
-* volume writes mark the pool dirty; ``flush`` commits (data file synced
-  first, then metadata, superblock last); a background thread commits at
-  least once a second while dirty;
-* discards with passdown punch holes in the data file only after the commit
-  that unmapped the blocks, so a crash can never expose a hole through the
-  previous, still-referenced state.
+  device changes and their registry lines commit together (registry.py);
+* a background thread commits at least once a second while dirty;
+* status lines, resizing, the pool lock (one read-write opener per pool).
+
+Thread safety: every method may be called from any thread.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import json
 import logging
 import os
@@ -27,22 +24,22 @@ import stat
 import subprocess
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
-from ..errors import (DeviceError, MetadataError, NoDataSpaceError, NoMetadataSpaceError,
-                      ThinpoolError)
+from ..block.core import DataPath, DataPolicy
+from ..block.device import ThinDevice
+from ..errors import DeviceError, MetadataError, NoMetadataSpaceError, ThinpoolError
 from ..ondisk.checksum import BLOCK_SIZE
-from ..outputs import same_path
 from ..ondisk.superblock import MAX_METADATA_BLOCKS
 from ..ondisk.values import MAX_DEVICE_ID
+from ..outputs import same_path
 from ..pdata.blockio import device_size
 from ..thin.builder import format_metadata
 from ..thin.metadata import PoolMetadata, check_device_id
 from ..thin.reader import probe_superblock
-from .config import (SECTOR, PoolConfig, check_data_blocks, check_volume_size, parse_size)
-from .locks import PoolLock, SharedExclusiveLock
+from .config import SECTOR, PoolConfig, check_data_blocks, check_volume_size, parse_size
+from .locks import PoolLock
 from .registry import BASE, JOURNAL, Registry, VolumeRecord, write_json_atomic
 
 log = logging.getLogger("thinpool.pool")
@@ -51,8 +48,6 @@ CONFIG = "pool.json"
 DATA = "data"
 METADATA = "metadata"
 COMMIT_PERIOD = 1.0
-COMMIT_HEADROOM = 32  # metadata blocks a commit may need (bitmaps, index, details paths)
-FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 
 
 class PoolError(ThinpoolError):
@@ -189,38 +184,53 @@ class Pool:
         self.read_only = read_only or self.config.read_only
         self._lock_file = None if self.read_only else PoolLock(self.directory)
         self._closed = False
+        data_fd = -1
         try:
             self.md = PoolMetadata(self.meta_path, read_only=self.read_only)
             if self.md.data_block_size != self.config.data_block_sectors:
                 raise PoolError("changing the data block size is not supported "
                                 f"({self.md.data_block_size} != {self.config.data_block_sectors})")
-            self.data_fd = os.open(self.data_path, (os.O_RDONLY if self.read_only else os.O_RDWR)
-                                   | os.O_CLOEXEC)
+            data_fd = os.open(self.data_path, (os.O_RDONLY if self.read_only else os.O_RDWR)
+                              | os.O_CLOEXEC)
             self.registry = Registry(self.directory)
             self.registry.load(set(self.md.device_ids()), writable=not self.read_only)
         except BaseException:
+            if data_fd >= 0:
+                os.close(data_fd)
+            if hasattr(self, "md"):
+                self.md.close()
             self._release_lock()
             raise
         self.block_size = self.config.block_size
-        self.data_is_file = stat.S_ISREG(os.fstat(self.data_fd).st_mode)
-        self.mode = "ro" if self.read_only else "rw"
+        c = self.config
+        self.dp = DataPath(
+            self.md, data_fd, stat.S_ISREG(os.fstat(data_fd).st_mode),
+            DataPolicy(block_size=c.block_size, skip_block_zeroing=c.skip_block_zeroing,
+                       ignore_discard=c.ignore_discard,
+                       discard_passdown=not c.no_discard_passdown,
+                       error_if_no_space=c.error_if_no_space, no_space_timeout=c.no_space_timeout,
+                       low_water_mark=c.low_water_mark),
+            read_only=self.read_only, on_low_water=self._low_water)
         if self.md.needs_check and not self.read_only:
-            self.mode = "ro"
             log.warning("pool %s needs_check is set: opened read-only", directory)
-        self.lock = threading.RLock()  # metadata and allocation
-        self.space = threading.Condition(self.lock)
-        self.space_waits = 0  # times a writer released self.lock waiting for data space
-        self.io = SharedExclusiveLock()  # volume I/O vs commit / snapshot / delete
-        self._pending_passdown: set[int] = set()
-        self._open_volumes: dict[int, int] = {}
-        self._low_water_armed = True
-        self.meta_reserve = min(4096, self.md.tm.sm.nr_blocks // 10)
         self._stop = threading.Event()
         self._committer: threading.Thread | None = None
         if not self.read_only:
             self._committer = threading.Thread(target=self._commit_loop, daemon=True,
                                                name="thinpool-commit")
             self._committer.start()
+
+    @property
+    def data_fd(self) -> int:
+        return self.dp.data_fd
+
+    @property
+    def mode(self) -> str:
+        return self.dp.mode
+
+    @property
+    def space_waits(self) -> int:
+        return self.dp.space_waits
 
     def _release_lock(self) -> None:
         if self._lock_file is not None:
@@ -234,6 +244,7 @@ class Pool:
         self.close()
 
     def close(self) -> None:
+        """Commit and release everything; volumes still open are closed with the pool."""
         if self._closed:
             return
         self._closed = True
@@ -244,7 +255,7 @@ class Pool:
             if not self.read_only:
                 self.commit()
         finally:
-            os.close(self.data_fd)
+            os.close(self.dp.data_fd)
             self.md.close()
             self._release_lock()
 
@@ -258,88 +269,50 @@ class Pool:
                     log.error("periodic commit failed: %s", e)
 
     def commit(self) -> None:
-        """Make everything written so far durable (FLUSH semantics).
-
-        The data file is synced once without blocking I/O, so the sync under the
-        exclusive lock (data before the mappings that reference it) finds little to do.
-        """
-        if self.md.dirty and not self.read_only:
-            os.fsync(self.data_fd)
-        with self.io.exclusive(), self.lock:
-            self._commit_locked()
-
-    def _commit_locked(self) -> None:
-        if self.read_only or self.md.needs_check:
-            if self.md.dirty:
-                raise PoolError("pool is read-only; changes cannot be committed")
-            return
-        if not self.md.dirty and not self._pending_passdown:
-            return
-        os.fsync(self.data_fd)  # data before the mappings that reference it
-        try:
-            self.md.commit()
-        except NoMetadataSpaceError:
-            self._metadata_exhausted()
-        self._passdown()
-
-    def _metadata_exhausted(self) -> None:
-        self.md.abort()
-        self.mode = "ro"
-        raise PoolError("metadata device is full: pool switched to read-only "
-                        "(grow it with 'thinpool pool resize --metadata-size')")
-
-    def _metadata_failed(self, err: Exception) -> None:
-        """A metadata operation hit corruption: abort, set needs_check, go read-only."""
-        self.md.set_needs_check()
-        self.mode = "ro"
-        raise PoolError(f"metadata operation failed; pool is read-only and needs_check is set "
-                        f"(run 'thinpool check'): {err}") from None
-
-    def _passdown(self) -> None:
-        """Punch holes for data blocks that the last commit left unreferenced."""
-        if not self._pending_passdown:
-            return
-        for b in sorted(self._pending_passdown):
-            if self.md.data_block_count(b) == 0:
-                self._zero_data_block(b)
-        self._pending_passdown.clear()
-
-    def _zero_data_block(self, b: int) -> None:
-        bs = self.block_size
-        if self.data_is_file:
-            _punch_hole(self.data_fd, b * bs, bs)
-        else:
-            os.pwrite(self.data_fd, bytes(bs), b * bs)
+        """Make everything written so far durable (FLUSH semantics)."""
+        self.dp.commit()
 
     # -- registry-tracked device changes ----------------------------------------------------
     def _device_change(self, change: Callable[[], None], kind: str, dev_id: int,
-                       record: VolumeRecord | None = None) -> None:
+                       record: VolumeRecord | None = None, quiesce: int | None = None) -> None:
         """Apply a metadata change and its registry line as one commit.
 
-        The registry line is synced before the metadata commit; the metadata
-        commit is the commit point of both (registry.py).  The transaction id
-        is left alone: only set_transaction_id changes it, as in the kernel.
+        Earlier writes commit first; then, with nothing changing mappings
+        (and no I/O on ``quiesce``, a snapshot's origin), the change is made,
+        its registry line synced, and the metadata committed: the commit
+        point of both (registry.py).  The transaction id is left alone: only
+        set_transaction_id changes it, as in the kernel.
         """
         self._require_writable()
-        with self.io.exclusive(), self.lock:
-            self._commit_locked()
+        dp = self.dp
+        with dp.quiesced(quiesce):
+            dp.commit_gated()
+            with dp.md_lock:
+                self._change_metadata(change)
+            self.registry.prepare(kind, dev_id, record)
             try:
-                change()
-                self.registry.prepare(kind, dev_id, record)
-                self.md.commit()
-            except BaseException as e:
-                self.md.abort()
+                dp.commit_gated()
+            except BaseException:
                 self.registry.rollback()
-                if isinstance(e, MetadataError):
-                    self._metadata_failed(e)
                 raise
             self.registry.finish()
-            self._passdown()
+
+    def _change_metadata(self, change: Callable[[], None]) -> None:
+        """Run a metadata change (md_lock held); on failure the transaction is rolled back."""
+        try:
+            change()
+        except NoMetadataSpaceError:
+            raise self.dp.metadata_exhausted() from None
+        except MetadataError as e:
+            raise self.dp.metadata_failed(e) from None
+        except BaseException:
+            self.dp.abort()
+            raise
 
     def _require_writable(self) -> None:
         if self.read_only:
             raise PoolError(f"pool {self.directory} is open read-only")
-        if self.mode == "ro":
+        if self.dp.mode == "ro":
             raise DeviceError("EOPNOTSUPP", "pool is in read-only mode"
                               + (" (needs_check is set)" if self.md.needs_check else ""))
 
@@ -374,55 +347,57 @@ class Pool:
         self._device_change(lambda: self.md.create_thin(dev_id), "create", dev_id, record)
 
     def create_snap(self, dev_id: int, origin_id: int, name: str | None = None) -> None:
-        """Snapshot ``origin_id`` as ``dev_id``; the registry records which volume it came from."""
+        """Snapshot ``origin_id`` as ``dev_id``; the registry records which volume it came from.
+
+        Writes in flight on the origin finish first and new ones wait (the
+        kernel's "suspend the origin"), so the snapshot holds every write
+        acknowledged before it.
+        """
         check_device_id(dev_id)
         check_device_id(origin_id)
         self._check_name(name)
         parent = self.registry.volumes.get(origin_id) or VolumeRecord(self._default_size())
         record = VolumeRecord(parent.size, name, parent.origin, time.time(), origin_id)
         self._device_change(lambda: self.md.create_snap(dev_id, origin_id), "create", dev_id,
-                            record)
+                            record, quiesce=origin_id)
 
     def delete(self, dev_id: int) -> None:
         check_device_id(dev_id)
-        if self._open_volumes.get(dev_id):
+        if self.dp.is_open(dev_id):
             raise DeviceError("EBUSY", f"thin device {dev_id} is open")
         self._device_change(lambda: self.md.delete(dev_id), "delete", dev_id)
 
     def set_transaction_id(self, old: int, new: int) -> None:
         """Compare-and-swap of the pool's transaction id (the kernel's message), committed."""
         self._require_writable()
-        with self.io.exclusive(), self.lock, self._metadata_guard():
-            self._commit_locked()
-            if old != self.md.trans_id:
-                raise DeviceError("EINVAL", f"transaction id mismatch: current is "
-                                            f"{self.md.trans_id}, not {old}")
-            self.md.set_transaction_id(old, new)
-            self._commit_locked()
+        dp = self.dp
+        with dp.quiesced():
+            dp.commit_gated()
+            with dp.md_lock:
+                if old != self.md.trans_id:
+                    raise DeviceError("EINVAL", f"transaction id mismatch: current is "
+                                                f"{self.md.trans_id}, not {old}")
+                self._change_metadata(lambda: self.md.set_transaction_id(old, new))
+            dp.commit_gated()
 
     def reserve_metadata_snap(self) -> int:
         self._require_writable()
-        with self.io.exclusive(), self.lock, self._metadata_guard():
-            os.fsync(self.data_fd)
-            held = self.md.reserve_metadata_snap()
-            self._commit_locked()
-            return held
+        dp = self.dp
+        with dp.quiesced():
+            dp.commit_gated()
+            with dp.md_lock:
+                held: list[int] = []
+                self._change_metadata(lambda: held.append(self.md.reserve_metadata_snap()))
+            dp.commit_gated()
+            return held[0]
 
     def release_metadata_snap(self) -> None:
         self._require_writable()
-        with self.io.exclusive(), self.lock, self._metadata_guard():
-            self.md.release_metadata_snap()
-            self._commit_locked()
-
-    @contextmanager
-    def _metadata_guard(self) -> Iterator[None]:
-        """Roll back a metadata operation that failed half-way (lock held)."""
-        try:
-            yield
-        except NoMetadataSpaceError:
-            self._metadata_exhausted()
-        except MetadataError as e:
-            self._metadata_failed(e)
+        dp = self.dp
+        with dp.quiesced():
+            with dp.md_lock:
+                self._change_metadata(self.md.release_metadata_snap)
+            dp.commit_gated()
 
     def message(self, text: str) -> None:
         """Execute a kernel pool message (``dmsetup message <pool> 0 <text>``)."""
@@ -455,7 +430,7 @@ class Pool:
     # -- information ------------------------------------------------------------------------
     def volume_record(self, dev_id: int) -> VolumeRecord:
         check_device_id(dev_id)
-        with self.lock:
+        with self.dp.md_lock:
             if not self.md.exists(dev_id):
                 raise DeviceError("ENODATA", f"thin device {dev_id} does not exist")
         return self.registry.volumes.get(dev_id) or VolumeRecord(self._default_size())
@@ -467,7 +442,7 @@ class Pool:
         return own + sorted({r.origin for r in self.registry.volumes.values() if r.origin})
 
     def list_volumes(self) -> list[VolumeInfo]:
-        with self.lock:
+        with self.dp.md_lock:
             out = []
             for dev_id in self.md.device_ids():
                 d = self.md.details(dev_id)
@@ -478,9 +453,11 @@ class Pool:
             return out
 
     def status(self) -> PoolStatus:
+        """The kernel's pool status (after a commit, as the kernel does by default)."""
         if not self.read_only:
             self.commit()
-        with self.lock:
+        dp = self.dp
+        with dp.md_lock:
             msm = self.md.tm.sm
             if self.config.ignore_discard:
                 discard = "ignore_discard"
@@ -489,14 +466,14 @@ class Pool:
             else:
                 discard = "discard_passdown"
             return PoolStatus(
-                self.md.trans_id, min(msm.nr_allocated + self.meta_reserve, msm.nr_blocks),
+                self.md.trans_id, min(msm.nr_allocated + dp.meta_reserve, msm.nr_blocks),
                 msm.nr_blocks, self.md.data_sm.nr_allocated, self.md.nr_data_blocks,
-                self.md.held_root, self.mode,
+                self.md.held_root, dp.mode,
                 discard, "error_if_no_space" if self.config.error_if_no_space else "queue_if_no_space",
                 self.md.needs_check, min(1024, msm.nr_blocks // 4))
 
     def thin_status(self, dev_id: int) -> ThinStatus:
-        with self.lock:
+        with self.dp.md_lock:
             d = self.md.details(check_device_id(dev_id))
             highest = self.md.highest_mapped(dev_id)
         sectors = self.config.data_block_sectors
@@ -511,37 +488,38 @@ class Pool:
         Both sizes are validated before either device changes.
         """
         self._require_writable_for_resize()
-        with self.lock:
-            nr_data = nr_meta = None
-            if data_size is not None:
-                data_bytes = parse_size(data_size)
-                nr_data = check_data_blocks(data_bytes // self.block_size, self.block_size)
-                if nr_data < self.md.nr_data_blocks:
-                    raise PoolError(f"cannot shrink the data device ({self.md.nr_data_blocks} -> "
-                                    f"{nr_data} blocks)")
-                if not self.data_is_file and _size_of(self.data_path) < data_bytes:
-                    raise PoolError("the data block device is smaller than the requested size")
-            if metadata_size is not None:
-                meta_bytes = parse_size(metadata_size)
-                _check_metadata_size(meta_bytes)
-                nr_meta = meta_bytes // BLOCK_SIZE
-                if nr_meta < self.md.tm.sm.nr_blocks:
-                    raise PoolError("cannot shrink the metadata device")
-            if nr_data is not None:
-                if self.data_is_file and _size_of(self.data_path) < data_bytes:
-                    os.truncate(self.data_path, data_bytes)
-                self.md.resize_data(nr_data)
-                self._low_water_armed = True
-                if self.mode == "out_of_data_space":
-                    self.mode = "rw"
-            if nr_meta is not None:
-                if _size_of(self.meta_path) < meta_bytes:
-                    os.truncate(self.meta_path, meta_bytes)
-                self.md.resize_metadata(nr_meta)
-                self.meta_reserve = min(4096, nr_meta // 10)
-                if self.mode == "ro" and not self.md.needs_check and not self.read_only:
-                    self.mode = "rw"
-            self.space.notify_all()
+        dp = self.dp
+        nr_data = nr_meta = None
+        if data_size is not None:
+            data_bytes = parse_size(data_size)
+            nr_data = check_data_blocks(data_bytes // self.block_size, self.block_size)
+            if nr_data < self.md.nr_data_blocks:
+                raise PoolError(f"cannot shrink the data device ({self.md.nr_data_blocks} -> "
+                                f"{nr_data} blocks)")
+            if not dp.data_is_file and _size_of(self.data_path) < data_bytes:
+                raise PoolError("the data block device is smaller than the requested size")
+        if metadata_size is not None:
+            meta_bytes = parse_size(metadata_size)
+            _check_metadata_size(meta_bytes)
+            nr_meta = meta_bytes // BLOCK_SIZE
+            if nr_meta < self.md.tm.sm.nr_blocks:
+                raise PoolError("cannot shrink the metadata device")
+        if nr_data is not None:
+            if dp.data_is_file and _size_of(self.data_path) < data_bytes:
+                os.truncate(self.data_path, data_bytes)
+            with dp.md_lock:
+                self._change_metadata(lambda: self.md.resize_data(nr_data))
+                if dp.mode == "out_of_data_space":
+                    dp.mode = "rw"
+        if nr_meta is not None:
+            if _size_of(self.meta_path) < meta_bytes:
+                os.truncate(self.meta_path, meta_bytes)
+            with dp.md_lock:
+                self._change_metadata(lambda: self.md.resize_metadata(nr_meta))
+                dp.meta_reserve = min(4096, nr_meta // 10)
+                if dp.mode == "ro" and not self.md.needs_check:
+                    dp.mode = "rw"
+        dp.space_changed()
         self.commit()
 
     def _require_writable_for_resize(self) -> None:
@@ -550,70 +528,17 @@ class Pool:
         if self.md.needs_check:
             raise PoolError("cannot resize: needs_check is set (run thinpool check/repair)")
 
-    # -- allocation (called with self.lock held) -------------------------------------------
-    def alloc_data_block(self) -> int:
-        """A new data block (count 1), applying the out-of-space policy."""
-        msm = self.md.tm.sm
-        if msm.nr_free <= max(self.meta_reserve // 2, COMMIT_HEADROOM):
-            self.mode = "ro"  # what is written so far still commits, from the reserve
-            raise PoolError("metadata device is nearly full: pool switched to read-only "
-                            "(grow it with 'thinpool pool resize --metadata-size')")
-        deadline = None
-        while True:
-            try:
-                b = self.md.alloc_data_block()
-                break
-            except NoDataSpaceError:
-                self.mode = "out_of_data_space"
-                if self.config.error_if_no_space:
-                    raise OSError(errno.ENOSPC, "thin pool is out of data space") from None
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self.config.no_space_timeout
-                    log.warning("pool %s is out of data space; queueing writes for %.0f s",
-                                self.directory, self.config.no_space_timeout)
-                if now >= deadline:
-                    raise OSError(errno.ENOSPC, "thin pool is out of data space "
-                                  "(no resize within the timeout)") from None
-                self.space_waits += 1
-                self.space.wait(deadline - now)
-        if self.mode == "out_of_data_space":
-            self.mode = "rw"
-        self._check_low_water()
-        return b
-
-    def _check_low_water(self) -> None:
-        free = self.md.data_sm.nr_free
-        if self._low_water_armed and free <= self.config.low_water_mark:
-            self._low_water_armed = False
-            log.warning("pool %s reached its low water mark: %d data blocks free",
-                        self.directory, free)
-            if self.config.low_water_hook:
-                env = dict(os.environ, THINPOOL_DIR=self.directory, THINPOOL_FREE_BLOCKS=str(free))
-                subprocess.Popen(shlex.split(self.config.low_water_hook), env=env,
-                                 stdin=subprocess.DEVNULL)
-
-    def note_unmapped(self, blocks: Iterable[int]) -> None:
-        """Data blocks just unmapped by a discard: punch them after the next commit."""
-        if not self.config.no_discard_passdown:
-            self._pending_passdown.update(blocks)
+    def _low_water(self, free: int) -> None:
+        if self.config.low_water_hook:
+            env = dict(os.environ, THINPOOL_DIR=self.directory, THINPOOL_FREE_BLOCKS=str(free))
+            subprocess.Popen(shlex.split(self.config.low_water_hook), env=env,
+                             stdin=subprocess.DEVNULL)
 
     # -- volumes ---------------------------------------------------------------------------------
-    def volume(self, dev_id: int):
-        from .volume import ThinVolume
-
+    def volume(self, dev_id: int) -> ThinDevice:
+        """A handle on a volume for I/O (close it, or use it as a context manager)."""
         record = self.volume_record(dev_id)
-        with self.lock:
-            self._open_volumes[dev_id] = self._open_volumes.get(dev_id, 0) + 1
-        return ThinVolume(self, dev_id, record)
-
-    def _volume_closed(self, dev_id: int) -> None:
-        with self.lock:
-            self._open_volumes[dev_id] -= 1
-
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+        return self.dp.open_device(dev_id, record.size, record.origin)
 
 
 def _check_metadata_size(size: int) -> None:
@@ -661,16 +586,6 @@ def _prepare_metadata(meta_path: str, data_path: str, config: PoolConfig, format
         return (f"using the existing dm-thin metadata on {meta_path}: {devices} thin devices, "
                 f"transaction {md.trans_id}, {md.nr_data_blocks} data blocks "
                 "(pass --format to start empty instead)")
-
-
-def _punch_hole(fd: int, offset: int, length: int) -> None:
-    """Deallocate a range of a regular file so it reads as zeros (falls back to writing zeros)."""
-    if _libc.fallocate(fd, FALLOC_PUNCH, offset, length) != 0:
-        err = ctypes.get_errno()
-        if err in (errno.EOPNOTSUPP, errno.ENOSYS):
-            os.pwrite(fd, bytes(length), offset)
-        else:
-            raise OSError(err, os.strerror(err))
 
 
 def _size_of(path: str) -> int:

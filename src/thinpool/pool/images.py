@@ -23,52 +23,20 @@ CHUNK_BLOCKS = 16
 
 
 def export_image(pool: Pool, dev_id: int, path: str) -> int:
-    """Write volume ``dev_id`` to ``path`` (created or truncated); returns bytes of data copied."""
+    """Write volume ``dev_id`` to ``path`` (created or truncated); returns bytes of data copied.
+
+    The output is refused if it is one of the pool's own files or a volume's
+    external origin, before anything is written.
+    """
     with pool.volume(dev_id) as vol:
-        bs, size = vol.bs, vol.size
-        with pool.lock:
-            mapped = [(v, m.data_block) for v, m in pool.md.mappings(dev_id)]
-        copied = 0
         fd = open_output(path, pool.files())
         try:
-            os.ftruncate(fd, size)
-            if vol.origin_fd >= 0:
-                copied += _export_origin(vol, fd, {v for v, _ in mapped})
-            with pool.io.shared():
-                for v, d in mapped:
-                    n = min(bs, size - v * bs)
-                    if n <= 0:
-                        continue
-                    _copy_between(pool.data_fd, d * bs, fd, v * bs, n)
-                    copied += n
+            os.ftruncate(fd, vol.size)
+            copied = vol.copy_out(fd)
             os.fsync(fd)
         finally:
             os.close(fd)
         return copied
-
-
-def _export_origin(vol, fd: int, mapped: set[int]) -> int:
-    bs, copied = vol.bs, 0
-    limit = min(vol.origin_size, vol.size)
-    for v in range(-(-limit // bs)):
-        if v in mapped:
-            continue
-        n = min(bs, limit - v * bs)
-        data = os.pread(vol.origin_fd, n, v * bs)
-        if data.count(0) != len(data):
-            os.pwrite(fd, data, v * bs)
-            copied += len(data)
-    return copied
-
-
-def _copy_between(src: int, src_off: int, dst: int, dst_off: int, length: int) -> None:
-    while length:
-        n = os.copy_file_range(src, dst, length, src_off, dst_off)
-        if n <= 0:
-            data = os.pread(src, length, src_off).ljust(length, b"\0")
-            os.pwrite(dst, data, dst_off)
-            return
-        src_off, dst_off, length = src_off + n, dst_off + n, length - n
 
 
 def _data_extents(fd: int, size: int):

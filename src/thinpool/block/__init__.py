@@ -1,0 +1,1 @@
+"""The data path: thin devices over a pool's metadata and data device."""

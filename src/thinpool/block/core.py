@@ -1,0 +1,341 @@
+"""The data path's shared state: metadata, data device, locks, allocation, commits.
+
+``DataPath`` is what the kernel's thin-pool target keeps per pool: the open
+metadata (``PoolMetadata``), the data device, the out-of-space policy, the
+pool mode (rw, ro, out_of_data_space) and the commit machinery.  Thin
+devices (``device.ThinDevice``) do their I/O through it.  The pool layer
+above owns directories, configuration, the volume registry and messages.
+
+Locks (see ``locks``): the provision gate (shared by everything that
+changes mappings, exclusive for commits and device changes), one range lock
+per open device, and ``md_lock`` around every use of the metadata (held
+briefly, never across a data copy or a data sync).
+
+Commit and crash story: a commit first syncs the data device without any
+lock (reads and writes go on), then closes the gate (in-flight provisioning
+finishes, new provisioning waits), syncs again (little is left), commits
+the metadata (superblock last) and punches the holes of discarded blocks
+nobody references any more.  Every committed mapping therefore points at
+data that was durable before the superblock naming it was written; a block
+freed in a transaction is reused only after that transaction committed
+(space-map rule) and, being unmapped under an exclusive range lock, is in
+no I/O's hands any more.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator
+
+from ..errors import DataPathError, MetadataError, NoDataSpaceError, NoMetadataSpaceError
+from ..thin.metadata import PoolMetadata
+from .locks import RangeLock, SharedExclusiveLock
+
+if TYPE_CHECKING:
+    from .device import DeviceState, ThinDevice
+
+log = logging.getLogger("thinpool.block")
+
+COMMIT_HEADROOM = 32  # metadata blocks a commit may need (bitmaps, index, details paths)
+FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+
+
+@dataclass(frozen=True)
+class DataPolicy:
+    """What the thin-pool table and thinpool's own knobs say about the data path."""
+
+    block_size: int  # bytes
+    skip_block_zeroing: bool = False
+    ignore_discard: bool = False
+    discard_passdown: bool = True
+    error_if_no_space: bool = False
+    no_space_timeout: float = 60.0
+    low_water_mark: int = 0  # free data blocks
+
+
+class DataPath:
+    """Metadata plus data device of one pool, shared by all its thin devices.
+
+    Thread safety: every method may be called from any thread.
+    """
+
+    def __init__(self, md: PoolMetadata, data_fd: int, data_is_file: bool, policy: DataPolicy,
+                 read_only: bool, on_low_water: Callable[[int], None] | None = None) -> None:
+        self.md = md
+        self.data_fd = data_fd
+        self.data_is_file = data_is_file
+        self.policy = policy
+        self.block_size = policy.block_size
+        self.read_only = read_only
+        self.on_low_water = on_low_water
+        self.md_lock = threading.Lock()
+        self.gate = SharedExclusiveLock()
+        self.space = threading.Condition(threading.Lock())
+        self.space_waits = 0  # times a writer waited for data space (for tests and status)
+        self.generation = 0  # bumped when a transaction is aborted
+        self.mode = "ro" if read_only else "rw"
+        if md.needs_check and not read_only:
+            self.mode = "ro"
+        self.meta_reserve = min(4096, md.tm.sm.nr_blocks // 10)
+        self._low_water_armed = True
+        self._pending_passdown: set[int] = set()
+        self._states: dict[int, DeviceState] = {}  # open devices
+        self._ranges: dict[int, tuple[RangeLock, int]] = {}  # dev id -> (lock, references)
+        self._devices_lock = threading.Lock()
+
+    # -- devices ---------------------------------------------------------------------------
+    def open_device(self, dev_id: int, size: int, origin: str | None) -> ThinDevice:
+        """A new handle on ``dev_id``; every handle of a device shares one ``DeviceState``."""
+        from .device import DeviceState, ThinDevice
+
+        with self._devices_lock:
+            state = self._states.get(dev_id)
+            if state is None:
+                lock = self._ref_range(dev_id)
+                try:
+                    state = DeviceState(dev_id, size, origin, lock)
+                except BaseException:
+                    self._unref_range(dev_id)
+                    raise
+                self._states[dev_id] = state
+            state.opens += 1
+        return ThinDevice(self, state)
+
+    def release_state(self, state: DeviceState) -> None:
+        """A handle was closed; the last one closes the shared state."""
+        with self._devices_lock:
+            state.opens -= 1
+            if state.opens:
+                return
+            del self._states[state.dev_id]
+            self._unref_range(state.dev_id)
+        state.close()
+
+    def is_open(self, dev_id: int) -> bool:
+        with self._devices_lock:
+            return dev_id in self._states
+
+    def set_device_size(self, dev_id: int, size: int) -> None:
+        """An open device's new virtual size (the registry changed it)."""
+        with self._devices_lock:
+            state = self._states.get(dev_id)
+            if state is not None:
+                state.size = size
+
+    def _ref_range(self, dev_id: int) -> RangeLock:
+        """The range lock of ``dev_id``, kept while anyone (a device, a quiesce) refers to it."""
+        lock, refs = self._ranges.get(dev_id, (None, 0))
+        if lock is None:
+            lock = RangeLock()
+        self._ranges[dev_id] = (lock, refs + 1)
+        return lock
+
+    def _unref_range(self, dev_id: int) -> None:
+        lock, refs = self._ranges[dev_id]
+        if refs == 1:
+            del self._ranges[dev_id]
+        else:
+            self._ranges[dev_id] = (lock, refs - 1)
+
+    # -- modes -----------------------------------------------------------------------------
+    def require_writable(self) -> None:
+        if self.read_only:
+            raise DataPathError(errno.EPERM, "the pool is open read-only")
+        if self.mode == "ro":
+            raise DataPathError(errno.EIO, "the pool is in read-only mode" + (
+                " (needs_check is set; run 'thinpool check')" if self.md.needs_check else
+                " (its metadata device is full; grow it with 'thinpool pool resize "
+                "--metadata-size')"))
+
+    def abort(self) -> None:
+        """Forget the open transaction (md_lock held)."""
+        self.md.abort()
+        self.generation += 1
+
+    def metadata_exhausted(self) -> DataPathError:
+        """The metadata device is full (md_lock held): abort, go read-only."""
+        self.abort()
+        self.mode = "ro"
+        return DataPathError(errno.ENOSPC, "metadata device is full: pool switched to read-only "
+                                           "(grow it with 'thinpool pool resize --metadata-size')")
+
+    def metadata_failed(self, err: Exception) -> DataPathError:
+        """A metadata operation hit corruption (md_lock held): needs_check, read-only."""
+        self.md.set_needs_check()
+        self.generation += 1
+        self.mode = "ro"
+        return DataPathError(errno.EIO, "metadata operation failed; pool is read-only and "
+                                        f"needs_check is set (run 'thinpool check'): {err}")
+
+    # -- allocation (md_lock held) ---------------------------------------------------------
+    def allocate(self, count: int) -> list[int]:
+        """``count`` new data blocks (reference count 1 each), or none.
+
+        Raises ``NoDataSpaceError`` when the data device is full (the caller
+        decides whether to wait, see ``wait_for_space``), ``DataPathError``
+        when the metadata device is nearly full (the pool goes read-only:
+        what is written so far still commits, from the reserve).
+        """
+        msm = self.md.tm.sm
+        if msm.nr_free <= max(self.meta_reserve // 2, COMMIT_HEADROOM) + count // 64:
+            self.mode = "ro"
+            raise DataPathError(errno.ENOSPC, "metadata device is nearly full: pool switched to "
+                                              "read-only (grow it with 'thinpool pool resize "
+                                              "--metadata-size')")
+        blocks: list[int] = []
+        try:
+            for _ in range(count):
+                blocks.append(self.md.alloc_data_block())
+        except NoDataSpaceError:
+            for b in blocks:
+                self.md.data_sm.dec(b)
+            self.mode = "out_of_data_space"
+            raise
+        if self.mode == "out_of_data_space":
+            self.mode = "rw"
+        return blocks
+
+    def give_back(self, blocks: list[int], generation: int) -> None:
+        """Return allocated, never mapped blocks (md_lock held); no-op after an abort."""
+        if generation == self.generation:
+            for b in blocks:
+                self.md.data_sm.dec(b)
+
+    def low_water_check(self) -> None:
+        """Fire the low-water callback once when free data blocks reach the mark (no lock held)."""
+        free = self.md.data_sm.nr_free
+        if self._low_water_armed and free <= self.policy.low_water_mark:
+            self._low_water_armed = False
+            log.warning("pool reached its low water mark: %d data blocks free", free)
+            if self.on_low_water is not None:
+                self.on_low_water(free)
+
+    def wait_for_space(self, deadline: float | None) -> float:
+        """Called with no lock held after the data device was found full.
+
+        Returns the deadline to pass next time; raises ``DataPathError(ENOSPC)``
+        with ``error_if_no_space`` or once ``no_space_timeout`` has passed.
+        """
+        if self.policy.error_if_no_space:
+            raise DataPathError(errno.ENOSPC, "thin pool is out of data space")
+        now = time.monotonic()
+        if deadline is None:
+            deadline = now + self.policy.no_space_timeout
+            log.warning("pool is out of data space; queueing writes for %.0f s",
+                        self.policy.no_space_timeout)
+        if now >= deadline:
+            raise DataPathError(errno.ENOSPC, "thin pool is out of data space (no resize within "
+                                              "the timeout)")
+        with self.space:
+            self.space_waits += 1
+            self.space.wait(deadline - now)
+        return deadline
+
+    def space_changed(self) -> None:
+        """Data space may have grown or been freed: wake waiting writers."""
+        self._low_water_armed = True
+        with self.space:
+            self.space.notify_all()
+
+    # -- discards --------------------------------------------------------------------------
+    def note_unmapped(self, blocks: list[int]) -> None:
+        """Data blocks just unmapped by a discard (md_lock held): punched after the commit."""
+        if self.policy.discard_passdown:
+            self._pending_passdown.update(blocks)
+
+    # -- commits ---------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Make every write acknowledged so far durable (NBD FLUSH, fsync, FUA)."""
+        if self.md.dirty or self._pending_passdown:
+            self.commit()
+        elif not self.read_only:
+            os.fdatasync(self.data_fd)
+
+    def commit(self) -> None:
+        """Commit the open transaction (see the module docstring for the protocol)."""
+        if self.read_only:
+            return
+        if self.md.dirty:
+            os.fsync(self.data_fd)  # most of the data, with I/O going on
+        with self.gate.exclusive():
+            self.commit_gated()
+
+    def commit_gated(self) -> None:
+        """The commit proper; the caller holds the gate exclusive (not ``md_lock``)."""
+        if self.read_only:
+            return
+        if self.md.needs_check:
+            if self.md.dirty:
+                raise DataPathError(errno.EIO, "needs_check is set: changes cannot be committed")
+            return
+        if not self.md.dirty and not self._pending_passdown:
+            return
+        os.fsync(self.data_fd)  # data before the mappings that reference it
+        with self.md_lock:
+            try:
+                self.md.commit()
+            except NoMetadataSpaceError:
+                raise self.metadata_exhausted() from None
+            except MetadataError as e:
+                raise self.metadata_failed(e) from None
+            freed = [b for b in sorted(self._pending_passdown)
+                     if self.md.data_block_count(b) == 0]
+            self._pending_passdown.clear()
+        for b in freed:  # still gated: nobody can allocate these blocks meanwhile
+            self.zero_block(b)
+
+    @contextmanager
+    def quiesced(self, dev_id: int | None = None) -> Iterator[None]:
+        """Nothing changes mappings (and, with ``dev_id``, no I/O runs on that device).
+
+        For device changes, resizes and metadata snapshots: the gate is held
+        exclusive and, for ``dev_id``, the device's whole range (the kernel's
+        "suspend the origin before a snapshot").  Inside, use ``md_lock``
+        around metadata calls and ``commit_gated`` to commit.
+        """
+        with self.gate.exclusive():
+            if dev_id is None:
+                yield
+                return
+            with self._devices_lock:
+                lock = self._ref_range(dev_id)
+            try:
+                hold = lock.acquire(*RangeLock.WHOLE, exclusive=True)
+                try:
+                    yield
+                finally:
+                    lock.release(hold)
+            finally:
+                with self._devices_lock:
+                    self._unref_range(dev_id)
+
+    # -- raw data blocks -------------------------------------------------------------------
+    def zero_block(self, block: int) -> None:
+        """Make a data block read as zeros (a hole in a sparse data file)."""
+        bs = self.block_size
+        if self.data_is_file:
+            punch_hole(self.data_fd, block * bs, bs)
+        else:
+            os.pwrite(self.data_fd, bytes(bs), block * bs)
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate a range of a regular file so it reads as zeros (falls back to writing zeros)."""
+    if _libc.fallocate(fd, FALLOC_PUNCH, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+            os.pwrite(fd, bytes(length), offset)
+        else:
+            raise OSError(err, os.strerror(err))
