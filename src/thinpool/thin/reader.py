@@ -140,9 +140,10 @@ class TreeReader:
         and skipped; so is a node met twice in one walk (a loop).  Of a
         leaf's entries only those a lookup reaches are kept: inside the key
         range ``[keys[i], keys[i+1])`` every ancestor gives the child (the
-        kernel's lookup never looks for a key elsewhere) and strictly above
-        the last key kept, which also settles out-of-order keys inside a leaf
-        and duplicates; the rest are counted in ``log.dropped``.
+        kernel's lookup never looks for a key elsewhere), strictly above the
+        last key kept (so duplicates across leaves go) and, inside a leaf with
+        keys out of order, in order with both neighbours (``_reachable``);
+        the rest are counted in ``log.dropped``.
         """
         value_size = dtype.itemsize
         stack: list[tuple[int, int, int | None, int]] = [(root, 0, None, 0)]  # block, lo, hi, depth
@@ -220,19 +221,27 @@ class TreeReader:
 
 
 def _reachable(keys: np.ndarray, lo: int, hi: int | None, last: int | None) -> np.ndarray:
-    """Mask of the leaf entries a lookup reaches (see ``salvage_leaves``)."""
+    """Mask of the leaf entries a lookup reaches (see ``salvage_leaves``).
+
+    In a leaf whose keys are not strictly increasing, an entry out of order
+    with either neighbour is dropped (a swapped or garbled key casts doubt on
+    both sides of the break), and so is any entry not above every earlier
+    entry still kept by that rule.
+    """
     floor = lo if last is None else max(lo, last + 1)
     keep = keys >= np.uint64(floor)
     if hi is not None:
         keep &= keys < np.uint64(hi)
-    if keys.size > 1 and not bool(np.all(keys[1:] > keys[:-1])):
-        # out of order: keep greedily what still increases (rare, so a plain loop)
-        prev = floor - 1
-        for i, k in enumerate(keys.tolist()):
-            if keep[i] and k > prev:
-                prev = k
-            else:
-                keep[i] = False
+    if keys.size > 1:
+        rising = keys[1:] > keys[:-1]
+        if not bool(rising.all()):
+            keep[1:] &= rising
+            keep[:-1] &= rising
+            idx = np.flatnonzero(keep)
+            if idx.size > 1:
+                k = keys[idx]
+                before = np.maximum.accumulate(k)[:-1]
+                keep[idx[1:][k[1:] <= before]] = False
     return keep
 
 

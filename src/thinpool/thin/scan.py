@@ -17,7 +17,9 @@ tree it can belong to:
 Roots are the nodes of a kind that no valid node references.  Every node
 also gets an age, the highest time stamp below it (mapping times, or the
 details' creation and snapshot times): copy-on-write leaves older versions of
-the trees behind, and the age tells the newest ones apart.
+the trees behind, and the age tells the newest ones apart.  Bottom-level
+nodes also get the number of mappings below them, which a details tree of
+the same transaction records as each device's ``mapped_blocks``.
 
 Cost: one sequential read of the device; only blocks whose header names
 their own location are checksummed.
@@ -62,6 +64,7 @@ class RootScan:
         self.nr_blocks = min(reader.nr_blocks, MAX_METADATA_BLOCKS)
         self.kind = np.zeros(self.nr_blocks, dtype=np.uint8)
         self.age = np.zeros(self.nr_blocks, dtype=np.uint32)
+        self.count = np.zeros(self.nr_blocks, dtype=np.uint64)  # mappings below (bottom level)
         self.children: dict[int, list[int]] = {}  # internal nodes and UNDECIDED_LEAF leaves
         self._scan(reader.io.fd)
         for b in list(self.children):
@@ -109,6 +112,7 @@ class RootScan:
             self.kind[b] = Kind.EMPTY
         else:
             self.age[b] = int((values & np.uint64(TIME_MASK)).max())  # as a bottom-level leaf
+            self.count[b] = nr
             if int(values.max()) < self.nr_blocks:
                 self.kind[b] = Kind.UNDECIDED_LEAF
                 self.children[b] = values.tolist()
@@ -152,6 +156,7 @@ class RootScan:
                 if bottoms and not kinds - set(_BOTTOMISH):
                     self.kind[b] = Kind.TOP
                     self.age[b] = int(self.age[bottoms].max())
+                    self.count[b] = 0
                 else:  # a bottom-level leaf mapping low data blocks
                     self.kind[b] = Kind.BOTTOM
                     del self.children[b]
@@ -164,7 +169,10 @@ class RootScan:
                 self.kind[b] = Kind.NONE
                 del self.children[b]
                 continue
-            self.age[b] = int(self.age[[c for c, _k in kids]].max())
+            valid = [c for c, _k in kids]
+            self.age[b] = int(self.age[valid].max())
+            if self.kind[b] == Kind.BOTTOM:
+                self.count[b] = int(self.count[valid].sum())
 
     def _find_roots(self) -> None:
         referenced = np.zeros(self.nr_blocks, dtype=bool)

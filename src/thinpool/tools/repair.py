@@ -54,7 +54,7 @@ from ..ondisk.values import DeviceDetails
 from ..thin.builder import MetadataBuilder, validate_data_block_size
 from ..thin.ir import DeviceInfo, MappingChunk, SuperblockInfo
 from ..thin.reader import SalvageLog, TreeReader, read_superblock
-from ..thin.scan import RootScan
+from ..thin.scan import Kind, RootScan
 from ..thin.xml import CHUNK_SIZE
 
 MIN_OUTPUT_SIZE = 32 * 1024  # thin_restore's minimum for a regular file
@@ -237,7 +237,9 @@ def _plan(reader: TreeReader, report: RepairReport, transaction_id: int | None,
     try:
         validate_data_block_size(info.data_block_size)
     except ThinpoolError as e:
-        raise MetadataError(f"{e} (give --data-block-size)") from None
+        if data_block_size is not None:
+            raise
+        raise MetadataError(f"superblock: {e} (give --data-block-size)") from None
     report.time, report.transaction_id = info.time, info.transaction
     report.data_block_size, report.nr_data_blocks = info.data_block_size, info.nr_data_blocks
     report.source = trees.source
@@ -275,13 +277,22 @@ def _choose_trees(reader: TreeReader, live: Superblock | None, report: RepairRep
     def age(*trees: _Tree[DeviceDetails] | _Tree[int] | None) -> int:
         return max((int(scan.age[t[0]]) for t in trees if t is not None), default=0)
 
-    def newest_trans(d: _Tree[DeviceDetails]) -> int:
-        return max((v.transaction_id for v in d[1].values()), default=0)
+    def rank(pair: tuple[_Tree[DeviceDetails], _Tree[int]]) -> tuple[float, ...]:
+        """Newest time stamp first; then the share of the readable device subtrees whose
+        mapping count the details record (trees of one transaction agree); then the
+        newest device (each new device gets the pool's transaction id); then the fewest
+        devices (what is left to tell two states apart is a deletion)."""
+        (d, details), (t, roots) = pair
+        counted = [int(scan.count[sub]) == details[dev].mapped_blocks
+                   for dev, sub in roots.items()
+                   if sub < scan.nr_blocks and scan.kind[sub] in (Kind.BOTTOM, Kind.EMPTY)]
+        agree = sum(counted) / len(counted) if counted else 1.0
+        newest = max((v.transaction_id for v in details.values()), default=0)
+        return age(*pair), agree, newest, -len(details), d, t
 
     pairs = [(d, t) for d in d_cands for t in t_cands if d[1].keys() == t[1].keys()]
     if pairs:
-        d, t = max(pairs, key=lambda p: (age(*p), newest_trans(p[0]), len(p[0][1]),
-                                         p[0][0], p[1][0]))
+        d, t = max(pairs, key=rank)
         return _Trees(_source(d[0], t[0], live), d[1], t[1], age(d, t))
     if fallback is not None:
         return fallback
