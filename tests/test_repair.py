@@ -514,6 +514,49 @@ def test_kernel_image_without_superblock(name: str, kernel_image, tmp_path: Path
         assert text == good
 
 
+def leaf_blocks(path: Path, root: int) -> dict[int, list[int]]:
+    """Leaf block -> its keys, for every leaf under ``root``."""
+    out = {}
+    with MetadataReader(path) as r:
+        stack = [root]
+        while stack:
+            b = stack.pop()
+            node = r.node(b, 8)
+            if node.is_leaf:
+                out[b] = node.keys().tolist()
+            else:
+                stack.extend(node.values_raw().cast("Q").tolist())
+    return out
+
+
+@pytest.mark.parametrize("what", ["shared leaf", "shared internal node"])
+def test_kernel_shared_node_damaged(what: str, kernel_image, tmp_path: Path) -> None:
+    """A node shared by a snapshot and its origin: both lose exactly the mappings under
+    it, nothing else; thin_repair's result is the same."""
+    src = kernel_image("tmeta_with_shared_internals_and_leaves")
+    with MetadataReader(src) as r:
+        roots = r.mapping_roots()
+        if what == "shared leaf":
+            shared = sorted(leaf_blocks(src, roots[1]).keys() & leaf_blocks(src, roots[2]).keys())
+            block = shared[len(shared) // 2]
+        else:
+            kids = [set(r.node(roots[d], 8).values_raw().cast("Q").tolist()) for d in (1, 2)]
+            block = min(kids[0] & kids[1])
+            assert not r.node(block, 8).is_leaf
+    lost = set(leaf_keys(src, block))
+    bad = copy_damaged(src, tmp_path / "bad.bin", block, "zero")
+    report = ours(bad, tmp_path / "ours.bin")
+    assert_thin_check_clean(tmp_path / "ours.bin")
+    _s, good, _d = model(src)
+    _s, got, _d = model(tmp_path / "ours.bin")
+    assert got == {dev: {v: m for v, m in maps.items() if v not in lost}
+                   for dev, maps in good.items()}
+    assert [(d.dev_id, d.expected - d.salvaged) for d in report.devices] == \
+        [(1, len(lost)), (2, len(lost))]
+    assert theirs(bad, tmp_path / "theirs.bin").returncode == 0
+    assert thin_dump(tmp_path / "theirs.bin") == thin_dump(tmp_path / "ours.bin")
+
+
 @pytest.mark.parametrize("name", ["tmeta_with_corrupted_metadata_snap",
                                   "tmeta_device_id_reuse_with_corrupted_thins"])
 def test_kernel_damaged_snapshot(name: str, kernel_image, tmp_path: Path) -> None:
