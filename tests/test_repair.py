@@ -215,9 +215,7 @@ def expected_after(path: Path, role: str, block: int) -> tuple[Model, set[int]]:
         return devices, set()
     if role == "details root":
         return devices, set(devices)
-    if role == "top-level root":
-        return {}, set()
-    return devices, set()
+    return devices, set()  # top-level root: every device tree is found and matched
 
 
 # -- generated damage --------------------------------------------------------------------------
@@ -259,15 +257,46 @@ def test_generated_damage(source: str, how: str, role: str, images: dict[str, Pa
         # we keep every device with harmless details (see tools/repair.py)
         assert t_got == {} and recreated == set(got)
         assert all("details lost" in line for line in report.summary()[2:])
+    elif role == "top-level root":
+        # thin_repair drops every device; each of ours records a different number of
+        # mappings, so every unreferenced device tree is matched to its device
+        assert t_got == {}
+        notes = {d.dev_id: d.note for d in report.devices}
+        assert all("using the unreferenced device tree" in notes[d] for d in (1, 2, 4, 5))
+        assert notes[3] and "kept empty" in notes[3]
     else:
         assert t_got == got and t_details == details
-    if role == "top-level root":
-        assert [d.dev_id for d in report.devices if d.dropped] == [1, 2, 3, 4, 5]
     if role in ("leaf", "internal node"):
         [lost] = [d for d in report.devices if d.damaged]
         assert lost.dev_id == 1 and lost.expected == 70_000
         assert lost.salvaged == 70_000 - len(leaf_keys(good, block))
         assert f"block {block}" in lost.line()
+
+
+def test_lost_top_level_tree_ambiguous_counts(tmp_path: Path) -> None:
+    """Top-level tree lost and no older copy: a device tree is matched to a device only
+    when its mapping count is unique on both sides; the others are dropped and named."""
+    def dev(d: int, begin: int, n: int) -> str:
+        return (f'<device dev_id="{d}" mapped_blocks="{n}" transaction="0" creation_time="0" '
+                f'snap_time="0"><range_mapping origin_begin="0" data_begin="{begin}" '
+                f'length="{n}" time="0"/></device>')
+    xml = tmp_path / "in.xml"
+    xml.write_text('<superblock uuid="" time="0" transaction="1" flags="0" version="2" '
+                   'data_block_size="128" nr_data_blocks="1000">'
+                   + dev(1, 0, 300) + dev(2, 300, 300) + dev(3, 600, 5) + "</superblock>")
+    good = blank(tmp_path / "good.bin")
+    run_tool("thin_restore", "-i", xml, "-o", good, check=True)
+    with MetadataReader(good) as r:
+        top = r.sb.data_mapping_root
+    bad = copy_damaged(good, tmp_path / "bad.bin", top, "zero")
+    report = ours(bad, tmp_path / "ours.bin")
+    assert_thin_check_clean(tmp_path / "ours.bin")
+    _s, got, _d = model(tmp_path / "ours.bin")
+    _s, want, _d = model(good)
+    assert got == {3: want[3]}
+    assert [d.line() for d in report.devices if d.dropped] == [
+        "device 1: dropped, its mapping tree root is lost (300 mappings)",
+        "device 2: dropped, its mapping tree root is lost (300 mappings)"]
 
 
 def test_superblock_unreadable(images: dict[str, Path], tmp_path: Path) -> None:

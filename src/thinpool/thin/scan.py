@@ -182,5 +182,8 @@ class RootScan:
                     referenced[c] = True
         free = ~referenced
         self.details_roots: list[int] = np.flatnonzero(free & (self.kind == Kind.DETAILS)).tolist()
+        empty = self.kind == Kind.EMPTY
         self.top_roots: list[int] = np.flatnonzero(
-            free & ((self.kind == Kind.TOP) | (self.kind == Kind.EMPTY))).tolist()
+            free & ((self.kind == Kind.TOP) | empty)).tolist()
+        # non-empty device trees that no top-level tree references (orphans)
+        self.bottom_roots: list[int] = np.flatnonzero(free & (self.kind == Kind.BOTTOM)).tolist()

@@ -21,9 +21,12 @@ Where the device trees come from:
 Per device: a device with a mapping tree but no details is kept, with
 details that cannot cause harm (transaction 0, creation time 0, snapshot
 time = the superblock's time, so every older mapping is treated as shared and
-copied before it is overwritten); a device with details but no mapping tree
-is dropped, as thin_repair drops it; ``mapped_blocks`` is recounted; mappings
-to data blocks beyond the data device are dropped.
+copied before it is overwritten).  A device with details but no mapping tree
+gets the device tree nothing references (found by the scan) if exactly one
+such tree holds the number of mappings its details record and no other such
+device records that number; it is kept empty if it recorded no mappings;
+otherwise it is dropped, as thin_repair drops it.  ``mapped_blocks`` is
+recounted; mappings to data blocks beyond the data device are dropped.
 
 The superblock's time and transaction id are kept (``transaction_id``,
 ``data_block_size`` and ``nr_data_blocks`` override them, as with
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, TypeVar
 
@@ -151,6 +155,7 @@ class _Trees:
     details: dict[int, DeviceDetails]
     roots: dict[int, int]  # device -> mapping subtree root
     age: int = 0  # newest time stamp found in them (scan only)
+    adopted: dict[int, int] = field(default_factory=dict)  # device -> orphan root matched
 
 
 def repair(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str],
@@ -294,12 +299,32 @@ def _choose_trees(reader: TreeReader, live: Superblock | None, report: RepairRep
     if pairs:
         d, t = max(pairs, key=rank)
         return _Trees(_source(d[0], t[0], live), d[1], t[1], age(d, t))
-    if fallback is not None:
-        return fallback
-    best_d = max(d_cands, key=lambda c: (age(c), c[0]), default=None)
-    best_t = max(t_cands, key=lambda c: (age(c), c[0]), default=None)
-    return _Trees(_source(best_d[0] if best_d else None, best_t[0] if best_t else None, live),
-                  best_d[1] if best_d else {}, best_t[1] if best_t else {}, age(best_d, best_t))
+    if fallback is None:
+        best_d = max(d_cands, key=lambda c: (age(c), c[0]), default=None)
+        best_t = max(t_cands, key=lambda c: (age(c), c[0]), default=None)
+        fallback = _Trees(_source(best_d[0] if best_d else None, best_t[0] if best_t else None,
+                                  live),
+                          best_d[1] if best_d else {}, best_t[1] if best_t else {},
+                          age(best_d, best_t))
+    _adopt_orphans(scan, fallback)
+    return fallback
+
+
+def _adopt_orphans(scan: RootScan, trees: _Trees) -> None:
+    """Give devices whose mapping root is lost the device tree nothing references, when
+    exactly one such tree holds the number of mappings its details record and no other
+    device records that number."""
+    missing = {dev: d.mapped_blocks for dev, d in trees.details.items()
+               if dev not in trees.roots and d.mapped_blocks}
+    used = set(trees.roots.values())
+    orphans: dict[int, list[int]] = {}
+    for b in scan.bottom_roots:
+        if b not in used:
+            orphans.setdefault(int(scan.count[b]), []).append(b)
+    wanted = Counter(missing.values())
+    for dev, n in missing.items():
+        if wanted[n] == 1 and len(orphans.get(n, ())) == 1:
+            trees.roots[dev] = trees.adopted[dev] = orphans[n][0]
 
 
 def _source(details_root: int | None, mapping_root: int | None, live: Superblock | None) -> str:
@@ -344,35 +369,41 @@ def _log_text(log: SalvageLog) -> str:
 
 def _write_devices(reader: TreeReader, builder: MetadataBuilder, info: SuperblockInfo,
                    trees: _Trees, report: RepairReport) -> None:
-    for dev in sorted(trees.details.keys() - trees.roots.keys()):
-        d = trees.details[dev]
-        report.devices.append(DeviceOutcome(
-            dev, expected=d.mapped_blocks, dropped=True,
-            note=f"its mapping tree root is lost ({d.mapped_blocks} mappings)"))
-    for dev in sorted(trees.roots):
+    limit = np.uint64(info.nr_data_blocks)
+    for dev in sorted(trees.details.keys() | trees.roots.keys()):
         known = trees.details.get(dev)
+        root = trees.roots.get(dev)
         out = DeviceOutcome(dev, expected=known.mapped_blocks if known else None)
-        d = known or DeviceDetails(0, 0, 0, info.time)
+        report.devices.append(out)
         if known is None:
+            known = DeviceDetails(0, 0, 0, info.time)
             out.note = (f"details lost, recreated with transaction 0, creation_time 0 and "
                         f"snap_time {info.time}")
-        builder.begin_device(DeviceInfo(dev, 0, d.transaction_id, d.creation_time,
-                                        d.snapshotted_time))
-        log = SalvageLog()
-        limit = np.uint64(info.nr_data_blocks)
-        for chunk in _chunks(reader.salvage_mappings(trees.roots[dev], log)):
-            inside = chunk.data_blocks < limit
-            if not inside.all():
-                out.beyond_data += int(np.count_nonzero(~inside))
-                chunk = MappingChunk(chunk.vblocks[inside], chunk.data_blocks[inside],
-                                     chunk.times[inside])
-            builder.mappings(chunk)
-            out.salvaged += len(chunk)
+        elif root is None and known.mapped_blocks:
+            out.dropped = True
+            out.note = f"its mapping tree root is lost ({known.mapped_blocks} mappings)"
+            continue
+        elif root is None:
+            out.note = "mapping tree root lost; it recorded no mappings, so it is kept empty"
+        elif dev in trees.adopted:
+            out.note = (f"mapping tree root lost; using the unreferenced device tree at block "
+                        f"{root}, the only one holding the {known.mapped_blocks} mappings its "
+                        f"details record")
+        builder.begin_device(DeviceInfo(dev, 0, known.transaction_id, known.creation_time,
+                                        known.snapshotted_time))
+        if root is not None:
+            log = SalvageLog()
+            for chunk in _chunks(reader.salvage_mappings(root, log)):
+                inside = chunk.data_blocks < limit
+                if not inside.all():
+                    out.beyond_data += int(np.count_nonzero(~inside))
+                    chunk = MappingChunk(chunk.vblocks[inside], chunk.data_blocks[inside],
+                                         chunk.times[inside])
+                builder.mappings(chunk)
+                out.salvaged += len(chunk)
+            out.unreachable = log.dropped
+            out.problems = [problem for _b, problem in log.bad_nodes]
         builder.end_device()
-        out.unreachable = log.dropped
-        out.problems = [problem for _b, problem in log.bad_nodes]
-        report.devices.append(out)
-    report.devices.sort(key=lambda o: o.dev_id)
 
 
 def _chunks(leaves: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Iterator[MappingChunk]:
