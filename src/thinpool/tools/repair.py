@@ -32,14 +32,16 @@ The superblock's time and transaction id are kept (``transaction_id``,
 ``data_block_size`` and ``nr_data_blocks`` override them, as with
 thin_repair; they are required when the superblock is unreadable, and the
 time is then the newest time stamp found, one more if a device's details
-had to be recreated).  The needs_check flag is
-cleared and no metadata snapshot is carried over.
+had to be recreated).  The needs_check flag is cleared and no metadata
+snapshot is carried over.
 
 No data loss: the input is opened read-only; an output that is the input
-itself is refused; the superblock, the roots and the device list are settled
-before the output is opened, so a refused repair never touches the output.
-The output must be an existing file (at least 32 KiB) or block device, as
-with thin_restore.
+itself (same inode, or same block device) is refused; the superblock, the
+roots and the device list are settled before the output is opened, so a
+refused repair never touches the output, and one that fails while writing
+leaves it without a valid superblock (``MetadataBuilder`` zeroes block 0
+first and writes the superblock last).  The output must be an existing file
+(at least 32 KiB) or block device, as with thin_restore and thin_repair.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ class DeviceOutcome:
     beyond_data: int = 0  # mappings to data blocks >= nr_data_blocks, dropped
     unreachable: int = 0  # readable mappings no lookup reaches (key order), dropped
     problems: list[str] = field(default_factory=list)  # unreadable nodes below its root
-    note: str | None = None  # details recreated, or why it was dropped
+    note: str | None = None  # details recreated, root matched or lost (why dropped)
     dropped: bool = False
 
     @property
