@@ -177,6 +177,29 @@ def restore(xml: str, metadata: str) -> None:
     run_restore(xml, metadata)
 
 
+@cli.command()
+@click.option("-i", "--input", "input_path", required=True, type=click.Path(),
+              help="Damaged metadata file or device (never modified).")
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(),
+              help="Existing file or device to write the salvaged metadata to.")
+@click.option("--transaction-id", type=click.IntRange(min=0),
+              help="Transaction id to write (required if the superblock is unreadable).")
+@click.option("--data-block-size", type=click.IntRange(min=1),
+              help="Data block size in sectors (required if the superblock is unreadable).")
+@click.option("--nr-data-blocks", type=click.IntRange(min=0),
+              help="Data device size in blocks (required if the superblock is unreadable).")
+@_clean_errors
+def repair(input_path: str, output_path: str, transaction_id: int | None,
+           data_block_size: int | None, nr_data_blocks: int | None) -> None:
+    """Salvage damaged metadata into fresh metadata (like thin_repair)."""
+    from .tools.repair import repair as run_repair
+
+    report = run_repair(input_path, output_path, transaction_id=transaction_id,
+                        data_block_size=data_block_size, nr_data_blocks=nr_data_blocks)
+    for line in report.summary():
+        click.echo(line, err=True)
+
+
 @cli.command("ls")
 @click.argument("metadata", type=click.Path(dir_okay=False))
 @click.option("-m", "--metadata-snap", "snapshot", is_flag=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
+
 TIME_BITS = 24
 TIME_MASK = (1 << TIME_BITS) - 1
 MAX_DATA_BLOCK = (1 << 40) - 1
@@ -16,6 +18,10 @@ def pack_block_time(data_block: int, time: int) -> int:
 
 def unpack_block_time(value: int) -> tuple[int, int]:
     return value >> TIME_BITS, value & TIME_MASK
+
+
+DETAILS_DTYPE = np.dtype([("mapped", "<u8"), ("trans", "<u8"), ("ctime", "<u4"), ("stime", "<u4")])
+"""struct disk_device_details as a numpy record (bulk reads and writes of details leaves)."""
 
 
 class DeviceDetails(NamedTuple):

@@ -23,7 +23,7 @@ from ..ondisk import spacemap as smf
 from ..ondisk.checksum import BLOCK_SIZE
 from ..ondisk.spacemap import ENTRIES_PER_BITMAP
 from ..ondisk.superblock import MAX_METADATA_BLOCKS, VERSION, SpaceMapRoot, Superblock
-from ..ondisk.values import MAX_DEVICE_ID
+from ..ondisk.values import DETAILS_DTYPE, MAX_DEVICE_ID
 from ..pdata.blockio import FileBlockIO
 from ..pdata.btree_builder import SequentialWriter, TreeBuilder
 from ..pdata.counts import ChunkedCounts
@@ -31,7 +31,6 @@ from .ir import DeviceInfo, MappingChunk, SuperblockInfo
 
 MIN_DATA_BLOCK_SIZE = 128
 MAX_DATA_BLOCK_SIZE = 2_097_152
-DETAILS_DTYPE = np.dtype([("mapped", "<u8"), ("trans", "<u8"), ("ctime", "<u4"), ("stime", "<u4")])
 INDEX_DTYPE = np.dtype([("blocknr", "<u8"), ("nr_free", "<u4"), ("none_free_before", "<u4")])
 _SHIFT = np.uint64(24)
 
