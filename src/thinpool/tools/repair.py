@@ -57,6 +57,7 @@ import numpy as np
 from ..errors import MetadataError, ThinpoolError
 from ..ondisk.superblock import VERSION, Superblock
 from ..ondisk.values import DeviceDetails
+from ..outputs import same_file
 from ..thin.builder import MetadataBuilder, validate_data_block_size
 from ..thin.ir import DeviceInfo, MappingChunk, SuperblockInfo
 from ..thin.reader import SalvageLog, TreeReader, read_superblock
@@ -199,9 +200,7 @@ def _check_paths(input_path: str, output_path: str) -> None:
                                 f"at least {MIN_OUTPUT_SIZE})")
     elif not stat.S_ISBLK(ost.st_mode):
         raise MetadataError(f"output {output_path} is not a regular file or block device")
-    same = (ist.st_dev, ist.st_ino) == (ost.st_dev, ost.st_ino) or (
-        stat.S_ISBLK(ist.st_mode) and stat.S_ISBLK(ost.st_mode) and ist.st_rdev == ost.st_rdev)
-    if same:
+    if same_file(ist, ost):
         raise MetadataError(f"output {output_path} is the input metadata itself; repair writes "
                             f"a new copy and never changes its input")
 
