@@ -7,9 +7,9 @@
     Measured twice: PoolMetadata.create_snap + commit (metadata only) and
     Pool.create_snap (the message path: registry JSON + fsyncs + commit).
     Goal: median(10,000 devices) / median(1 device) <= 2.
-(b) sequential 1 MiB I/O: ThinVolume.read of provisioned blocks vs os.pread of
+(b) sequential 1 MiB I/O: ThinDevice.read of provisioned blocks vs os.pread of
     the same bytes from a plain file (page cache warm; goal >= 0.7), and first
-    writes (provisioning) through ThinVolume.write vs os.pwrite into a fresh
+    writes (provisioning) through ThinDevice.write vs os.pwrite into a fresh
     sparse file (goal >= 0.5).
 (c) random 4 KiB writes, IOPS: a fresh volume (provisioning) and a fresh
     snapshot of a fully written volume (copy-on-write), each as uniform random
@@ -20,7 +20,7 @@
     10,000 devices) and reads through it (goal < 200 MiB).
 
 Throughput ratios are ours/plain (higher is better).  "loop" excludes the final
-flush, "+flush" includes ThinVolume.flush() (commit) resp. os.fsync.
+flush, "+flush" includes ThinDevice.flush() (commit) resp. os.fsync.
 
 Usage: python benchmarks/engine_bench.py [--quick] [--tmp DIR] [--keep] [--only a,b,c,d]
 """
@@ -106,8 +106,7 @@ def build_pool(directory: str, n_devices: int, mapped: int, rng: np.random.Gener
         reg.volumes[dev_id] = VolumeRecord(1 << 30, f"vol{dev_id}", None, time.time())
     with PoolMetadata(os.path.join(directory, "metadata"), read_only=True) as md:
         assert md.nr_data_blocks == nr_data and md.details(1).mapped_blocks == mapped
-        reg.transaction_id = md.trans_id
-        reg.compact()
+    reg.compact()
     return dict(mappings=nmap, xml_lines=nlines, gen_s=t1 - t0, restore_s=t2 - t1,
                 vsize_bytes=vsize * bs, nr_data=nr_data)
 
@@ -143,7 +142,7 @@ def bench_snap(work: str, quick: bool, rng: np.random.Generator) -> tuple[list, 
     dirs = {n: os.path.join(work, f"snap-{n}") for n in counts}
     infos = {n: build_pool(dirs[n], n, mapped, rng) for n in counts}
     # metadata only
-    trans = {}
+    devices: dict[int, set[int]] = {}
 
     def open_md(n: int) -> PoolMetadata:
         md = PoolMetadata(os.path.join(dirs[n], "metadata"))
@@ -153,12 +152,13 @@ def bench_snap(work: str, quick: bool, rng: np.random.Generator) -> tuple[list, 
     def snap_md(md: PoolMetadata, n: int, i: int) -> None:
         md.create_snap(n + 1 + i, 1)
         md.commit()
-        trans[n] = md.trans_id
+        devices.setdefault(n, set(md.device_ids()))
+        devices[n].add(n + 1 + i)
 
     opened_md, lat_md = _interleaved(counts, k, open_md, snap_md)
     for n in counts:
         reg = Registry(dirs[n])
-        reg.load(trans[n], writable=True)
+        reg.load(devices[n], writable=True)
         for i in range(k):
             reg.volumes[n + 1 + i] = VolumeRecord(infos[n]["vsize_bytes"], None, None, time.time())
         reg.compact()
@@ -203,7 +203,7 @@ def _settle(fd: int, drop_from: int | None = 0) -> None:
 
 
 def _seq_write_vol(vol, size: int, buf: bytes) -> tuple[float, float]:
-    _settle(vol.pool.data_fd)
+    _settle(vol.dp.data_fd)
     t0 = time.perf_counter()
     for off in range(0, size, MiB):
         vol.write(off, buf)
@@ -296,7 +296,7 @@ def _rand_vol(vol, offsets: list[int], buf: bytes, keep: int
     """
     clock = time.perf_counter
     lat = []
-    _settle(vol.pool.data_fd, keep)
+    _settle(vol.dp.data_fd, keep)
     t0 = clock()
     t = t0
     for off in offsets:
@@ -418,7 +418,7 @@ def child_read(directory: str, dev: int, nrandom: int, seq_bytes: int) -> int:
 
 def child_floor() -> int:
     import thinpool.pool.engine  # noqa: F401
-    import thinpool.pool.volume  # noqa: F401
+    import thinpool.block.device  # noqa: F401
     return 0
 
 
