@@ -633,8 +633,8 @@ class ServerConnection:
         if not self._eof:
             return NEED_DATA
         if self._start == self._end and where != "payload":
-            return self._close("client closed the connection", True)
-        return self._close(f"client closed the connection in the middle of {where}", False)
+            return self._close("EOF from the client", True)
+        return self._close(f"EOF in the middle of {where}", False)
 
     def _client_flags(self) -> Event:
         if self._end - self._start < 4:
