@@ -812,15 +812,21 @@ def test_export_errors_and_bugs(tmp_path: Path, sockdir: Path, caplog: pytest.Lo
         fx.stop()
 
 
-def test_stop_finishes_in_flight_requests(tmp_path: Path, sockdir: Path) -> None:
+@pytest.mark.parametrize("flags,inline_max,concurrency", [
+    (P.CMD_FLAG_FUA, 128 << 10, 4),  # FUA writes always go to the workers
+    (0, None, 4),                    # so does everything without inline execution
+    (0, 128 << 10, 1),               # small plain writes run in the reader thread
+])
+def test_stop_finishes_in_flight_requests(tmp_path: Path, sockdir: Path, flags: int, inline_max: int | None,
+                                          concurrency: int) -> None:
     fx = ServerFixture(tmp_path, sockdir)
     fx.catalog = SlowCatalog({"disk": fx.disk})
     SlowExport.concurrency = 0
-    server = fx.start(workers_per_connection=4)
+    server = fx.start(workers_per_connection=4, inline_max=inline_max)
     c = RawClient(fx.sock)
     c.go()
     for i in range(8):
-        c.request(P.CMD_WRITE, (i + 2) * MiB, 4096, cookie=i, payload=bytes([i + 1]) * 4096)
+        c.request(P.CMD_WRITE, (i + 2) * MiB, 4096, cookie=i, flags=flags, payload=bytes([i + 1]) * 4096)
     time.sleep(0.1)  # the requests are in flight (each write sleeps 0.2 s)
     stopper = threading.Thread(target=server.stop)
     stopper.start()
@@ -833,7 +839,7 @@ def test_stop_finishes_in_flight_requests(tmp_path: Path, sockdir: Path) -> None
     assert not fx.sock.exists() and fx.catalog.open_count() == 0
     for i in range(8):
         assert file_bytes(fx.disk, (i + 2) * MiB, 4096) == bytes([i + 1]) * 4096
-    assert SlowExport.concurrency == 4  # pipelined requests ran on all the connection's workers
+    assert SlowExport.concurrency == concurrency
 
 
 def test_stop_cuts_idle_and_stuck_connections(tmp_path: Path, sockdir: Path) -> None:

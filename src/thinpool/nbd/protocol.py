@@ -137,6 +137,10 @@ answered with EINVAL; a larger one ends the connection."""
 MAX_EXTENTS = 1 << 17
 """Most extents sent in one BLOCK_STATUS reply (qemu's own cap)."""
 RECV_BUFFER_SIZE = 256 << 10
+RECV_WINDOW = 32 << 10
+"""Most bytes ``get_buffer`` offers in the receive buffer: enough for several
+small pipelined requests per receive, small enough that little of a large
+WRITE payload lands there (it has to be copied out)."""
 DIRECT_PAYLOAD_MIN = 16 << 10
 """A WRITE payload with at least this much still missing is received straight
 into its own buffer (``get_buffer``) instead of through the receive buffer."""
@@ -147,6 +151,7 @@ _U32 = struct.Struct(">I")
 _OPT_HDR = struct.Struct(">QII")
 _OPT_REPLY = struct.Struct(">QIII")
 _REQUEST = struct.Struct(">IHHQQI")
+_unpack_request = _REQUEST.unpack_from
 _SIMPLE = struct.Struct(">IIQ")
 _CHUNK = struct.Struct(">IHHQI")
 _CHUNK_OFFSET = struct.Struct(">IHHQIQ")
@@ -528,6 +533,10 @@ class ServerConnection:
         self._pending_kind = ExportRequestKind.INFO
         # transmission state
         self._info: ExportInfo | None = None
+        self._size = 0
+        self._max_payload = 0
+        self._align_mask = 0
+        self._read_flags_bad = 0
         self._payload: Request | None = None
         self._payload_mv = _EMPTY
         self._payload_filled = 0
@@ -555,13 +564,13 @@ class ServerConnection:
         self._direct = False
         if self._start == self._end:
             self._start = self._end = 0
-        elif len(self._buf) - self._end < DIRECT_PAYLOAD_MIN and self._start:
+        elif len(self._buf) - self._end < RECV_WINDOW and self._start:
             n = self._end - self._start
             self._buf[:n] = self._mv[self._start:self._end]
             self._start, self._end = 0, n
         if self._end == len(self._buf):
             raise ProtocolUsageError("receive buffer full: call next_event() first")
-        return self._mv[self._end:]
+        return self._mv[self._end:self._end + RECV_WINDOW]
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were written at the start of the last ``get_buffer``; 0 = EOF."""
@@ -895,6 +904,10 @@ class ServerConnection:
                 return
         selected = self._meta_selected and self._meta_export == info.name and self.structured
         self.export_info = self._info = info
+        self._size = info.size
+        self._max_payload = info.block_sizes[2]
+        self._align_mask = info.block_sizes[0] - 1
+        self._read_flags_bad = ~(CMD_FLAG_FUA | (CMD_FLAG_DF if self.structured else 0))
         self.replies = Replies(self.structured, info.size, selected)
         self._state = _ST_REQUEST
 
@@ -908,10 +921,14 @@ class ServerConnection:
         start = self._start
         if self._end - start < 28:
             return self._eof_event("a request header")
-        magic, flags, command, cookie, offset, length = _REQUEST.unpack_from(self._buf, start)
+        magic, flags, command, cookie, offset, length = _unpack_request(self._buf, start)
         self._start = start + 28
         if magic != REQUEST_MAGIC:
             return self._close(f"bad request magic {magic:#x}", False)
+        # fast path for the common case; anything unusual is judged by _check
+        if (command == CMD_READ and not flags & self._read_flags_bad and length <= self._max_payload
+                and offset + length <= self._size and not (offset | length) & self._align_mask):
+            return Request(cookie, CMD_READ, flags, offset, length)
         if command == CMD_WRITE:
             return self._begin_write(cookie, flags, offset, length)
         if command == CMD_DISC:
@@ -985,7 +1002,10 @@ class ServerConnection:
             return self._close(f"write payload of {length} bytes exceeds the {PAYLOAD_HARD_CAP} byte limit",
                                False)
         problem: tuple[int, str] | None
-        if info.read_only:
+        if (not flags & ~CMD_FLAG_FUA and length <= self._max_payload and offset + length <= self._size
+                and not (offset | length) & self._align_mask and not info.read_only):
+            problem = None
+        elif info.read_only:
             problem = NBD_EPERM, "export is read-only"
         elif flags & ~CMD_FLAG_FUA:
             problem = NBD_EINVAL, f"flags {flags:#x} not valid for NBD_CMD_WRITE"

@@ -121,7 +121,7 @@ class _PlainTransport:
 
     def send(self, bufs: Sequence[bytes | memoryview]) -> None:
         sent = self.sock.sendmsg(bufs)
-        total = sum(len(b) for b in bufs)
+        total = sum(map(len, bufs))
         if sent == total:
             return
         views = [memoryview(b) for b in bufs]
@@ -130,7 +130,7 @@ class _PlainTransport:
                 sent -= len(views[0])
                 views.pop(0)
             views[0] = views[0][sent:]
-            total = sum(len(v) for v in views)
+            total = sum(map(len, views))
             sent = self.sock.sendmsg(views)
             if sent == total:
                 return
@@ -225,8 +225,8 @@ class _Connection:
         self.dead = False
         self.queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self.workers: list[threading.Thread] = []
-        self.idle = 0
         self.cond = threading.Condition()
+        self.waiting = False  # the reader waits on cond for in-flight requests to finish
         self.inflight = 0
         self.inflight_bytes = 0
         self.thread = threading.Thread(target=self.run, name=f"nbd-conn {peer}", daemon=True)
@@ -246,6 +246,7 @@ class _Connection:
     def _finish(self) -> None:
         with self.cond:
             while self.inflight:
+                self.waiting = True
                 self.cond.wait()
         for _ in self.workers:
             self.queue.put(_STOP)
@@ -366,7 +367,7 @@ class _Connection:
 
     def _serve(self, proto: P.ServerConnection) -> None:
         server = self.server
-        max_bytes, max_count = server.inflight_bytes, server.max_inflight
+        max_bytes, max_count, inline_max = server.inflight_bytes, server.max_inflight, server.inline_max
         cond = self.cond
         recv_into = self.transport.recv_into
         Request, InvalidRequest, NEED_DATA = P.Request, P.InvalidRequest, P.NEED_DATA
@@ -376,6 +377,7 @@ class _Connection:
                 if self.inflight_bytes > max_bytes or self.inflight >= max_count:
                     with cond:
                         while self.inflight_bytes > max_bytes or self.inflight >= max_count:
+                            self.waiting = True
                             cond.wait()
                 try:
                     n = recv_into(proto.get_buffer())
@@ -384,7 +386,13 @@ class _Connection:
                     n = 0
                 proto.buffer_updated(n)
             elif type(ev) is Request:
-                self._dispatch(ev)
+                cmd = ev.command
+                if inline_max is not None and (
+                        (cmd == P.CMD_READ and ev.length <= inline_max) or cmd == P.CMD_BLOCK_STATUS
+                        or (cmd == P.CMD_WRITE and ev.length <= inline_max and not ev.flags & P.CMD_FLAG_FUA)):
+                    self._execute(ev)
+                else:
+                    self._dispatch(ev)
             elif type(ev) is InvalidRequest:
                 self._send([ev.reply])
             elif isinstance(ev, P.Closed):
@@ -397,7 +405,7 @@ class _Connection:
         with self.cond:
             self.inflight += 1
             self.inflight_bytes += weight
-            spawn = self.idle <= self.queue.qsize() and len(self.workers) < self.server.workers_per_connection
+            spawn = self.inflight > len(self.workers) < self.server.workers_per_connection
         if spawn:
             t = threading.Thread(target=self._work, name=f"nbd-worker {self.peer}", daemon=True)
             self.workers.append(t)
@@ -407,11 +415,7 @@ class _Connection:
     def _work(self) -> None:
         q, cond, execute = self.queue, self.cond, self._execute
         while True:
-            with cond:
-                self.idle += 1
             req = q.get()
-            with cond:
-                self.idle -= 1
             if req is _STOP:
                 return
             assert isinstance(req, P.Request)
@@ -422,7 +426,9 @@ class _Connection:
                 with cond:
                     self.inflight -= 1
                     self.inflight_bytes -= weight
-                    cond.notify_all()
+                    if self.waiting:
+                        self.waiting = False
+                        cond.notify()
 
     def _send(self, bufs: Sequence[bytes | memoryview]) -> None:
         with self.send_lock:
@@ -552,7 +558,8 @@ class NBDServer:
                  tcp: tuple[str, int] | None = None, tls: TLSConfig | None = None,
                  workers_per_connection: int = 4, max_connections: int = 256,
                  handshake_timeout: float = 10.0, send_timeout: float = 60.0,
-                 inflight_bytes: int = 64 << 20, max_inflight: int = 128) -> None:
+                 inflight_bytes: int = 64 << 20, max_inflight: int = 128,
+                 inline_max: int | None = 128 << 10) -> None:
         if unix_path is None and tcp is None:
             raise NBDServerError("the NBD server needs a unix socket path or a TCP address")
         self.catalog = catalog
@@ -567,6 +574,7 @@ class NBDServer:
         self.send_timeout = send_timeout
         self.inflight_bytes = inflight_bytes
         self.max_inflight = max_inflight
+        self.inline_max = inline_max
         self.buffers = _BufferPool()
         self.tcp_address: tuple[str, int] | None = None
         self._listeners: list[socket.socket] = []
