@@ -417,11 +417,16 @@ def test_tls_required_refuses_plain_and_certless_clients(tls_srv: ServerFixture,
 
 def test_tls_allowed_serves_both(tmp_path: Path, sockdir: Path, pki: Path) -> None:
     fx = ServerFixture(tmp_path, sockdir)
-    fx.start(tls=TLSConfig(pki, P.TLSMode.ALLOWED))
+    fx.start(tls=TLSConfig(pki, P.TLSMode.ALLOWED, verify_peer=False))
     try:
         assert json.loads(run("nbdinfo", "--json", fx.uri()).stdout)["TLS"] is False
         tls_uri = f"nbds+unix:///disk?socket={fx.sock}&tls-certificates={pki}"
         assert json.loads(run("nbdinfo", "--json", tls_uri).stdout)["TLS"] is True
+        no_cert = tmp_path / "nocert"  # without verify_peer a client needs no certificate
+        no_cert.mkdir()
+        shutil.copy(pki / "ca-cert.pem", no_cert)
+        no_cert_uri = f"nbds+unix:///disk?socket={fx.sock}&tls-certificates={no_cert}"
+        assert json.loads(run("nbdinfo", "--json", no_cert_uri).stdout)["TLS"] is True
     finally:
         fx.stop()
 
@@ -610,6 +615,20 @@ def test_raw_sparse_and_df_reads(srv: ServerFixture) -> None:
         cookie, err, chunks = c.reply()
         [(ctype, payload)] = chunks
         assert ctype == P.REPLY_TYPE_BLOCK_STATUS and struct.unpack(">III", payload) == (1, 256 * 1024, 3)
+
+
+def test_raw_reads_without_sparse_chunks(tmp_path: Path, sockdir: Path) -> None:
+    fx = ServerFixture(tmp_path, sockdir)
+    fx.start(sparse_read_min=None)
+    try:
+        with RawClient(fx.sock) as c:
+            c.go()
+            c.request(P.CMD_READ, 0, MiB, cookie=1)
+            cookie, err, chunks = c.reply()
+            assert (cookie, err) == (1, 0) and len(chunks) == 1
+            assert chunks[0][0] == P.REPLY_TYPE_OFFSET_DATA and chunks[0][1] == bytes(8 + MiB)
+    finally:
+        fx.stop()
 
 
 def test_raw_simple_replies_without_structured(srv: ServerFixture) -> None:

@@ -8,14 +8,23 @@ connection finish the requests it already received, closes the exports and
 joins every thread it started.
 
 Per connection: one reader thread runs the handshake (under a deadline) and
-then parses requests, which a small pool of worker threads (created on
-demand, up to ``workers_per_connection``) executes concurrently; each reply
-goes out in one ``sendmsg`` under the connection's send lock. The reader
-stops reading while the requests in flight hold more than
-``inflight_bytes`` of payload or number ``max_inflight``, so a client cannot
-make the server buffer without bound. A client that vanishes, sends garbage
-or stops reading its replies (after ``send_timeout``) loses only its own
-connection.
+then parses requests. Small READs and WRITEs without FUA (up to
+``inline_max`` bytes) and BLOCK_STATUS run in the reader itself: for page-cache
+speed requests a hand-off to another thread costs more (GIL, wake-ups) than
+the request. Everything else (FLUSH, FUA writes, TRIM, WRITE_ZEROES, CACHE,
+large I/O) goes to a small pool of worker threads (created on demand, up to
+``workers_per_connection``), so pipelined slow requests run concurrently; an
+export whose small requests may block for long (waiting for space, say)
+should be served with ``inline_max=None``. Each reply goes out in one
+``sendmsg`` under the connection's send lock. The reader stops reading while
+the requests in flight hold more than ``inflight_bytes`` of payload or number
+``max_inflight``, so a client cannot make the server buffer without bound. A
+client that vanishes, sends garbage or stops reading its replies (after
+``send_timeout``) loses only its own connection.
+
+Structured READs of at least ``sparse_read_min`` bytes (not DF) ask the
+export for its extents first and send ranges that read as zeroes as hole
+chunks, so unprovisioned space crosses the socket as 32 bytes per run.
 
 TLS uses the ``ssl`` module through memory BIOs (so one thread can read
 while others write), with certificates in qemu's ``tls-creds-x509``
@@ -49,9 +58,6 @@ from .backend import Catalog, Export, ExportNotFound
 
 log = logging.getLogger("thinpool.nbd")
 
-SPARSE_READ_MIN = 64 << 10
-"""Structured READs at least this long ask the export for its extents and send
-ranges that read as zeroes as hole chunks (not for DF reads)."""
 MIN_HOLE_CHUNK = 4096
 MAX_READ_CHUNKS = 64
 
@@ -198,12 +204,16 @@ class _TLSTransport:
         self.sock.sendall(data)
 
     def close(self) -> None:
-        try:
-            with self.lock:
+        """Send close_notify (without waiting for the peer's), then close."""
+        with self.lock:
+            try:
                 self.obj.unwrap()
-                data = self.outgoing.read()
+            except (OSError, ssl.SSLError):  # SSLWantReadError: the peer's close_notify is not awaited
+                pass
+            data = self.outgoing.read()
+        try:
             self.sock.sendall(data)
-        except (OSError, ssl.SSLError):
+        except OSError:
             pass
         self.sock.close()
 
@@ -492,7 +502,9 @@ class _Connection:
         bufs: list[bytes | memoryview]
         try:
             try:
-                if length >= SPARSE_READ_MIN and replies.structured and not req.flags & P.CMD_FLAG_DF:
+                sparse_min = self.server.sparse_read_min
+                if (sparse_min is not None and length >= sparse_min and replies.structured
+                        and not req.flags & P.CMD_FLAG_DF):
                     runs = self._zero_runs(export, offset, length)
                     pos = 0
                     for start, run in runs:
@@ -551,7 +563,11 @@ class NBDServer:
     ``unix_path`` and/or ``tcp`` = (host, port) (port 0 picks a free one, see
     ``tcp_address``). ``tls`` (a ``TLSConfig``) enables STARTTLS in its mode;
     without it STARTTLS is refused. ``start`` raises ``NBDServerError``
-    when a socket cannot be bound or the credentials do not load.
+    when a socket cannot be bound or the credentials do not load. Limits:
+    ``max_connections`` (more are accepted and closed at once),
+    ``handshake_timeout`` seconds for the whole negotiation, ``send_timeout``
+    seconds for a reply to make progress; see the module docstring for the
+    others. One start/stop cycle per object.
     """
 
     def __init__(self, catalog: Catalog, *, unix_path: str | os.PathLike[str] | None = None,
@@ -559,7 +575,7 @@ class NBDServer:
                  workers_per_connection: int = 4, max_connections: int = 256,
                  handshake_timeout: float = 10.0, send_timeout: float = 60.0,
                  inflight_bytes: int = 64 << 20, max_inflight: int = 128,
-                 inline_max: int | None = 128 << 10) -> None:
+                 inline_max: int | None = 128 << 10, sparse_read_min: int | None = 64 << 10) -> None:
         if unix_path is None and tcp is None:
             raise NBDServerError("the NBD server needs a unix socket path or a TCP address")
         self.catalog = catalog
@@ -575,6 +591,7 @@ class NBDServer:
         self.inflight_bytes = inflight_bytes
         self.max_inflight = max_inflight
         self.inline_max = inline_max
+        self.sparse_read_min = sparse_read_min
         self.buffers = _BufferPool()
         self.tcp_address: tuple[str, int] | None = None
         self._listeners: list[socket.socket] = []
@@ -763,4 +780,4 @@ class NBDServer:
             self._connections.discard(conn)
 
 
-__all__ = ["NBDServer", "NBDServerError", "TLSConfig", "SPARSE_READ_MIN"]
+__all__ = ["NBDServer", "NBDServerError", "TLSConfig"]
