@@ -442,6 +442,7 @@ def test_tls_bad_credentials_are_one_line_errors(tmp_path: Path, sockdir: Path) 
 # -- sockets, lifecycle -----------------------------------------------------------
 
 def test_unix_socket_mode_stale_and_live(tmp_path: Path, sockdir: Path) -> None:
+    fds = _open_fds()
     fx = ServerFixture(tmp_path, sockdir)
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(fx.sock))
@@ -462,6 +463,20 @@ def test_unix_socket_mode_stale_and_live(tmp_path: Path, sockdir: Path) -> None:
         NBDServer(fx.catalog, unix_path=fx.sock).start()
     assert fx.sock.read_text() == "precious"
     assert not [p for p in sockdir.iterdir() if p.name.startswith(".nbd-")]
+    assert _open_fds() <= fds  # failed starts leave nothing open
+
+
+def test_start_stop_lifecycle(tmp_path: Path, sockdir: Path) -> None:
+    fx = ServerFixture(tmp_path, sockdir)
+    server = NBDServer(fx.catalog, unix_path=fx.sock)
+    server.stop()  # never started: nothing to do
+    with pytest.raises(NBDServerError, match="already started"):
+        server.start()
+    server = fx.start()
+    with pytest.raises(NBDServerError, match="already started"):
+        server.start()
+    fx.stop()
+    server.stop()  # twice is harmless
 
 
 def test_tcp(tmp_path: Path, sockdir: Path) -> None:

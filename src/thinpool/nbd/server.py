@@ -598,7 +598,7 @@ class NBDServer:
         self._unix_ino: tuple[int, int] | None = None
         self._connections: set[_Connection] = set()
         self._lock = threading.Lock()
-        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake: tuple[socket.socket, socket.socket] | None = None  # stops the acceptor
         self._acceptor: threading.Thread | None = None
         self._stopping = False
 
@@ -606,8 +606,8 @@ class NBDServer:
 
     def start(self) -> None:
         """Bind, listen and start accepting in a background thread."""
-        if self._acceptor is not None:
-            raise NBDServerError("the NBD server is already started")
+        if self._acceptor is not None or self._stopping:
+            raise NBDServerError("the NBD server was already started")
         try:
             if self.tls is not None:
                 self.ssl_context = self.tls.context()
@@ -618,7 +618,9 @@ class NBDServer:
         except BaseException:
             self._close_listeners()
             raise
-        self._acceptor = threading.Thread(target=self._accept_loop, name="nbd-accept", daemon=True)
+        self._wake = socket.socketpair()
+        self._acceptor = threading.Thread(target=self._accept_loop, args=(self._wake[0],),
+                                          name="nbd-accept", daemon=True)
         self._acceptor.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -630,9 +632,11 @@ class NBDServer:
         if self._stopping:
             return
         self._stopping = True
-        if self._acceptor is not None:
-            self._wake_w.send(b"x")
+        if self._acceptor is not None and self._wake is not None:
+            self._wake[1].send(b"x")
             self._acceptor.join()
+            for s in self._wake:
+                s.close()
         self._close_listeners()
         with self._lock:
             conns = list(self._connections)
@@ -647,8 +651,6 @@ class NBDServer:
                 c.shutdown(socket.SHUT_RDWR)
         for c in conns:
             c.thread.join(5.0)
-        self._wake_r.close()
-        self._wake_w.close()
 
     def __enter__(self) -> NBDServer:
         self.start()
@@ -735,15 +737,15 @@ class NBDServer:
                 pass
             self._unix_ino = None
 
-    def _accept_loop(self) -> None:
+    def _accept_loop(self, wake: socket.socket) -> None:
         sel = selectors.DefaultSelector()
         try:
             for s in self._listeners:
                 sel.register(s, selectors.EVENT_READ)
-            sel.register(self._wake_r, selectors.EVENT_READ)
+            sel.register(wake, selectors.EVENT_READ)
             while not self._stopping:
                 for key, _ in sel.select():
-                    if key.fileobj is self._wake_r or self._stopping:
+                    if key.fileobj is wake or self._stopping:
                         return
                     assert isinstance(key.fileobj, socket.socket)
                     self._accept(key.fileobj)
