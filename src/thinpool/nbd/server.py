@@ -1,0 +1,785 @@
+"""The NBD server: sockets and threads around the protocol state machine.
+
+``NBDServer(catalog, unix_path=..., tcp=..., tls=...)`` listens on a Unix
+socket (mode 0600; a stale socket file is replaced, a live one or a non-socket
+refused; removed again by ``stop``) and/or a TCP address. It is meant to be
+embedded: ``start()`` returns at once, ``stop()`` stops accepting, lets every
+connection finish the requests it already received, closes the exports and
+joins every thread it started.
+
+Per connection: one reader thread runs the handshake (under a deadline) and
+then parses requests. Small READs and WRITEs without FUA (up to
+``inline_max`` bytes) and BLOCK_STATUS run in the reader itself: for page-cache
+speed requests a hand-off to another thread costs more (GIL, wake-ups) than
+the request. Everything else (FLUSH, FUA writes, TRIM, WRITE_ZEROES, CACHE,
+large I/O) goes to a small pool of worker threads (created on demand, up to
+``workers_per_connection``), so pipelined slow requests run concurrently; an
+export whose small requests may block for long (waiting for space, say)
+should be served with ``inline_max=None``. Each reply goes out in one
+``sendmsg`` under the connection's send lock. The reader stops reading while
+the requests in flight hold more than ``inflight_bytes`` of payload or number
+``max_inflight``, so a client cannot make the server buffer without bound. A
+client that vanishes, sends garbage or stops reading its replies (after
+``send_timeout``) loses only its own connection.
+
+Structured READs of at least ``sparse_read_min`` bytes (not DF) ask the
+export for its extents first and send ranges that read as zeroes as hole
+chunks, so unprovisioned space crosses the socket as 32 bytes per run.
+
+TLS uses the ``ssl`` module through memory BIOs (so one thread can read
+while others write), with certificates in qemu's ``tls-creds-x509``
+directory layout: ``server-cert.pem``, ``server-key.pem`` and, optionally,
+``ca-cert.pem``; when the CA is present client certificates are required and
+verified against it (qemu's ``verify-peer=on``), unless ``verify_peer`` is
+False.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import selectors
+import socket
+import ssl
+import stat
+import struct
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, cast
+
+from ..errors import DataPathError, ThinpoolError
+from . import protocol as P
+from .backend import Catalog, Export, ExportNotFound
+
+log = logging.getLogger("thinpool.nbd")
+
+MIN_HOLE_CHUNK = 4096
+MAX_READ_CHUNKS = 64
+
+
+class NBDServerError(ThinpoolError):
+    """The server cannot start: bad address, socket in use, bad TLS credentials."""
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """TLS credentials in qemu's tls-creds-x509 layout and the TLS mode."""
+
+    directory: Path
+    mode: P.TLSMode = P.TLSMode.REQUIRED
+    verify_peer: bool = True
+
+    def context(self) -> ssl.SSLContext:
+        """The server-side SSL context (TLS >= 1.2); one-line errors."""
+        if self.mode is P.TLSMode.OFF:
+            raise NBDServerError("TLS credentials given with TLS mode 'off'")
+        directory = Path(self.directory)
+        cert, key, ca = (directory / n for n in ("server-cert.pem", "server-key.pem", "ca-cert.pem"))
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(cert, key)
+            if ca.exists() and self.verify_peer:
+                ctx.load_verify_locations(cafile=str(ca))
+                ctx.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as e:
+            raise NBDServerError(f"TLS credentials in {directory}: {e.strerror or e}") from None
+        return ctx
+
+
+class _BufferPool:
+    """Recycled bytearrays in power-of-two sizes (>= 4 KiB), at most ``limit`` bytes kept."""
+
+    def __init__(self, limit: int = 64 << 20) -> None:
+        self._free: dict[int, list[bytearray]] = {}
+        self._kept = 0
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def get(self, n: int) -> bytearray:
+        size = 4096 if n <= 4096 else 1 << (n - 1).bit_length()
+        with self._lock:
+            free = self._free.get(size)
+            if free:
+                self._kept -= size
+                return free.pop()
+        return bytearray(size)
+
+    def put(self, buf: bytearray) -> None:
+        size = len(buf)
+        with self._lock:
+            if self._kept + size <= self._limit:
+                self._free.setdefault(size, []).append(buf)
+                self._kept += size
+
+
+class _PlainTransport:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def recv_into(self, view: memoryview) -> int:
+        return self.sock.recv_into(view)
+
+    def send(self, bufs: Sequence[bytes | memoryview]) -> None:
+        sent = self.sock.sendmsg(bufs)
+        total = sum(map(len, bufs))
+        if sent == total:
+            return
+        views = [memoryview(b) for b in bufs]
+        while True:
+            while sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            views[0] = views[0][sent:]
+            total = sum(map(len, views))
+            sent = self.sock.sendmsg(views)
+            if sent == total:
+                return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _TLSTransport:
+    """TLS over memory BIOs; ``lock`` guards the SSL object, raw I/O runs outside it."""
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext,
+                 flush_lock: threading.Lock) -> None:
+        self.sock = sock
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.lock = threading.Lock()
+        self.flush_lock = flush_lock  # the connection's send lock
+        self.raw = bytearray(64 << 10)
+
+    def handshake(self) -> None:
+        """Run the server handshake (the socket's timeout bounds each read)."""
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pass
+            self.sock.sendall(self.outgoing.read())
+            n = self.sock.recv_into(self.raw)
+            if n == 0:
+                raise ConnectionError("client closed the connection during the TLS handshake")
+            self.incoming.write(memoryview(self.raw)[:n])
+        self.sock.sendall(self.outgoing.read())
+
+    def recv_into(self, view: memoryview) -> int:
+        while True:
+            with self.lock:
+                try:
+                    n = cast(int, self.obj.read(len(view), view))  # type: ignore[arg-type]
+                except ssl.SSLWantReadError:
+                    n = -1
+                except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+                    n = 0
+                pending = self.outgoing.pending
+            if pending:  # TLS records the read produced (alerts, key updates)
+                with self.flush_lock, self.lock:
+                    data = self.outgoing.read()
+                self.sock.sendall(data)
+            if n >= 0:
+                return n
+            got = self.sock.recv_into(self.raw)
+            with self.lock:
+                if got:
+                    self.incoming.write(memoryview(self.raw)[:got])
+                else:
+                    self.incoming.write_eof()
+
+    def send(self, bufs: Sequence[bytes | memoryview]) -> None:
+        with self.lock:
+            for b in bufs:
+                self.obj.write(b)
+            data = self.outgoing.read()
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        """Send close_notify (without waiting for the peer's), then close."""
+        with self.lock:
+            try:
+                self.obj.unwrap()
+            except (OSError, ssl.SSLError):  # SSLWantReadError: the peer's close_notify is not awaited
+                pass
+            data = self.outgoing.read()
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+_STOP = object()
+
+
+class _Connection:
+    """One client: the reader thread, its workers, its export."""
+
+    def __init__(self, server: NBDServer, sock: socket.socket, peer: str) -> None:
+        self.server = server
+        self.sock = sock
+        self.peer = peer
+        self.send_lock = threading.Lock()
+        self.transport: _PlainTransport | _TLSTransport = _PlainTransport(sock)
+        self.export: Export | None = None
+        self.replies: P.Replies | None = None
+        self.dead = False
+        self.queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self.workers: list[threading.Thread] = []
+        self.cond = threading.Condition()
+        self.waiting = False  # the reader waits on cond for in-flight requests to finish
+        self.inflight = 0
+        self.inflight_bytes = 0
+        self.thread = threading.Thread(target=self.run, name=f"nbd-conn {peer}", daemon=True)
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            proto = P.ServerConnection(self.server.tls_mode, allocate=self.server.buffers.get)
+            if self._negotiate(proto):
+                self._serve(proto)
+        except Exception:  # the connection's last resort: never kill the server
+            log.exception("nbd %s: internal error, closing the connection", self.peer)
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        with self.cond:
+            while self.inflight:
+                self.waiting = True
+                self.cond.wait()
+        for _ in self.workers:
+            self.queue.put(_STOP)
+        for t in self.workers:
+            t.join()
+        if self.export is not None:
+            try:
+                self.export.close()
+            except Exception:
+                log.exception("nbd %s: closing the export failed", self.peer)
+        try:
+            self.transport.close()
+        except OSError:
+            pass
+        self.server._forget(self)
+
+    def shutdown(self, how: int) -> None:
+        """Wake the reader (SHUT_RD: it sees EOF) or break the connection (SHUT_RDWR)."""
+        try:
+            self.sock.shutdown(how)
+        except OSError:
+            pass
+
+    # -- handshake ------------------------------------------------------------
+
+    def _flush(self, proto: P.ServerConnection) -> None:
+        data = proto.data_to_send()
+        if data:
+            self.transport.send([data])
+
+    def _negotiate(self, proto: P.ServerConnection) -> bool:
+        server = self.server
+        deadline = time.monotonic() + server.handshake_timeout
+        try:
+            while True:
+                ev = proto.next_event()
+                if isinstance(ev, P.Closed):
+                    try:  # e.g. the ACK of NBD_OPT_ABORT, which clients need not read
+                        self._flush(proto)
+                    except (OSError, ssl.SSLError):
+                        pass
+                    if not ev.clean:
+                        log.info("nbd %s: %s", self.peer, ev.reason)
+                    return False
+                self._flush(proto)
+                if ev is P.NEED_DATA:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        log.info("nbd %s: handshake timed out", self.peer)
+                        return False
+                    self.sock.settimeout(remaining)
+                    proto.buffer_updated(self.transport.recv_into(proto.get_buffer()))
+                elif isinstance(ev, P.ExportRequest):
+                    if self._open(proto, ev):
+                        self._flush(proto)
+                        self._enter_transmission()
+                        return True
+                elif isinstance(ev, P.ListExports):
+                    try:
+                        exports = server.catalog.list_exports()
+                    except Exception as e:
+                        log.exception("nbd %s: listing the exports failed", self.peer)
+                        proto.reject_list(str(e) if isinstance(e, ThinpoolError) else "internal error")
+                    else:
+                        proto.reply_list(exports)
+                elif isinstance(ev, P.StartTLS):
+                    assert server.ssl_context is not None
+                    tls = _TLSTransport(self.sock, server.ssl_context, self.send_lock)
+                    self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                    tls.handshake()
+                    self.transport = tls
+                    proto.tls_started()
+        except (OSError, ssl.SSLError) as e:
+            log.info("nbd %s: connection lost during the handshake: %s", self.peer, e)
+            return False
+
+    def _open(self, proto: P.ServerConnection, ev: P.ExportRequest) -> bool:
+        """Answer INFO/GO/EXPORT_NAME; True when transmission starts."""
+        try:
+            export = self.server.catalog.open_export(ev.name)
+        except ExportNotFound as e:
+            proto.reject_export(str(e) or f"no export named {ev.name!r}")
+            return False
+        except ThinpoolError as e:
+            proto.reject_export(str(e), P.REP_ERR_POLICY)
+            return False
+        except Exception:
+            log.exception("nbd %s: opening export %r failed", self.peer, ev.name)
+            proto.reject_export("internal error", P.REP_ERR_POLICY)
+            return False
+        try:
+            info = P.ExportInfo(
+                name=ev.name, size=export.size, read_only=export.read_only,
+                can_trim=export.can_trim, can_zero=export.can_zero,
+                can_fast_zero=export.can_fast_zero, can_cache=export.can_cache,
+                can_multi_conn=export.can_multi_conn, block_sizes=tuple(export.block_sizes),  # type: ignore[arg-type]
+                description=export.description)
+        except Exception as e:
+            log.error("nbd %s: export %r: %s", self.peer, ev.name, e)
+            export.close()
+            proto.reject_export("the export is misconfigured on the server", P.REP_ERR_POLICY)
+            return False
+        proto.accept_export(info)
+        if ev.kind is P.ExportRequestKind.INFO:
+            export.close()
+            return False
+        self.export = export
+        self.replies = proto.replies
+        return True
+
+    def _enter_transmission(self) -> None:
+        self.sock.settimeout(None)
+        timeout = self.server.send_timeout
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                             struct.pack("ll", int(timeout), int(timeout % 1 * 1e6)))
+
+    # -- transmission -----------------------------------------------------------
+
+    def _serve(self, proto: P.ServerConnection) -> None:
+        server = self.server
+        max_bytes, max_count, inline_max = server.inflight_bytes, server.max_inflight, server.inline_max
+        cond = self.cond
+        recv_into = self.transport.recv_into
+        Request, InvalidRequest, NEED_DATA = P.Request, P.InvalidRequest, P.NEED_DATA
+        while True:
+            ev = proto.next_event()
+            if ev is NEED_DATA:
+                if self.inflight_bytes > max_bytes or self.inflight >= max_count:
+                    with cond:
+                        while self.inflight_bytes > max_bytes or self.inflight >= max_count:
+                            self.waiting = True
+                            cond.wait()
+                try:
+                    n = recv_into(proto.get_buffer())
+                except (OSError, ssl.SSLError) as e:
+                    log.info("nbd %s: receive failed: %s", self.peer, e)
+                    n = 0
+                proto.buffer_updated(n)
+            elif type(ev) is Request:
+                cmd = ev.command
+                if inline_max is not None and (
+                        (cmd == P.CMD_READ and ev.length <= inline_max) or cmd == P.CMD_BLOCK_STATUS
+                        or (cmd == P.CMD_WRITE and ev.length <= inline_max and not ev.flags & P.CMD_FLAG_FUA)):
+                    self._execute(ev)
+                else:
+                    self._dispatch(ev)
+            elif type(ev) is InvalidRequest:
+                self._send([ev.reply])
+            elif isinstance(ev, P.Closed):
+                if not ev.clean:
+                    log.info("nbd %s: %s", self.peer, ev.reason)
+                return
+
+    def _dispatch(self, req: P.Request) -> None:
+        weight = req.length if req.command in (P.CMD_READ, P.CMD_WRITE) else 0
+        with self.cond:
+            self.inflight += 1
+            self.inflight_bytes += weight
+            spawn = self.inflight > len(self.workers) < self.server.workers_per_connection
+        if spawn:
+            t = threading.Thread(target=self._work, name=f"nbd-worker {self.peer}", daemon=True)
+            self.workers.append(t)
+            t.start()
+        self.queue.put(req)
+
+    def _work(self) -> None:
+        q, cond, execute = self.queue, self.cond, self._execute
+        while True:
+            req = q.get()
+            if req is _STOP:
+                return
+            assert isinstance(req, P.Request)
+            weight = req.length if req.command in (P.CMD_READ, P.CMD_WRITE) else 0
+            try:
+                execute(req)
+            finally:
+                with cond:
+                    self.inflight -= 1
+                    self.inflight_bytes -= weight
+                    if self.waiting:
+                        self.waiting = False
+                        cond.notify()
+
+    def _send(self, bufs: Sequence[bytes | memoryview]) -> None:
+        with self.send_lock:
+            if self.dead:
+                return
+            try:
+                self.transport.send(bufs)
+            except (OSError, ssl.SSLError) as e:
+                self.dead = True
+                log.info("nbd %s: send failed, dropping the connection: %s", self.peer, e)
+                self.shutdown(socket.SHUT_RDWR)
+
+    def _execute(self, req: P.Request) -> None:
+        export, replies = self.export, self.replies
+        assert export is not None and replies is not None
+        cmd, cookie, flags = req.command, req.cookie, req.flags
+        fua = bool(flags & P.CMD_FLAG_FUA)
+        buffers = self.server.buffers
+        try:
+            if cmd == P.CMD_READ:
+                self._read(export, replies, req)
+                return
+            if req.length or cmd == P.CMD_FLUSH:
+                if cmd == P.CMD_WRITE:
+                    assert req.data is not None
+                    export.write(req.offset, req.data, fua)
+                elif cmd == P.CMD_FLUSH:
+                    export.flush()
+                elif cmd == P.CMD_TRIM:
+                    export.trim(req.offset, req.length, fua)
+                elif cmd == P.CMD_WRITE_ZEROES:
+                    export.write_zeroes(req.offset, req.length, not flags & P.CMD_FLAG_NO_HOLE,
+                                        bool(flags & P.CMD_FLAG_FAST_ZERO), fua)
+                elif cmd == P.CMD_BLOCK_STATUS:
+                    extents = export.extents(req.offset, min(req.length, replies.size - req.offset))
+                    self._send([replies.block_status(cookie, req.offset, req.length,
+                                                     bool(flags & P.CMD_FLAG_REQ_ONE), extents)])
+                    return
+                elif cmd == P.CMD_CACHE:
+                    if export.can_cache:
+                        export.cache(req.offset, req.length)
+            reply: bytes = replies.ok(cookie)
+        except DataPathError as e:
+            fast = cmd == P.CMD_WRITE_ZEROES and bool(flags & P.CMD_FLAG_FAST_ZERO)
+            reply = replies.error(cookie, P.nbd_error(e.errno, fast), str(e))
+        except Exception:
+            log.exception("nbd %s: export failed on %r", self.peer, req)
+            reply = replies.error(cookie, P.NBD_EIO, "internal server error")
+        finally:
+            if req.buffer is not None:
+                req.data = None
+                buffers.put(req.buffer)
+                req.buffer = None
+        self._send([reply])
+
+    def _read(self, export: Export, replies: P.Replies, req: P.Request) -> None:
+        cookie, offset, length = req.cookie, req.offset, req.length
+        buffers = self.server.buffers
+        buf = buffers.get(length)
+        view = memoryview(buf)[:length]
+        bufs: list[bytes | memoryview]
+        try:
+            try:
+                sparse_min = self.server.sparse_read_min
+                if (sparse_min is not None and length >= sparse_min and replies.structured
+                        and not req.flags & P.CMD_FLAG_DF):
+                    runs = self._zero_runs(export, offset, length)
+                    pos = 0
+                    for start, run in runs:
+                        if start > pos:
+                            export.readinto(offset + pos, view[pos:start])
+                        pos = start + run
+                    if pos < length:
+                        export.readinto(offset + pos, view[pos:])
+                    bufs = replies.sparse_read(cookie, offset, view, runs)
+                elif length:
+                    export.readinto(offset, view)
+                    bufs = replies.read(cookie, offset, view)
+                else:
+                    bufs = replies.read(cookie, offset, view)
+            except DataPathError as e:
+                bufs = [replies.error(cookie, P.nbd_error(e.errno), str(e))]
+            except Exception:
+                log.exception("nbd %s: export failed on %r", self.peer, req)
+                bufs = [replies.error(cookie, P.NBD_EIO, "internal server error")]
+            self._send(bufs)
+            bufs.clear()
+        finally:
+            buffers.put(buf)
+
+    @staticmethod
+    def _zero_runs(export: Export, offset: int, length: int) -> list[tuple[int, int]]:
+        """Ranges (relative start, length) of the request that read as zeroes,
+        each >= MIN_HOLE_CHUNK, at most MAX_READ_CHUNKS // 2 of them."""
+        runs: list[tuple[int, int]] = []
+        pos = 0
+        for _ in range(8):
+            extents = export.extents(offset + pos, length - pos)
+            if not extents:
+                break
+            for ext_len, state in extents:
+                if ext_len <= 0:
+                    return runs
+                ext_len = min(ext_len, length - pos)
+                if state & P.NBD_STATE_ZERO:
+                    if runs and runs[-1][0] + runs[-1][1] == pos:
+                        runs[-1] = (runs[-1][0], runs[-1][1] + ext_len)
+                    else:
+                        runs.append((pos, ext_len))
+                pos += ext_len
+                if pos >= length:
+                    break
+            if pos >= length:
+                break
+        runs = [r for r in runs if r[1] >= MIN_HOLE_CHUNK]
+        return runs[:MAX_READ_CHUNKS // 2]
+
+
+class NBDServer:
+    """An embeddable, threaded NBD server for the exports of one ``Catalog``.
+
+    ``unix_path`` and/or ``tcp`` = (host, port) (port 0 picks a free one, see
+    ``tcp_address``). ``tls`` (a ``TLSConfig``) enables STARTTLS in its mode;
+    without it STARTTLS is refused. ``start`` raises ``NBDServerError``
+    when a socket cannot be bound or the credentials do not load. Limits:
+    ``max_connections`` (more are accepted and closed at once),
+    ``handshake_timeout`` seconds for the whole negotiation, ``send_timeout``
+    seconds for a reply to make progress; see the module docstring for the
+    others. One start/stop cycle per object.
+    """
+
+    def __init__(self, catalog: Catalog, *, unix_path: str | os.PathLike[str] | None = None,
+                 tcp: tuple[str, int] | None = None, tls: TLSConfig | None = None,
+                 workers_per_connection: int = 4, max_connections: int = 256,
+                 handshake_timeout: float = 10.0, send_timeout: float = 60.0,
+                 inflight_bytes: int = 64 << 20, max_inflight: int = 128,
+                 inline_max: int | None = 128 << 10, sparse_read_min: int | None = 64 << 10) -> None:
+        if unix_path is None and tcp is None:
+            raise NBDServerError("the NBD server needs a unix socket path or a TCP address")
+        self.catalog = catalog
+        self.unix_path = Path(unix_path) if unix_path is not None else None
+        self._tcp_request = tcp
+        self.tls = tls
+        self.tls_mode = tls.mode if tls is not None else P.TLSMode.OFF
+        self.ssl_context: ssl.SSLContext | None = None
+        self.workers_per_connection = max(1, workers_per_connection)
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.send_timeout = send_timeout
+        self.inflight_bytes = inflight_bytes
+        self.max_inflight = max_inflight
+        self.inline_max = inline_max
+        self.sparse_read_min = sparse_read_min
+        self.buffers = _BufferPool()
+        self.tcp_address: tuple[str, int] | None = None
+        self._listeners: list[socket.socket] = []
+        self._unix_ino: tuple[int, int] | None = None
+        self._connections: set[_Connection] = set()
+        self._lock = threading.Lock()
+        self._wake: tuple[socket.socket, socket.socket] | None = None  # stops the acceptor
+        self._acceptor: threading.Thread | None = None
+        self._stopping = False
+
+    # -- public -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind, listen and start accepting in a background thread."""
+        if self._acceptor is not None or self._stopping:
+            raise NBDServerError("the NBD server was already started")
+        try:
+            if self.tls is not None:
+                self.ssl_context = self.tls.context()
+            if self.unix_path is not None:
+                self._listeners.append(self._bind_unix(self.unix_path))
+            if self._tcp_request is not None:
+                self._listeners.append(self._bind_tcp(*self._tcp_request))
+        except BaseException:
+            self._close_listeners()
+            raise
+        self._wake = socket.socketpair()
+        self._acceptor = threading.Thread(target=self._accept_loop, args=(self._wake[0],),
+                                          name="nbd-accept", daemon=True)
+        self._acceptor.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, finish in-flight requests, close exports and sockets.
+
+        Connections get ``timeout`` seconds to finish (their clients see EOF
+        after the replies to what they already sent); after that they are cut.
+        """
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._acceptor is not None and self._wake is not None:
+            self._wake[1].send(b"x")
+            self._acceptor.join()
+            for s in self._wake:
+                s.close()
+        self._close_listeners()
+        with self._lock:
+            conns = list(self._connections)
+        for c in conns:
+            c.shutdown(socket.SHUT_RD)
+        deadline = time.monotonic() + timeout
+        for c in conns:
+            c.thread.join(max(0.0, deadline - time.monotonic()))
+        for c in conns:
+            if c.thread.is_alive():
+                log.warning("nbd %s: did not finish in time, cutting it off", c.peer)
+                c.shutdown(socket.SHUT_RDWR)
+        for c in conns:
+            c.thread.join(5.0)
+
+    def __enter__(self) -> NBDServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def connection_count(self) -> int:
+        with self._lock:
+            return len(self._connections)
+
+    # -- sockets ------------------------------------------------------------------
+
+    def _bind_unix(self, path: Path) -> socket.socket:
+        """Bind in a private directory, chmod 0600, then rename into place, so
+        the socket never exists at ``path`` with looser permissions."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        except OSError as e:
+            raise NBDServerError(f"unix socket {path}: {e.strerror}") from None
+        if st is not None:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise NBDServerError(f"unix socket {path}: exists and is not a socket")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(path))
+                raise NBDServerError(f"unix socket {path}: another server is listening on it")
+            except (ConnectionRefusedError, FileNotFoundError):
+                pass  # stale: replaced by the rename below
+            except OSError as e:
+                raise NBDServerError(f"unix socket {path}: {e.strerror}") from None
+            finally:
+                probe.close()
+        try:
+            tmpdir = tempfile.mkdtemp(prefix=".nbd-", dir=path.parent)
+        except OSError as e:
+            raise NBDServerError(f"unix socket {path}: {e.strerror}") from None
+        tmp = os.path.join(tmpdir, "s")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(tmp)
+            os.chmod(tmp, 0o600)
+            sock.listen(64)
+            os.rename(tmp, path)
+            st = os.stat(path)
+            self._unix_ino = (st.st_dev, st.st_ino)
+        except OSError as e:
+            sock.close()
+            raise NBDServerError(f"unix socket {path}: {e.strerror or e}") from None
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            os.rmdir(tmpdir)
+        sock.setblocking(False)
+        return sock
+
+    def _bind_tcp(self, host: str, port: int) -> socket.socket:
+        try:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.create_server((host, port), family=family, backlog=64)
+        except OSError as e:
+            raise NBDServerError(f"TCP address {host}:{port}: {e.strerror or e}") from None
+        addr = sock.getsockname()
+        self.tcp_address = (addr[0], addr[1])
+        sock.setblocking(False)
+        return sock
+
+    def _close_listeners(self) -> None:
+        for s in self._listeners:
+            s.close()
+        self._listeners.clear()
+        if self.unix_path is not None and self._unix_ino is not None:
+            try:
+                st = os.stat(self.unix_path)
+                if (st.st_dev, st.st_ino) == self._unix_ino:
+                    os.unlink(self.unix_path)
+            except OSError:
+                pass
+            self._unix_ino = None
+
+    def _accept_loop(self, wake: socket.socket) -> None:
+        sel = selectors.DefaultSelector()
+        try:
+            for s in self._listeners:
+                sel.register(s, selectors.EVENT_READ)
+            sel.register(wake, selectors.EVENT_READ)
+            while not self._stopping:
+                for key, _ in sel.select():
+                    if key.fileobj is wake or self._stopping:
+                        return
+                    assert isinstance(key.fileobj, socket.socket)
+                    self._accept(key.fileobj)
+        finally:
+            sel.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            sock, addr = listener.accept()
+        except BlockingIOError:
+            return
+        except OSError as e:
+            log.warning("nbd: accept failed: %s", e)
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                time.sleep(0.1)
+            return
+        sock.setblocking(True)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = f"{addr[0]}:{addr[1]}"
+        else:
+            peer = f"unix#{sock.fileno()}"
+        with self._lock:
+            if len(self._connections) >= self.max_connections:
+                log.warning("nbd: refusing %s: %d connections already", peer, len(self._connections))
+                sock.close()
+                return
+            conn = _Connection(self, sock, peer)
+            self._connections.add(conn)
+        conn.thread.start()
+
+    def _forget(self, conn: _Connection) -> None:
+        with self._lock:
+            self._connections.discard(conn)
+
+
+__all__ = ["NBDServer", "NBDServerError", "TLSConfig"]
