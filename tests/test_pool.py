@@ -526,14 +526,17 @@ def test_image_export_import_roundtrip_sparse(tmp_path: Path) -> None:
         f.write(b"tail" * 1000)
     with Pool(d) as pool:
         pool.create_thin(0, size=8 << 20)
-        import_image(pool, 0, str(img))
+        with open(img, "rb") as f:
+            import_image(pool, 0, f.fileno(), str(img))
         mapped = pool.thin_status(0).mapped_sectors // 128
         assert mapped == 3  # only blocks with data were provisioned
         out = tmp_path / "out.raw"
-        export_image(pool, 0, str(out))
+        with open(out, "wb") as f:
+            export_image(pool, 0, f.fileno(), str(out))
     assert out.read_bytes() == img.read_bytes()
     assert allocated(str(out)) <= 4 * BS
     with Pool(d) as pool:
         pool.create_thin(1, size=1 << 20)
         with pytest.raises(ThinpoolError, match="larger than volume"):
-            import_image(pool, 1, str(img))
+            with open(img, "rb") as f:
+                import_image(pool, 1, f.fileno(), str(img))

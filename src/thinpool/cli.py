@@ -120,24 +120,65 @@ def main(argv: list[str] | None = None) -> None:
 
 
 @cli.command()
-@click.argument("metadata", type=click.Path(dir_okay=False))
+@click.argument("metadata", type=click.Path())
 @click.option("-m", "--metadata-snap", "snapshot", is_flag=True,
               help="Check the held metadata snapshot instead of the live metadata.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing; only the exit code tells.")
 @_clean_errors
 def check(metadata: str, snapshot: bool, quiet: bool) -> None:
-    """Verify metadata like thin_check (exit 0 when clean)."""
+    """Verify metadata like thin_check (exit 0 when clean).
+
+    METADATA is a metadata file or device, or a pool directory.  The metadata
+    of a pool whose server runs is checked by the server, with commits held
+    back meanwhile, so the check sees one committed state.
+    """
+    from .server import control
+    from .server.daemon import control_path
     from .tools.check import check as run_check
 
-    report = run_check(metadata, snapshot=snapshot)
+    pool_dir = _pool_dir_of(metadata)
+    path = control_path(pool_dir) if pool_dir else None
+    result = None
+    if path and not snapshot and os.path.exists(path):
+        try:
+            result = control.request(path, "check", {})
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass
+    if result is None:
+        target = metadata
+        if pool_dir and os.path.isdir(metadata):
+            target = _pool_metadata_path(pool_dir)
+        report = run_check(target, snapshot=snapshot)
+        result = {"errors": report.errors, "leaks": report.leaks, "clean": report.clean}
     if not quiet:
-        for line in report.errors:
+        for line in result["errors"]:
             click.echo(f"error: {line}", err=True)
-        for line in report.leaks:
+        for line in result["leaks"]:
             click.echo(f"leak: {line}", err=True)
-        if report.clean:
+        if result["clean"]:
             click.echo(f"{metadata}: clean", err=True)
-    sys.exit(0 if report.clean else 1)
+    sys.exit(0 if result["clean"] else 1)
+
+
+def _pool_metadata_path(pool_dir: str) -> str:
+    import json
+
+    with open(os.path.join(pool_dir, "pool.json"), encoding="utf-8") as f:
+        return os.path.join(pool_dir, json.load(f)["metadata"])
+
+
+def _pool_dir_of(path: str) -> str | None:
+    """The pool directory ``path`` is, or whose metadata file it is; else None."""
+    if os.path.isfile(os.path.join(path, "pool.json")):
+        return path
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isfile(os.path.join(parent, "pool.json")):
+        try:
+            if os.path.samefile(_pool_metadata_path(parent), path):
+                return parent
+        except (OSError, ValueError, KeyError):
+            return None
+    return None
 
 
 @cli.command()
@@ -266,14 +307,36 @@ def _open_pool(directory: str, read_only: bool = False):
     return Pool(directory, read_only=read_only)
 
 
-def _open_pool_any(directory: str):
-    """Read-write if nobody else has the pool open, else read-only (committed state)."""
-    from .pool.locks import PoolBusyError
+def _call(directory: str, command: str, args: dict[str, Any], fds: list[int] | None = None
+          ) -> dict[str, Any]:
+    """Run a pool command: through the pool's server if one runs, else on the pool itself.
 
-    try:
-        return _open_pool(directory)
-    except PoolBusyError:
-        return _open_pool(directory, read_only=True)
+    Either way the same function runs (``server.commands``), so outputs and
+    errors are the same.
+    """
+    import errno
+
+    from .server import commands, control
+    from .server.daemon import control_path
+
+    fds = fds or []
+    path = control_path(directory)
+    if os.path.exists(path):
+        try:
+            return control.request(path, command, args, fds)
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass  # a stale socket: no server runs
+        except control.RemoteError as e:
+            if e.errno == errno.EPIPE:
+                raise _OutputClosed() from None
+            raise
+    with _open_pool(directory, read_only=not commands.COMMANDS[command].writes) as p:
+        try:
+            return commands.run(p, command, args, fds)
+        except ThinpoolError as e:
+            if getattr(e, "errno", None) == errno.EPIPE:
+                raise _OutputClosed() from None
+            raise
 
 
 @cli.group()
@@ -368,9 +431,8 @@ def pool_resize(directory: str, data_size: int | None, metadata_size: int | None
     """Grow the data and/or metadata device (never shrinks)."""
     if data_size is None and metadata_size is None:
         raise click.UsageError("give --data-size and/or --metadata-size")
-    with _open_pool(directory) as p:
-        p.resize(data_size=data_size, metadata_size=metadata_size)
-        click.echo(p.status().line())
+    out = _call(directory, "resize", {"data_size": data_size, "metadata_size": metadata_size})
+    click.echo(out["line"])
 
 
 @cli.command()
@@ -379,8 +441,7 @@ def pool_resize(directory: str, data_size: int | None, metadata_size: int | None
 @_clean_errors
 def message(directory: str, text: str) -> None:
     """Send a kernel pool message, e.g. "create_thin 0" or "create_snap 1 0"."""
-    with _open_pool(directory) as p:
-        p.message(text)
+    _call(directory, "message", {"text": text})
 
 
 @cli.command("create-thin")
@@ -394,8 +455,8 @@ def message(directory: str, text: str) -> None:
 def create_thin(directory: str, dev_id: int, size: int | None, name: str | None,
                 origin: str | None) -> None:
     """Create a thin volume."""
-    with _open_pool(directory) as p:
-        p.create_thin(dev_id, size=size, name=name, origin=origin)
+    _call(directory, "create-thin", {"id": dev_id, "size": size, "name": name,
+                                     "origin": os.path.abspath(origin) if origin else None})
 
 
 @cli.command("create-snap")
@@ -406,8 +467,7 @@ def create_thin(directory: str, dev_id: int, size: int | None, name: str | None,
 @_clean_errors
 def create_snap(directory: str, dev_id: int, origin_id: int, name: str | None) -> None:
     """Snapshot volume ORIGIN_ID as DEV_ID."""
-    with _open_pool(directory) as p:
-        p.create_snap(dev_id, origin_id, name=name)
+    _call(directory, "create-snap", {"id": dev_id, "origin_id": origin_id, "name": name})
 
 
 @cli.command("delete")
@@ -416,8 +476,7 @@ def create_snap(directory: str, dev_id: int, origin_id: int, name: str | None) -
 @_clean_errors
 def delete_cmd(directory: str, dev_id: int) -> None:
     """Delete a thin volume and release its blocks."""
-    with _open_pool(directory) as p:
-        p.delete(dev_id)
+    _call(directory, "delete", {"id": dev_id})
 
 
 @cli.command("list")
@@ -428,52 +487,26 @@ def delete_cmd(directory: str, dev_id: int) -> None:
 @_clean_errors
 def list_cmd(directory: str, tree: bool, as_json: bool) -> None:
     """List volumes: id, size, mapped, origin, creation time."""
-    import dataclasses
     import json
 
-    with _open_pool(directory, read_only=True) as p:
-        vols = p.list_volumes()
-        bs = p.block_size
-        if tree:
-            from .tools.ls import list_devices
-
-            usage = {u.dev_id: u for u in list_devices(p.meta_path)}
+    out = _call(directory, "list", {"tree": tree})
     if tree:
-        roots = _family(vols, usage, bs)
         if as_json:
-            click.echo(json.dumps(roots, indent=1))
+            click.echo(json.dumps(out["tree"], indent=1))
         else:
-            _print_tree(roots)
+            _print_tree(out["tree"])
         return
     if as_json:
-        click.echo(json.dumps([dataclasses.asdict(v) for v in vols], indent=1))
+        click.echo(json.dumps(out["volumes"], indent=1))
         return
+    bs = out["block_size"]
     click.echo(f"{'ID':>8} {'SIZE':>14} {'MAPPED':>14} {'CTIME':>6} {'STIME':>6}  NAME / ORIGIN")
-    for v in vols:
-        extra = " ".join(x for x in (v.name or "", f"origin={v.origin}" if v.origin else "",
-                                     "" if v.snapshot_of is None else f"snapshot-of={v.snapshot_of}")
-                         if x)
-        click.echo(f"{v.dev_id:>8} {v.size:>14} {v.mapped_blocks * bs:>14} {v.creation_time:>6} "
-                   f"{v.snapshotted_time:>6}  {extra}")
-
-
-def _family(vols: list, usage: dict, bs: int) -> list[dict[str, Any]]:
-    """Volumes nested under the volume each was snapshotted from (roots first, by id)."""
-    ids = {v.dev_id for v in vols}
-    nodes: dict[int, dict[str, Any]] = {}
-    for v in vols:
-        u = usage[v.dev_id]
-        nodes[v.dev_id] = {
-            "id": v.dev_id, "name": v.name, "size": v.size, "snapshot_of": v.snapshot_of,
-            "mapped_bytes": u.mapped_blocks * bs, "exclusive_bytes": u.exclusive_blocks * bs,
-            "shared_bytes": u.shared_blocks * bs, "snapshots": []}
-    roots = []
-    for v in vols:
-        if v.snapshot_of is not None and v.snapshot_of in ids:
-            nodes[v.snapshot_of]["snapshots"].append(nodes[v.dev_id])
-        else:
-            roots.append(nodes[v.dev_id])
-    return roots
+    for v in out["volumes"]:
+        extra = " ".join(x for x in (
+            v["name"] or "", f"origin={v['origin']}" if v["origin"] else "",
+            "" if v["snapshot_of"] is None else f"snapshot-of={v['snapshot_of']}") if x)
+        click.echo(f"{v['dev_id']:>8} {v['size']:>14} {v['mapped_blocks'] * bs:>14} "
+                   f"{v['creation_time']:>6} {v['snapshotted_time']:>6}  {extra}")
 
 
 def _print_tree(roots: list[dict[str, Any]]) -> None:
@@ -505,28 +538,25 @@ def _print_tree(roots: list[dict[str, Any]]) -> None:
 @_clean_errors
 def status(directory: str, dev_id: int | None, as_json: bool) -> None:
     """Kernel-style status line of the pool or of one thin volume."""
-    import dataclasses
     import json
 
-    with _open_pool_any(directory) as p:
-        st = p.status() if dev_id is None else p.thin_status(dev_id)
-    click.echo(json.dumps(dataclasses.asdict(st)) if as_json else st.line())
+    out = _call(directory, "status", {"thin": dev_id})
+    click.echo(json.dumps(out["status"]) if as_json else out["line"])
 
 
-CHUNK = 1 << 20
+def _open_input(path: str) -> int:
+    return sys.stdin.fileno() if path == "-" else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
 
-def _read_ahead(fd: int, limit: int) -> tuple[bytes, bool]:
-    """Up to ``limit`` bytes of a stream, and whether its end was reached."""
-    parts: list[bytes] = []
-    got = 0
-    while got < limit:
-        b = os.read(fd, min(CHUNK, limit - got))
-        if not b:
-            return b"".join(parts), True
-        parts.append(b)
-        got += len(b)
-    return b"".join(parts), False
+def _open_output(path: str) -> int:
+    """An output fd opened without truncation: the command checks it against the pool's files
+    first, then truncates it."""
+    if path == "-":
+        return sys.stdout.fileno()
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise click.ClickException(f"cannot write to {path}: {e.strerror}") from None
 
 
 @cli.command()
@@ -541,49 +571,9 @@ def write(directory: str, dev_id: int, offset: int, source: str) -> None:
     The range is checked before anything is written when SOURCE's length is
     known (a file, a device, or a pipe that ends within 64 MiB).
     """
-    import stat
-
-    from .pdata.blockio import device_size
-
-    fd = sys.stdin.fileno() if source == "-" else os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    fd = _open_input(source)
     try:
-        with _open_pool(directory) as p:
-            if source != "-":
-                from .outputs import refuse_same_file
-
-                refuse_same_file(source, p.files())
-            with p.volume(dev_id) as vol:
-                room = max(vol.size - offset, 0)
-                st = os.fstat(fd)
-                head, ended = b"", False
-                if stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                    length: int | None = device_size(fd) - os.lseek(fd, 0, os.SEEK_CUR)
-                else:
-                    head, ended = _read_ahead(fd, min(room + 1, 64 << 20))
-                    length = len(head) if ended else None
-                if offset > vol.size or len(head) > room or \
-                        (length is not None and offset + length > vol.size):
-                    what = f"{length} bytes" if length is not None else "the input"
-                    raise click.ClickException(
-                        f"{what} at offset {offset} would go beyond the end of volume {dev_id} "
-                        f"({vol.size} bytes); nothing was written")
-                pos = offset
-                if head:
-                    vol.write(pos, head)
-                    pos += len(head)
-                while not ended:
-                    chunk = os.read(fd, CHUNK)
-                    if not chunk:
-                        break
-                    if pos + len(chunk) > vol.size:
-                        vol.flush()
-                        raise click.ClickException(
-                            f"the input continues beyond the end of volume {dev_id} "
-                            f"({vol.size} bytes): bytes {offset}..{pos} were written, the rest "
-                            "was not")
-                    vol.write(pos, chunk)
-                    pos += len(chunk)
-                vol.flush()
+        _call(directory, "write", {"id": dev_id, "offset": offset, "source": source}, [fd])
     finally:
         if source != "-":
             os.close(fd)
@@ -597,35 +587,20 @@ def write(directory: str, dev_id: int, offset: int, source: str) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), default="-")
 @_clean_errors
 def read(directory: str, dev_id: int, offset: int, length: int | None, output: str) -> None:
-    """Read bytes from a volume."""
-    from .outputs import open_output
-
-    with _open_pool_any(directory) as p, p.volume(dev_id) as vol:
-        end = vol.size if length is None else offset + length
-        if offset > vol.size or end > vol.size:
-            raise click.ClickException(f"range {offset}+{end - offset} is beyond the end of volume "
-                                       f"{dev_id} ({vol.size} bytes)")
-        out = sys.stdout.buffer if output == "-" else \
-            open(open_output(output, p.files()), "wb", closefd=True)
-        try:
-            pos = offset
-            while pos < end:
-                n = min(CHUNK, end - pos)
-                out.write(vol.read(pos, n))
-                pos += n
-            out.flush()
-            if out is not sys.stdout.buffer:
-                out.close()
-        except BrokenPipeError:
-            raise _OutputClosed() from None
-        except OSError as e:
-            raise click.ClickException(f"cannot write to {output}: {e.strerror}") from None
-        finally:
-            if out is not sys.stdout.buffer and not out.closed:
-                try:
-                    out.close()
-                except OSError:
-                    pass
+    """Read bytes from a volume (the range is checked before anything is written)."""
+    sys.stdout.flush()
+    created = output != "-" and not os.path.lexists(output)
+    fd = _open_output(output)
+    try:
+        _call(directory, "read", {"id": dev_id, "offset": offset, "length": length,
+                                  "output": None if output == "-" else output}, [fd])
+    except BaseException:
+        if created and os.fstat(fd).st_size == 0:
+            os.unlink(output)  # nothing was written to the file this command created
+        raise
+    finally:
+        if output != "-":
+            os.close(fd)
 
 
 @cli.command()
@@ -636,9 +611,7 @@ def read(directory: str, dev_id: int, offset: int, length: int | None, output: s
 @_clean_errors
 def discard(directory: str, dev_id: int, offset: int, length: int) -> None:
     """Unmap the whole blocks inside a byte range."""
-    with _open_pool(directory) as p, p.volume(dev_id) as vol:
-        vol.discard(offset, length)
-        vol.flush()
+    _call(directory, "discard", {"id": dev_id, "offset": offset, "length": length})
 
 
 @cli.command("export-image")
@@ -648,11 +621,12 @@ def discard(directory: str, dev_id: int, offset: int, length: int) -> None:
 @_clean_errors
 def export_image_cmd(directory: str, dev_id: int, path: str) -> None:
     """Copy a volume into a sparse raw image file (never one of the pool's own files)."""
-    from .pool.images import export_image
-
-    with _open_pool(directory) as p:
-        n = export_image(p, dev_id, path)
-    click.echo(f"exported volume {dev_id} to {path} ({n} bytes of data)")
+    fd = _open_output(path)
+    try:
+        out = _call(directory, "export-image", {"id": dev_id, "path": path}, [fd])
+    finally:
+        os.close(fd)
+    click.echo(f"exported volume {dev_id} to {path} ({out['copied']} bytes of data)")
 
 
 @cli.command("import-image")
@@ -665,11 +639,116 @@ def import_image_cmd(directory: str, dev_id: int, path: str) -> None:
 
     Holes and all-zero blocks stay unprovisioned.
     """
-    from .pool.images import import_image
+    fd = _open_input(path)
+    try:
+        out = _call(directory, "import-image", {"id": dev_id, "path": path}, [fd])
+    finally:
+        os.close(fd)
+    click.echo(f"imported {path} into volume {dev_id} ({out['written']} bytes of data)")
 
-    with _open_pool(directory) as p:
-        n = import_image(p, dev_id, path)
-    click.echo(f"imported {path} into volume {dev_id} ({n} bytes of data)")
+
+# -- the pool server ------------------------------------------------------------------------------
+def _listen_address(ctx: click.Context, param: click.Parameter,
+                    value: str | None) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise click.BadParameter(f"{value!r} is not HOST:PORT", param=param)
+    return host, int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+    import socket as socket_mod
+
+    try:
+        infos = socket_mod.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False, exists=True))
+@click.option("--socket", "nbd_socket", type=click.Path(dir_okay=False),
+              help="NBD unix socket (default DIR/nbd.sock), created with mode 0600.")
+@click.option("--listen", callback=_listen_address, metavar="HOST:PORT",
+              help="Also serve NBD over TCP. Anything but loopback needs --tls require "
+                   "(or --insecure).")
+@click.option("--tls", type=click.Choice(["off", "allow", "require"]), default="off",
+              show_default=True, help="NBD_OPT_STARTTLS policy.")
+@click.option("--tls-creds", type=click.Path(file_okay=False, exists=True),
+              help="Directory with ca-cert.pem, server-cert.pem, server-key.pem (qemu's "
+                   "tls-creds-x509 layout).")
+@click.option("--insecure", is_flag=True, help="Allow plain TCP on a non-loopback address.")
+@click.option("--read-only", "read_only", type=DEV_ID, multiple=True,
+              help="Serve this volume read-only (repeatable).")
+@_clean_errors
+def serve(directory: str, nbd_socket: str | None, listen: tuple[str, int] | None, tls: str,
+          tls_creds: str | None, insecure: bool, read_only: tuple[int, ...]) -> None:
+    """Own the pool and serve its volumes over NBD until stopped.
+
+    While it runs, every thinpool command on DIRECTORY goes through it (the
+    control socket DIRECTORY/control.sock). Stop it with 'thinpool stop',
+    SIGTERM or Ctrl-C.
+    """
+    from pathlib import Path
+
+    from .nbd.protocol import TLSMode
+    from .nbd.server import TLSConfig
+    from .server.daemon import PoolServer, ServerOptions
+
+    if tls != "off" and not tls_creds:
+        raise click.UsageError("--tls allow/require needs --tls-creds DIR")
+    if tls_creds and tls == "off":
+        raise click.UsageError("--tls-creds needs --tls allow or --tls require")
+    if listen and not _is_loopback(listen[0]) and tls != "require" and not insecure:
+        raise click.UsageError(f"refusing to serve NBD on {listen[0]} without TLS: pass --tls "
+                               "require --tls-creds DIR, or --insecure")
+    tls_config = None if tls == "off" else TLSConfig(
+        Path(tls_creds or ""), TLSMode.REQUIRED if tls == "require" else TLSMode.ALLOWED)
+    server = PoolServer(directory, ServerOptions(
+        nbd_socket=os.path.abspath(nbd_socket) if nbd_socket else None, tcp=listen,
+        tls=tls_config, read_only=set(read_only)))
+    server.start()
+    click.echo(f"serving {directory}: NBD on {server.nbd_socket}"
+               + (f" and {listen[0]}:{server.nbd.tcp_address[1] if server.nbd and server.nbd.tcp_address else listen[1]}"
+                  if listen else "") + f"; pid {os.getpid()}", err=True)
+    server.serve_forever()
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Seconds to wait for the server to finish.")
+@_clean_errors
+def stop(directory: str, timeout: float) -> None:
+    """Stop the pool's server cleanly (it commits and closes the pool)."""
+    import time
+
+    from .server import control
+    from .server.daemon import control_path, read_state
+
+    path = control_path(directory)
+    try:
+        pid = control.request(path, "stop", {})["pid"]
+    except (ConnectionRefusedError, FileNotFoundError):
+        state = read_state(directory)
+        raise click.ClickException(f"no pool server runs for {directory}"
+                                   + (f" (server.json names pid {state['pid']}, which is not "
+                                      "serving)" if state else "")) from None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        if (read_state(directory) or {}).get("pid") != pid:
+            return
+        time.sleep(0.05)
+    raise click.ClickException(f"the server (pid {pid}) did not stop within {timeout:g} s")
 
 
 @cli.command()

@@ -66,6 +66,30 @@ def _refuse(output: PathLike, ident: tuple[int, int], inputs: dict[tuple[int, in
         raise SameFileError(f"refusing to write to {os.fspath(output)}: {what}")
 
 
+def claim_output(fd: int, name: str, inputs: Iterable[PathLike], truncate: bool = True) -> None:
+    """Check an output opened elsewhere (no ``O_TRUNC``) against ``inputs``, then truncate it.
+
+    For outputs whose descriptor crossed a process boundary (the pool
+    server's control socket): the check is on the open file itself.
+    """
+    st = os.fstat(fd)
+    _refuse(name, _identity(st), _identities(inputs))
+    if truncate and stat.S_ISREG(st.st_mode):
+        os.ftruncate(fd, 0)
+
+
+def refuse_input(fd: int, name: str, outputs: Iterable[PathLike]) -> None:
+    """Refuse an input (an open fd) that is one of the files a command writes."""
+    ident = _identity(os.fstat(fd))
+    for out in outputs:
+        try:
+            if _identity(os.stat(out)) == ident:
+                raise SameFileError(f"refusing to read {name}: it is {os.fspath(out)}, which "
+                                    "this command writes")
+        except OSError:
+            continue
+
+
 def open_output(path: PathLike, inputs: Iterable[PathLike], truncate: bool = True,
                 create: bool = True) -> int:
     """A writable fd for ``path``, checked against ``inputs`` before anything changes.

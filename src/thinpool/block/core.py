@@ -81,9 +81,7 @@ class DataPath:
         self.space = threading.Condition(threading.Lock())
         self.space_waits = 0  # times a writer waited for data space (for tests and status)
         self.generation = 0  # bumped when a transaction is aborted
-        self.mode = "ro" if read_only else "rw"
-        if md.needs_check and not read_only:
-            self.mode = "ro"
+        self.mode = "ro" if md.needs_check else "rw"  # the pool's mode, as status shows it
         self.meta_reserve = min(4096, md.tm.sm.nr_blocks // 10)
         self._low_water_armed = True
         self._pending_passdown: set[int] = set()

@@ -122,6 +122,10 @@ class ThinDevice:
     def has_origin(self) -> bool:
         return self.state.origin_fd >= 0
 
+    @property
+    def can_discard(self) -> bool:
+        return not self.dp.policy.ignore_discard
+
     def close(self) -> None:
         with self._close_lock:
             if self.closed:

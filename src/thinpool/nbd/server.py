@@ -483,7 +483,7 @@ class _Connection:
             reply: bytes = replies.ok(cookie)
         except DataPathError as e:
             fast = cmd == P.CMD_WRITE_ZEROES and bool(flags & P.CMD_FLAG_FAST_ZERO)
-            reply = replies.error(cookie, P.nbd_error(e.errno, fast), str(e))
+            reply = replies.error(cookie, P.nbd_error(e.errno or errno.EIO, fast), str(e))
         except Exception:
             log.exception("nbd %s: export failed on %r", self.peer, req)
             reply = replies.error(cookie, P.NBD_EIO, "internal server error")
@@ -520,7 +520,7 @@ class _Connection:
                 else:
                     bufs = replies.read(cookie, offset, view)
             except DataPathError as e:
-                bufs = [replies.error(cookie, P.nbd_error(e.errno), str(e))]
+                bufs = [replies.error(cookie, P.nbd_error(e.errno or errno.EIO), str(e))]
             except Exception:
                 log.exception("nbd %s: export failed on %r", self.peer, req)
                 bufs = [replies.error(cookie, P.NBD_EIO, "internal server error")]

@@ -211,6 +211,8 @@ class Pool:
                        error_if_no_space=c.error_if_no_space, no_space_timeout=c.no_space_timeout,
                        low_water_mark=c.low_water_mark),
             read_only=self.read_only, on_low_water=self._low_water)
+        if self.config.read_only:
+            self.dp.mode = "ro"
         if self.md.needs_check and not self.read_only:
             log.warning("pool %s needs_check is set: opened read-only", directory)
         self._stop = threading.Event()

@@ -15,27 +15,29 @@ import os
 import stat
 
 from ..errors import ThinpoolError
-from ..outputs import open_output, refuse_same_file
+from ..outputs import claim_output, refuse_input
 from ..pdata.blockio import device_size
 from .engine import Pool
 
 CHUNK_BLOCKS = 16
 
 
-def export_image(pool: Pool, dev_id: int, path: str) -> int:
-    """Write volume ``dev_id`` to ``path`` (created or truncated); returns bytes of data copied.
+def export_image(pool: Pool, dev_id: int, out_fd: int, name: str) -> int:
+    """Write volume ``dev_id`` into ``out_fd`` (opened without truncation); returns bytes of
+    data copied.
 
     The output is refused if it is one of the pool's own files or a volume's
-    external origin, before anything is written.
+    external origin, before anything is written; then a regular file is
+    truncated to the volume's size and stays sparse where the volume is.
     """
     with pool.volume(dev_id) as vol:
-        fd = open_output(path, pool.files())
-        try:
-            os.ftruncate(fd, vol.size)
-            copied = vol.copy_out(fd)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        claim_output(out_fd, name, pool.files())
+        regular = stat.S_ISREG(os.fstat(out_fd).st_mode)
+        if regular:
+            os.ftruncate(out_fd, vol.size)
+        copied = vol.copy_out(out_fd)
+        if regular or stat.S_ISBLK(os.fstat(out_fd).st_mode):
+            os.fsync(out_fd)
         return copied
 
 
@@ -55,33 +57,29 @@ def _data_extents(fd: int, size: int):
         pos = end
 
 
-def import_image(pool: Pool, dev_id: int, path: str) -> int:
-    """Make volume ``dev_id`` hold exactly the image at ``path``; returns bytes written.
+def import_image(pool: Pool, dev_id: int, in_fd: int, name: str) -> int:
+    """Make volume ``dev_id`` hold exactly the image read from ``in_fd``; returns bytes written.
 
     A file or block device larger than the volume is refused before anything
     is written.  A pipe's length is known only at its end: if it turns out
     longer than the volume, the volume holds its first bytes and the error says so.
     """
-    refuse_same_file(path, pool.files())
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
-        with pool.volume(dev_id) as vol:
-            if stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                size = device_size(fd)
-                if size > vol.size:
-                    raise ThinpoolError(f"image {path} ({size} bytes) is larger than volume "
-                                        f"{dev_id} ({vol.size} bytes); nothing was written")
-                extents = _data_extents(fd, size) if stat.S_ISREG(st.st_mode) else [(0, size)]
-                written, pos = _import_extents(vol, fd, size, extents)
-            else:
-                written, pos = _import_stream(vol, fd, path)
-            if pos < vol.size:
-                vol.write_zeroes(pos, vol.size - pos)
-            vol.flush()
-            return written
-    finally:
-        os.close(fd)
+    refuse_input(in_fd, name, pool.files())
+    st = os.fstat(in_fd)
+    with pool.volume(dev_id) as vol:
+        if stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            size = device_size(in_fd)
+            if size > vol.size:
+                raise ThinpoolError(f"image {name} ({size} bytes) is larger than volume "
+                                    f"{dev_id} ({vol.size} bytes); nothing was written")
+            extents = _data_extents(in_fd, size) if stat.S_ISREG(st.st_mode) else [(0, size)]
+            written, pos = _import_extents(vol, in_fd, size, extents)
+        else:
+            written, pos = _import_stream(vol, in_fd, name)
+        if pos < vol.size:
+            vol.write_zeroes(pos, vol.size - pos)
+        vol.flush()
+        return written
 
 
 def _import_extents(vol, fd: int, size: int, extents) -> tuple[int, int]:

@@ -1,0 +1,168 @@
+"""``thinpool serve``: one long-running process that owns a pool and serves it.
+
+The server opens the pool read-write (it holds the pool lock), serves every
+volume over NBD (a unix socket, mode 0600, and optionally TCP), and answers
+the CLI on the control socket ``DIR/control.sock``, so that every
+``thinpool`` command on the pool goes through it while it runs.  It records
+itself in ``DIR/server.json`` (pid and endpoints) for the CLI and for
+recovery after a crash.
+
+Stopping (``thinpool stop``, SIGTERM or SIGINT): stop accepting control
+requests, stop the NBD server (requests in flight finish, connections
+close), close the pool (commit), remove the sockets and ``server.json``.
+Crash story: the pool's own commit protocol; a SIGKILLed server leaves
+stale sockets and ``server.json``, which the next server replaces.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..errors import ThinpoolError
+from ..nbd.server import NBDServer, TLSConfig
+from ..pool.engine import Pool
+from ..pool.registry import write_json_atomic
+from . import commands
+from .control import ControlServer
+from .exports import PoolCatalog
+
+log = logging.getLogger("thinpool.server")
+
+CONTROL_SOCKET = "control.sock"
+NBD_SOCKET = "nbd.sock"
+STATE_FILE = "server.json"
+
+
+class ServerError(ThinpoolError):
+    pass
+
+
+@dataclass
+class ServerOptions:
+    nbd_socket: str | None = None  # default DIR/nbd.sock
+    tcp: tuple[str, int] | None = None
+    tls: TLSConfig | None = None
+    read_only: set[int] = field(default_factory=set)
+
+
+def control_path(directory: str) -> str:
+    return os.path.join(os.path.abspath(directory), CONTROL_SOCKET)
+
+
+def read_state(directory: str) -> dict[str, Any] | None:
+    """What ``server.json`` says about the pool's server, or None."""
+    try:
+        with open(os.path.join(directory, STATE_FILE), encoding="utf-8") as f:
+            state = json.load(f)
+        return state if isinstance(state, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+class PoolServer:
+    """The pool, its NBD server and its control socket in one process.
+
+    ``start`` raises ``ThinpoolError`` (nothing left running) if any part
+    cannot start; ``stop`` is idempotent and safe to call from any thread.
+    """
+
+    def __init__(self, directory: str, options: ServerOptions | None = None) -> None:
+        self.directory = os.path.abspath(directory)
+        self.options = options or ServerOptions()
+        self.pool: Pool | None = None
+        self.nbd: NBDServer | None = None
+        self.control: ControlServer | None = None
+        self.stopped = threading.Event()
+        self._stop_requested = threading.Event()
+        self._stop_lock = threading.Lock()
+
+    @property
+    def nbd_socket(self) -> str:
+        return self.options.nbd_socket or os.path.join(self.directory, NBD_SOCKET)
+
+    # -- life cycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        try:
+            self.pool = Pool(self.directory)
+            missing = [i for i in self.options.read_only if not self.pool.md.exists(i)]
+            if missing:
+                raise ServerError(f"--read-only names volumes that do not exist: {missing}")
+            self.nbd = NBDServer(PoolCatalog(self.pool, self.options.read_only),
+                                 unix_path=self.nbd_socket, tcp=self.options.tcp,
+                                 tls=self.options.tls)
+            self.nbd.start()
+            self.control = ControlServer(control_path(self.directory), self._handle)
+            self.control.start()
+            write_json_atomic(os.path.join(self.directory, STATE_FILE), {
+                "pid": os.getpid(), "nbd_socket": self.nbd_socket,
+                "tcp": list(self.nbd.tcp_address) if self.nbd.tcp_address else None,
+                "control_socket": control_path(self.directory), "started": time.time()})
+        except BaseException:
+            self.stop()
+            raise
+        log.info("serving pool %s: NBD on %s%s, control on %s", self.directory, self.nbd_socket,
+                 f" and {self.nbd.tcp_address}" if self.nbd.tcp_address else "",
+                 control_path(self.directory))
+
+    def request_stop(self) -> None:
+        """Ask ``serve_forever`` to stop (signal handlers, the stop command)."""
+        self._stop_requested.set()
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM, SIGINT or ``request_stop``; then stop."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.request_stop())
+        try:
+            while not self._stop_requested.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        with self._stop_lock:
+            if self.stopped.is_set():
+                return
+            try:
+                if self.control is not None:
+                    self.control.stop()
+                if self.nbd is not None:
+                    self.nbd.stop()
+                if self.pool is not None:
+                    self.pool.close()
+            finally:
+                state = os.path.join(self.directory, STATE_FILE)
+                if (read_state(self.directory) or {}).get("pid") == os.getpid():
+                    os.unlink(state)
+                self.stopped.set()
+                log.info("pool server for %s stopped", self.directory)
+
+    # -- control requests -------------------------------------------------------------------
+    def _handle(self, command: str, args: dict[str, Any], fds: list[int],
+                cancelled: Callable[[], bool]) -> dict[str, Any]:
+        assert self.pool is not None
+        if command == "stop":
+            self.request_stop()
+            return {"pid": os.getpid()}
+        if command == "server-info":
+            return read_state(self.directory) or {}
+        if command == "check":
+            return self._check()
+        return commands.run(self.pool, command, args, fds, cancelled)
+
+    def _check(self) -> dict[str, Any]:
+        """Check the live pool's committed metadata while nothing can commit."""
+        from ..tools.check import check
+
+        assert self.pool is not None
+        dp = self.pool.dp
+        with dp.quiesced():
+            dp.commit_gated()
+            report = check(self.pool.meta_path)
+        return {"errors": report.errors, "leaks": report.leaks, "clean": report.clean}
