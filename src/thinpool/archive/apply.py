@@ -246,10 +246,10 @@ class _Applier:
         except OSError as e:
             raise ArchiveError(f"cannot set xattr {key}: {e.strerror}") from None
 
-    def _metadata(self, pfd: int, base: str, entry: TarEntry, *, chmod: bool = True,
+    def _metadata(self, pfd: int, base: str, entry: TarEntry, *, chown: bool = True, chmod: bool = True,
                   times: bool = True) -> None:
         """lchown, xattrs, chmod, times of ``base`` in ``pfd``, never following it."""
-        if self.chown:
+        if self.chown and chown:
             os.chown(base, entry.uid, entry.gid, dir_fd=pfd, follow_symlinks=False)
         for key, value in entry.xattrs.items():
             if not key.startswith(OVERLAY_XATTR_PREFIXES):
@@ -292,8 +292,12 @@ class _Applier:
         except FileNotFoundError:
             pass
         os.link(target[-1], base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+        # The link header's metadata applies to the shared inode (as in Docker), but an owner
+        # that is already right is not set again: chown would clear file capabilities that a
+        # writer (GNU tar) stored only with the first path of the inode.
         symlink = stat.S_ISLNK(tst.st_mode)
-        self._metadata(pfd, base, entry, chmod=not symlink, times=not symlink)
+        same_owner = (tst.st_uid, tst.st_gid) == (entry.uid, entry.gid)
+        self._metadata(pfd, base, entry, chown=not same_owner, chmod=not symlink, times=not symlink)
 
     def _keep_plnk(self, base: str, entry: TarEntry, reader: TarReader) -> None:
         try:
