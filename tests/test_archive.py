@@ -337,8 +337,15 @@ def test_unsupported_entries_are_clear_errors(tmp_path: Path) -> None:
     sparse = ti("s", tarfile.GNUTYPE_SPARSE)
     with pytest.raises(ArchiveError, match="sparse"):
         apply(tmp_path, build_tar(sparse, fmt=tarfile.GNU_FORMAT))
-    with pytest.raises(ArchiveError, match="unsupported whiteout format|unknown whiteout format"):
+    with pytest.raises(ArchiveError, match="unknown whiteout format"):
         apply(tmp_path, build_tar(reg("f")), whiteouts="aufs")
+    with pytest.raises(ArchiveError, match="cannot apply tar entry 'dev'"):
+        apply(tmp_path, build_tar(ti("dev", tarfile.CHRTYPE, devmajor=2**40), fmt=tarfile.GNU_FORMAT))
+    nul_xattr = encode_header("x", "0", xattrs={"user.a\0b": b"1"}) + END_OF_ARCHIVE
+    with pytest.raises(ArchiveError, match="cannot apply tar entry 'x'"):
+        apply(tmp_path, nul_xattr)
+    with pytest.raises(ArchiveError, match="unsupported tar entry 'v': type 'V'"):
+        apply(tmp_path, build_tar(ti("v", b"V"), fmt=tarfile.GNU_FORMAT))
 
 
 def test_reader_long_names_big_numbers_and_non_utf8(tmp_path: Path) -> None:

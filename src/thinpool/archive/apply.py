@@ -48,7 +48,7 @@ from __future__ import annotations
 import os
 import posixpath
 import stat
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from .compression import open_layer_stream
 from .errors import ArchiveError, UnsafeArchiveError
@@ -135,6 +135,8 @@ class _Applier:
                     self._entry(entry, reader)
                 except OSError as e:
                     raise ArchiveError(f"cannot apply tar entry {entry.name!r}: {e.strerror or e}") from None
+                except (ValueError, OverflowError) as e:  # e.g. a NUL in an xattr name, a huge device number
+                    raise ArchiveError(f"cannot apply tar entry {entry.name!r}: {e}") from None
             self._set_dir_times()
         finally:
             for fd in self.plnk.values():
@@ -147,8 +149,9 @@ class _Applier:
         if parts is None:
             return
         base = parts[-1]
-        if any(p.startswith(WHITEOUT_META_PREFIX) for p in parts[:-1]) or (
-                base.startswith(WHITEOUT_META_PREFIX) and base != WHITEOUT_OPAQUE):
+        special = WHITEOUT_PREFIX in entry.name
+        if special and (any(p.startswith(WHITEOUT_META_PREFIX) for p in parts[:-1]) or (
+                base.startswith(WHITEOUT_META_PREFIX) and base != WHITEOUT_OPAQUE)):
             if len(parts) == 2 and parts[0] == WHITEOUT_LINK_DIR and entry.type == REG:
                 self._keep_plnk(base, entry, reader)
             return
@@ -156,10 +159,10 @@ class _Applier:
         pfd, preal = self.rd.parent(parts, create=True)
         for path in self.rd.implied:
             self._mark(path)
-        if base == WHITEOUT_OPAQUE:
+        if special and base == WHITEOUT_OPAQUE:
             self._opaque(pfd, "/".join(preal))
             return
-        if base.startswith(WHITEOUT_PREFIX):
+        if special and base.startswith(WHITEOUT_PREFIX):
             self._whiteout(pfd, preal, base[len(WHITEOUT_PREFIX):], entry)
             return
         real = "/".join(preal + (base,))
@@ -186,7 +189,7 @@ class _Applier:
             self.kept.add(parent)
             parent = posixpath.dirname(parent)
 
-    def _replace(self, pfd: int, base: str, real: str, create: Any) -> None:
+    def _replace(self, pfd: int, base: str, real: str, create: Callable[[], object]) -> None:
         """Run create(); if the name exists, remove it (with its subtree) and retry."""
         try:
             create()
@@ -277,8 +280,8 @@ class _Applier:
                 raise ArchiveError(f"invalid AUFS hard link {entry.name!r}: no {entry.linkname!r} in this layer")
             self._replace(pfd, base, real, lambda: os.link(proc_path(fd), base, dst_dir_fd=pfd, follow_symlinks=True))
             return
-        tfd, _ = self.rd.parent(target)
         try:
+            tfd, _ = self.rd.parent(target)
             tst = os.stat(target[-1], dir_fd=tfd, follow_symlinks=False)
         except FileNotFoundError:
             raise ArchiveError(f"hard link {entry.name!r}: target {entry.linkname!r} does not exist") from None

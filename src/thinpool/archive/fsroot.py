@@ -179,17 +179,12 @@ class RootDir:
         os.chmod(name, IMPLIED_DIR_MODE, dir_fd=fd, follow_symlinks=False)  # whatever the umask
         self.implied.append("/".join(real + (name,)))
 
-    def remove_all(self, dir_fd: int, name: str, st: os.stat_result | None = None) -> bool:
-        """Remove ``name`` in ``dir_fd`` and everything below it; False if it did not exist.
+    def remove_all(self, dir_fd: int, name: str, st: os.stat_result) -> None:
+        """Remove ``name`` in ``dir_fd`` (whose lstat is ``st``) and everything below it.
 
         Never follows a symlink (shutil.rmtree's fd-based walk). Removing a
         directory or a symlink drops the fd cache.
         """
-        if st is None:
-            try:
-                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                return False
         if stat.S_ISDIR(st.st_mode):
             shutil.rmtree(name, dir_fd=dir_fd)
             self.forget()
@@ -197,7 +192,6 @@ class RootDir:
             os.unlink(name, dir_fd=dir_fd)
             if stat.S_ISLNK(st.st_mode):
                 self.forget()
-        return True
 
     def open_dir(self, dir_fd: int, name: str | None = None) -> int:
         """A readable fd (for listing) of directory ``name`` in ``dir_fd``, or of ``dir_fd`` itself."""

@@ -35,6 +35,7 @@ REG, LINK, SYMLINK, CHAR, BLOCKDEV, DIR, FIFO = "0", "1", "2", "3", "4", "5", "6
 _HEADER_ONLY = {LINK, SYMLINK, CHAR, BLOCKDEV, DIR, FIFO}
 _ENTRY_TYPES = _HEADER_ONLY | {REG}
 _ZERO_BLOCK = bytes(BLOCK)
+_OCTAL_DIGITS = b"01234567"
 _CHUNK = 1 << 20
 _PAX_TIME = re.compile(rb"(-?)(\d+)(?:\.(\d+))?")
 
@@ -83,7 +84,7 @@ def _number(field_bytes: bytes, what: str, offset: int) -> int:
     text = field_bytes.replace(b"\0", b" ").strip()
     if not text:
         return 0
-    if any(c not in b"01234567" for c in text):
+    if text.translate(None, _OCTAL_DIGITS):
         raise ArchiveError(f"invalid tar header at offset {offset}: bad {what} field {field_bytes!r}")
     return int(text, 8)
 
@@ -91,7 +92,7 @@ def _number(field_bytes: bytes, what: str, offset: int) -> int:
 def checksum_ok(block: bytes) -> bool:
     """Whether a 512-byte block is a tar header with a valid checksum (unsigned or signed sum)."""
     stored_field = block[148:156].replace(b"\0", b" ").strip()
-    if not stored_field or any(c not in b"01234567" for c in stored_field):
+    if not stored_field or stored_field.translate(None, _OCTAL_DIGITS):
         return False
     stored = int(stored_field, 8)
     unsigned = sum(block) - sum(block[148:156]) + 8 * 32
