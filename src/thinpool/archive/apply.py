@@ -11,16 +11,22 @@ Semantics, entry by entry in tar order:
   root; the entry's own last component is never followed. Missing parent
   directories are created (0755, owned by the caller, like Docker's implied
   directories).
-* ``DIR/.wh..wh..opq`` (opaque directory): everything in DIR that this tar did
-  not create is removed. ``DIR/.wh.NAME`` removes DIR/NAME (and its subtree).
-  ``.wh.``, ``.wh..`` and ``.wh...`` are UnsafeArchiveError. Other names with a
+* ``DIR/.wh..wh..opq`` (opaque directory): everything below DIR is removed
+  except the entries this tar applied before the marker and the directories
+  on the way to them (Docker would also remove such a directory when it was
+  only implied, losing the entries inside it). ``DIR/.wh.NAME`` removes
+  DIR/NAME (and its subtree); ``.wh.``, ``.wh..`` and ``.wh...`` are
+  UnsafeArchiveError. Other names with a
   ``.wh..wh.`` component are AUFS metadata and are skipped, except regular
   files directly under ``.wh..wh.plnk/``: they are kept as unnamed files
   (O_TMPFILE on the root's filesystem, never visible in the tree) so that a
   hard link whose target is ``.wh..wh.plnk/X`` becomes a link to that file,
   with the plnk entry's metadata (Docker instead makes a copy per link).
 * Any other entry replaces an existing path, except that a directory entry
-  merges into an existing directory (only its metadata is applied).
+  merges into an existing directory (only its metadata is applied). A hard
+  link entry's metadata applies to the linked inode (as in Docker), but its
+  owner is not set again when already right, since chown clears file
+  capabilities that a tar writer stored only with the inode's first path.
 * Entry types: regular file, directory, symlink (target stored verbatim),
   hard link (target resolved inside the root like a name; the link's last
   component is not followed; a directory target is an error), character and
@@ -120,8 +126,8 @@ class _Applier:
         self.overlay = overlay
         self.chown = chown
         self.opaque_xattr = opaque_xattr
-        self.unpacked: set[str] = set()  # real paths this tar created (entries)
-        self.kept: set[str] = set()  # their ancestors: an opaque marker keeps these too
+        self.unpacked: set[str] = set()  # real paths of this tar's entries
+        self.kept: set[str] = set()  # their ancestors (implied ones too): an opaque marker keeps these
         self.dir_times: dict[str, tuple[int, int]] = {}
         self.plnk: dict[str, int] = {}  # .wh..wh.plnk basename -> O_TMPFILE fd
 
@@ -155,10 +161,7 @@ class _Applier:
             if len(parts) == 2 and parts[0] == WHITEOUT_LINK_DIR and entry.type == REG:
                 self._keep_plnk(base, entry, reader)
             return
-        self.rd.implied.clear()
         pfd, preal = self.rd.parent(parts, create=True)
-        for path in self.rd.implied:
-            self._mark(path)
         if special and base == WHITEOUT_OPAQUE:
             self._opaque(pfd, "/".join(preal))
             return

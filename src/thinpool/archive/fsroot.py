@@ -48,9 +48,9 @@ def proc_path(dir_fd: int, name: str | None = None) -> str:
 class RootDir:
     """A directory tree root; every lookup stays inside it.
 
-    Use as a context manager (closes every fd it opened). ``implied`` lists
-    the root-relative paths of directories that ``parent(create=True)``
-    created because they were missing (mode 0755, owned by the caller).
+    Use as a context manager (closes every fd it opened). Directories that
+    ``parent(create=True)`` creates because they are missing get mode 0755
+    and belong to the caller.
     """
 
     def __init__(self, path: str) -> None:
@@ -62,7 +62,6 @@ class RootDir:
         self._cache: dict[str, tuple[int, tuple[str, ...]]] = {}
         self._owned: set[int] = set()
         self._dropped: set[int] = set()
-        self.implied: list[str] = []
 
     def __enter__(self) -> RootDir:
         return self
@@ -144,7 +143,7 @@ class RootDir:
             except FileNotFoundError:
                 if not create:
                     raise
-                self._mkdir_implied(fd, comp, real)
+                self._mkdir_implied(fd, comp)
                 nfd = os.open(comp, _PATH_DIR, dir_fd=fd)
             except NotADirectoryError:
                 st = os.stat(comp, dir_fd=fd, follow_symlinks=False)
@@ -174,10 +173,10 @@ class RootDir:
         self._remember(key, fd, real)
         return fd, real
 
-    def _mkdir_implied(self, fd: int, name: str, real: tuple[str, ...]) -> None:
+    @staticmethod
+    def _mkdir_implied(fd: int, name: str) -> None:
         os.mkdir(name, IMPLIED_DIR_MODE, dir_fd=fd)
         os.chmod(name, IMPLIED_DIR_MODE, dir_fd=fd, follow_symlinks=False)  # whatever the umask
-        self.implied.append("/".join(real + (name,)))
 
     def remove_all(self, dir_fd: int, name: str, st: os.stat_result) -> None:
         """Remove ``name`` in ``dir_fd`` (whose lstat is ``st``) and everything below it.
