@@ -111,7 +111,9 @@ def apply_layer(root: str, stream: Any, *, whiteouts: Literal["delete", "overlay
     bzip2 / xz compressed (detected by magic bytes). Returns the sum of the
     tar headers' size fields (Docker's ApplyDiff value). Semantics and
     guarantees are in the module docstring; every failure is an ArchiveError
-    (UnsafeArchiveError for entries trying to leave the root).
+    (UnsafeArchiveError for entries trying to leave the root). Reading stops
+    at the end-of-archive marker: a caller that needs the whole stream (a
+    digest, an HTTP body) drains the rest itself.
     """
     if whiteouts not in ("delete", "overlay"):
         raise ArchiveError(f"unknown whiteout format {whiteouts!r} (use 'delete' or 'overlay')")
