@@ -189,10 +189,10 @@ class _Applier:
 
     def _mark(self, real: str) -> None:
         self.unpacked.add(real)
-        parent = posixpath.dirname(real)
+        parent = real.rpartition("/")[0]
         while parent and parent not in self.kept:
             self.kept.add(parent)
-            parent = posixpath.dirname(parent)
+            parent = parent.rpartition("/")[0]
 
     def _replace(self, pfd: int, base: str, real: str, create: Callable[[], object]) -> None:
         """Run create(); if the name exists, remove it (with its subtree) and retry."""
@@ -239,7 +239,7 @@ class _Applier:
         for key, value in entry.xattrs.items():
             if not key.startswith(OVERLAY_XATTR_PREFIXES):
                 self._setxattr(fd, key, value)
-        os.fchmod(fd, entry.mode & 0o7777)
+        os.fchmod(fd, entry.mode & 0o7777)  # always: a umask or a default ACL may have taken bits
         os.utime(fd, ns=_times(entry))
 
     def _setxattr(self, target: int | str, key: str, value: bytes) -> None:

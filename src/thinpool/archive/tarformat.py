@@ -326,8 +326,10 @@ class TarReader:
             gid=_number(block[116:124], "gid", off), size=size,
             mtime_ns=_number(block[136:148], "mtime", off) * 1_000_000_000, atime_ns=atime,
             linkname=os.fsdecode(link_b),
-            devmajor=_number(block[329:337], "devmajor", off) if magic[:5] == b"ustar" else 0,
-            devminor=_number(block[337:345], "devminor", off) if magic[:5] == b"ustar" else 0)
+        )
+        if typeflag in (CHAR, BLOCKDEV) and magic[:5] == b"ustar":
+            entry.devmajor = _number(block[329:337], "devmajor", off)
+            entry.devminor = _number(block[337:345], "devminor", off)
         for key, value in pax.items():
             if key == "path":
                 entry.name = os.fsdecode(value)
