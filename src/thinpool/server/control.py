@@ -98,14 +98,47 @@ def _recv_message(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
             return message, fds
 
 
+SUN_PATH_MAX = 107  # bytes in sockaddr_un.sun_path, less the terminating NUL
+
+
+class _Addressable:
+    """A unix socket path that fits ``sun_path``: long ones go through /proc/self/fd."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = -1
+        self.path = path
+        if len(os.fsencode(path)) > SUN_PATH_MAX:
+            directory, name = os.path.split(os.path.abspath(path))
+            self.fd = os.open(directory, os.O_PATH | os.O_CLOEXEC)
+            self.path = f"/proc/self/fd/{self.fd}/{name}"
+
+    def __enter__(self) -> str:
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+
+
+def connect(path: str) -> socket.socket:
+    """A connected stream socket to ``path`` (any length)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        with _Addressable(path) as address:
+            sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def request(path: str, command: str, args: dict[str, Any],
             fds: Sequence[int] = ()) -> dict[str, Any]:
     """Run ``command`` on the server at ``path``; its result, or ``ThinpoolError``.
 
     Raises ``ConnectionError`` (an ``OSError``) when no server listens there.
     """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(path)
+    with connect(path) as sock:
         payload = encode({"version": VERSION, "command": command, "args": args})
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] \
             if fds else []
@@ -141,27 +174,31 @@ def bind_private_socket(path: str) -> socket.socket:
     ``path`` (nobody listening) is replaced, anything else is refused.
     """
     if os.path.lexists(path):
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            probe.connect(path)
+            connect(path).close()
         except ConnectionRefusedError:
             pass  # stale: replaced below
         except OSError as e:
             raise ControlError(f"{path} exists and is not a usable socket ({e.strerror})") from None
         else:
             raise ControlError(f"{path} is in use by another server")
-        finally:
-            probe.close()
     tmpdir = tempfile.mkdtemp(prefix=".sock-", dir=os.path.dirname(os.path.abspath(path)))
     try:
         tmp = os.path.join(tmpdir, "s")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.bind(tmp)
-        os.chmod(tmp, 0o600)
-        os.rename(tmp, path)
-        sock.listen(64)
+        try:
+            with _Addressable(tmp) as address:
+                sock.bind(address)
+            os.chmod(tmp, 0o600)
+            os.rename(tmp, path)
+            sock.listen(64)
+        except BaseException:
+            sock.close()
+            raise
         return sock
     finally:
+        if os.path.lexists(os.path.join(tmpdir, "s")):
+            os.unlink(os.path.join(tmpdir, "s"))
         os.rmdir(tmpdir)
 
 
