@@ -186,6 +186,20 @@ class FuseSession:
         self._ops_ready: list[Handler | None] = [ops.get(i) for i in range(max(ops) + 1)]
         self._ops: list[Handler | None] = [None] * (P.Op.INIT + 1)  # before INIT: only INIT
         self._ops[P.Op.INIT] = self._init
+        self._min_len = [P.IN_HEADER.size] * len(self._ops_ready)
+        """Shortest valid request per opcode: header plus fixed body."""
+        for op, body in ((P.Op.LOOKUP, 2), (P.Op.FORGET, 8), (P.Op.GETATTR, 16),
+                         (P.Op.SETATTR, P.SETATTR_IN.size), (P.Op.OPEN, P.OPEN_IN.size),
+                         (P.Op.READ, P.READ_IN.size), (P.Op.WRITE, P.WRITE_IN.size),
+                         (P.Op.RELEASE, P.RELEASE_IN.size), (P.Op.FSYNC, P.FSYNC_IN.size),
+                         (P.Op.FLUSH, P.FLUSH_IN.size), (P.Op.INIT, P.INIT_IN.size),
+                         (P.Op.OPENDIR, P.OPEN_IN.size), (P.Op.READDIR, P.READ_IN.size),
+                         (P.Op.RELEASEDIR, P.RELEASE_IN.size), (P.Op.FSYNCDIR, P.FSYNC_IN.size),
+                         (P.Op.ACCESS, P.ACCESS_IN.size), (P.Op.INTERRUPT, 8),
+                         (P.Op.BATCH_FORGET, P.BATCH_FORGET_IN.size),
+                         (P.Op.FALLOCATE, P.FALLOCATE_IN.size),
+                         (P.Op.READDIRPLUS, P.READ_IN.size)):
+            self._min_len[op] += body
 
     # ---- the file table (called by the mount, any thread) ----
 
@@ -253,6 +267,9 @@ class FuseSession:
         op = ops[opcode] if opcode < len(ops) else None
         if op is None:
             return self._error(buf, unique, errno.ENOSYS)
+        if n < self._min_len[opcode]:
+            log.error("fuse: %s request of %d bytes is too short", _opname(opcode), n)
+            return self._error(buf, unique, errno.EINVAL)
         try:
             return op(unique, nodeid, req, n, buf)
         except DataPathError as e:
