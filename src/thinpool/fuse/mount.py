@@ -238,11 +238,12 @@ class FuseMount:
         """One worker: read a request, handle it, write the reply; until unmounted."""
         buf = Buffers()
         req = buf.request
+        iov = (req,)
         handle = self.session.handle
         readv, writev = os.readv, os.writev
         while True:
             try:
-                n = readv(fd, (req,))
+                n = readv(fd, iov)
             except OSError as e:
                 if e.errno in (errno.ENOENT, errno.EINTR, errno.EAGAIN):
                     continue  # the request was interrupted before we got it

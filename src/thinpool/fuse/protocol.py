@@ -112,6 +112,12 @@ STATFS_OUT = struct.Struct("<QQQQQIIII24x")       # blocks bfree bavail files ff
 DIRENT = struct.Struct("<QQII")                   # ino off namelen type, then the name
 NOTIFY_INVAL_ENTRY_OUT = struct.Struct("<QII")    # parent namelen flags, then name and NUL
 
+# Hot-path views: only the fields the handlers use, no tuple slicing.
+IN_HEADER_ROUTE = struct.Struct("<IIQQ")          # len opcode unique nodeid
+READ_IN_HOT = struct.Struct("<QQI")               # fh offset size
+WRITE_IN_HOT = struct.Struct("<QQI12xI")          # fh offset size flags
+WRITE_REPLY = struct.Struct("<IiQII")             # out header + fuse_write_out
+
 WRITE_PAYLOAD_OFFSET = IN_HEADER.size + WRITE_IN.size
 """Where a WRITE's data starts in the request (80)."""
 

@@ -104,6 +104,7 @@ class Buffers:
         self.header = bytearray(P.OUT_HEADER.size)
         self.small = bytearray(512)
         self.small_view = memoryview(self.small)
+        self.write_reply = (self.small_view[:P.WRITE_REPLY.size],)
 
 
 class FileEntry:
@@ -259,7 +260,7 @@ class FuseSession:
         if n < P.IN_HEADER.size:
             log.error("fuse: short request of %d bytes dropped", n)
             return None
-        length, opcode, unique, nodeid = P.IN_HEADER.unpack_from(req)[:4]
+        length, opcode, unique, nodeid = P.IN_HEADER_ROUTE.unpack_from(req)
         if length != n:
             log.error("fuse: request says %d bytes, got %d; dropped", length, n)
             return None
@@ -386,7 +387,7 @@ class FuseSession:
         return self._ok(buf, unique)
 
     def _read(self, unique: int, nodeid: int, req: memoryview, n: int, buf: Buffers) -> Reply:
-        fh, offset, size = P.READ_IN.unpack_from(req, P.IN_HEADER.size)[:3]
+        fh, offset, size = P.READ_IN_HOT.unpack_from(req, P.IN_HEADER.size)
         h = self._handles.get(fh)
         if h is None:
             return self._error(buf, unique, errno.EBADF)
@@ -400,7 +401,7 @@ class FuseSession:
         return (buf.header, data)
 
     def _write(self, unique: int, nodeid: int, req: memoryview, n: int, buf: Buffers) -> Reply:
-        fh, offset, size, _wflags, _owner, flags = P.WRITE_IN.unpack_from(req, P.IN_HEADER.size)[:6]
+        fh, offset, size, flags = P.WRITE_IN_HOT.unpack_from(req, P.IN_HEADER.size)
         h = self._handles.get(fh)
         if h is None:
             return self._error(buf, unique, errno.EBADF)
@@ -414,7 +415,8 @@ class FuseSession:
         h.dirty = True
         h.export.write(offset, req[P.WRITE_PAYLOAD_OFFSET:P.WRITE_PAYLOAD_OFFSET + count],
                        bool(flags & P.O_DSYNC))
-        return self._small(buf, unique, P.WRITE_OUT, count, 0)
+        P.WRITE_REPLY.pack_into(buf.small, 0, P.WRITE_REPLY.size, 0, unique, count, 0)
+        return buf.write_reply
 
     def _flush(self, unique: int, nodeid: int, req: memoryview, n: int, buf: Buffers) -> Reply:
         h = self._handles.get(P.FLUSH_IN.unpack_from(req, P.IN_HEADER.size)[0])
