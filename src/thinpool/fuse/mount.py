@@ -107,6 +107,7 @@ class FuseMount:
         self._fds: list[int] = []
         self._workers: list[threading.Thread] = []
         self._conn: int | None = None  # the FUSE connection id (the mount's device number)
+        self._mounted = False
         self._started = False
         self._stop_lock = threading.Lock()
         self._stopper: int | None = None
@@ -134,6 +135,7 @@ class FuseMount:
             self.stop()
             hint = " (needs root)" if e.errno == errno.EPERM else ""
             raise FuseError(f"cannot mount FUSE at {self.mountpoint}: {e.strerror}{hint}") from None
+        self._mounted = True
         self._conn = self._connection_id()
         try:
             for _ in range(self.threads - 1):
@@ -201,7 +203,7 @@ class FuseMount:
                 return
             self._stopper = threading.get_ident()
             files = self.session.files()
-            if self._conn is not None:
+            if self._mounted:
                 self._release_files(files)
                 self._unmount(files)
             self._join()
