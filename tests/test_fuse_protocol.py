@@ -220,6 +220,13 @@ def test_flush_fsync_and_read_only(wire: Wire, vol: FileExport, tmp_path: Path) 
     ro = nodeid_of(wire, b"ro")
     assert wire.call(P.Op.OPEN, P.OPEN_IN.pack(os.O_WRONLY, 0), ro)[0] == errno.EROFS
     assert wire.call(P.Op.OPEN, P.OPEN_IN.pack(os.O_RDWR, 0), ro)[0] == errno.EROFS
+    wire.write(fh, 0, b"a")
+    assert wire.release(fh) == 0 and vol.counts["flush"] == 6  # dirty on release: flushed
+    fh = wire.open(nodeid_of(wire, b"vol"))
+    wire.write(fh, 0, b"a")
+    vol.fail["flush"] = DataPathError(errno.EIO, "gone")
+    assert wire.release(fh) == 0 and wire.s.open_handles("vol") == 0  # logged, not answered
+    vol.fail.clear()
     rfh = wire.open(ro, os.O_RDONLY)
     assert wire.write(rfh, 0, b"x")[0] == errno.EBADF
     assert wire.fallocate(rfh, 0, 4096, 3) == errno.EBADF

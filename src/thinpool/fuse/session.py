@@ -30,8 +30,9 @@ Semantics (see ``backend`` for the Export's side):
   and reports the shorter count, like a block device.
 * A WRITE is FUA when the file's flags carry O_DSYNC (O_DSYNC or O_SYNC
   opens, RWF_DSYNC writes). FSYNC and FSYNCDIR flush the export(s); FLUSH
-  (every close) flushes only when that handle wrote since its last flush, so
-  a closed writer's data is durable and read-only opens cost nothing.
+  (every close) and RELEASE (the last close, also a loop device's detach)
+  flush only when that handle wrote since its last flush, so a closed
+  writer's data is durable and read-only opens cost nothing.
 * FALLOCATE: PUNCH_HOLE|KEEP_SIZE is ``write_zeroes(may_trim=True)`` (a
   punched range must read as zeroes), ZERO_RANGE is
   ``write_zeroes(may_trim=False)`` (fallocate(2): the range stays
@@ -383,7 +384,13 @@ class FuseSession:
         fh = P.RELEASE_IN.unpack_from(req, P.IN_HEADER.size)[0]
         h = self._handles.pop(fh, None)
         if h is not None:
-            h.entry.handles.discard(fh)
+            try:
+                if h.dirty:  # a loop device is released without a FLUSH
+                    h.export.flush()
+            except Exception:  # nobody waits for a RELEASE's answer: log it
+                log.exception("fuse: flushing %r on its last close failed", h.entry.name)
+            finally:
+                h.entry.handles.discard(fh)
         return self._ok(buf, unique)
 
     def _read(self, unique: int, nodeid: int, req: memoryview, n: int, buf: Buffers) -> Reply:
