@@ -595,3 +595,33 @@ def test_sigterm_handler_can_stop(kit: Kit) -> None:
         if mounted_at(mp):
             run("umount", "-l", mp, check=False)
     assert not mounted_at(mp)
+
+
+def test_add_file_racing_stop_closes_each_taken_export_once(kit: Kit) -> None:
+    back = sparse(kit.tmp / "vol.img", MiB)
+    m = kit.mount()
+    taken: list[FileExport] = []
+    refused: list[FileExport] = []
+    go = threading.Event()
+
+    def adder() -> None:
+        go.set()
+        for i in range(100000):
+            e = FileExport(back, count=False)
+            try:
+                m.add_file(f"f{i}", e)
+            except FuseError:
+                refused.append(e)
+                e.close()  # not taken: ours to close
+                return
+            taken.append(e)
+
+    t = threading.Thread(target=adder)
+    t.start()
+    go.wait()
+    time.sleep(0.05)
+    m.stop()
+    t.join(30)
+    assert taken and len(refused) == 1
+    assert all(e.closed == 1 for e in taken + refused)
+    assert not mounted_at(m.mountpoint)

@@ -109,15 +109,14 @@ class FuseMount:
         self._conn: int | None = None  # the FUSE connection id (the mount's device number)
         self._mounted = False
         self._started = False
-        self._stop_lock = threading.Lock()
-        self._stopper: int | None = None
-        self._stopped = threading.Event()
+        self._stopping = False
+        self._stop_lock = threading.RLock()
 
     # ---- public API ----
 
     def start(self) -> None:
         """Mount and serve; returns when the kernel's INIT has been answered."""
-        if self._started or self._stopped.is_set():
+        if self._started or self._stopping:
             raise FuseError(f"FUSE mount at {self.mountpoint} was already started")
         if not os.path.isdir(self.mountpoint):
             raise FuseError(f"mount point {self.mountpoint} is not a directory")
@@ -157,11 +156,18 @@ class FuseMount:
 
     def add_file(self, name: str, export: Export) -> None:
         """Show ``export`` as file ``name`` (mode 0600, or 0400 when read-only;
-        owned by root; size ``export.size``). The mount closes the export
-        when the file is removed or the mount stopped."""
-        if self._stopped.is_set() or self._stopper is not None:
+        owned by root; size ``export.size``).
+
+        From then on the mount owns the export and closes it when the file
+        is removed or the mount stopped (also by a ``stop()`` running at the
+        same time). On FuseError (bad or taken name, bad export, mount
+        stopped) the export was not taken.
+        """
+        if self._stopping:
             raise FuseError(f"FUSE mount at {self.mountpoint} is stopped")
-        self.session.add_file(name, export)
+        entry = self.session.add_file(name, export)
+        if self._stopping:  # stop() may have missed it: close it here (once, whoever is first)
+            entry.close_export()
 
     def remove_file(self, name: str, wait: float = 0.0) -> None:
         """Remove file ``name`` and close its export.
@@ -180,9 +186,9 @@ class FuseMount:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.02)
-        if self._workers and not self._stopped.is_set():
+        if self._workers and not self._stopping:
             self._notify(P.notify_inval_entry(P.ROOT_ID, entry.bname))
-        entry.export.close()
+        entry.close_export()
 
     def path(self, name: str) -> str:
         """The path of file ``name`` on this mount."""
@@ -193,35 +199,35 @@ class FuseMount:
         return self.session.open_handles(name)
 
     def stop(self) -> None:
-        """Unmount, end the threads, close fds and exports (module docstring)."""
-        if not self._stop_lock.acquire(blocking=False):
-            if self._stopper != threading.get_ident():
-                self._stopped.wait()
-            return  # same thread: a signal handler interrupted stop() itself
-        try:
-            if self._stopped.is_set():
+        """Unmount, end the threads, close fds and exports (module docstring).
+
+        A caller in another thread waits for a running ``stop()`` to finish;
+        a signal handler interrupting ``stop()`` in the same thread returns.
+        No lock that ``add_file``/``remove_file`` hold is taken here, and
+        every step is safe to repeat (fds are popped before closing, exports
+        close once), so a signal arriving anywhere cannot deadlock it or
+        close anything twice.
+        """
+        with self._stop_lock:
+            if self._stopping:
                 return
-            self._stopper = threading.get_ident()
+            self._stopping = True
             files = self.session.files()
             if self._mounted:
+                self._mounted = False
                 self._release_files(files)
                 self._unmount(files)
             self._join()
-            for fd in self._fds:
+            while self._fds:
                 try:
-                    os.close(fd)
+                    os.close(self._fds.pop())
                 except OSError:
                     pass
-            self._fds.clear()
             for entry in files.values():
                 try:
-                    entry.export.close()
+                    entry.close_export()
                 except Exception:
                     log.exception("fuse: closing the export of %r failed", entry.name)
-            self._stopped.set()
-        finally:
-            self._stopper = None
-            self._stop_lock.release()
 
     def __enter__(self) -> FuseMount:
         self.start()

@@ -112,7 +112,7 @@ class FileEntry:
     """One file of the directory: a name, a node id, an export."""
 
     __slots__ = ("name", "bname", "nodeid", "export", "size", "read_only", "attr", "handles",
-                 "removed")
+                 "removed", "_close_ticket")
 
     def __init__(self, name: str, nodeid: int, export: Export, now: int) -> None:
         self.name = name
@@ -127,6 +127,12 @@ class FileEntry:
         self.handles: set[int] = set()
         """fh of every open handle (set.add/discard are atomic)."""
         self.removed = False
+        self._close_ticket = itertools.count()
+
+    def close_export(self) -> None:
+        """Close the export; only the first call (from any thread) does it."""
+        if next(self._close_ticket) == 0:
+            self.export.close()
 
 
 class _Handle:
