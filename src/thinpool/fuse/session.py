@@ -227,7 +227,8 @@ class FuseSession:
             by_name[bname] = entry
             by_node = dict(self._by_node)
             by_node[entry.nodeid] = entry
-            self._by_name, self._by_node = by_name, by_node
+            self._by_node = by_node  # node first: a name that can be seen has its node
+            self._by_name = by_name
         return entry
 
     def remove_file(self, name: str) -> FileEntry:
@@ -248,7 +249,8 @@ class FuseSession:
             del by_name[bname]
             by_node = dict(self._by_node)
             del by_node[entry.nodeid]
-            self._by_name, self._by_node = by_name, by_node
+            self._by_name = by_name  # name first: a name that can be seen has its node
+            self._by_node = by_node
         return entry
 
     def files(self) -> dict[str, FileEntry]:
