@@ -6,3 +6,4 @@ its module here.
 """
 
 from . import vfs  # noqa: F401  (registers "vfs")
+from . import devmapper  # noqa: F401  (registers "devicemapper")
