@@ -14,10 +14,13 @@ from typing import Iterator
 import pytest
 
 from archivetools import needs_root
-from graphkit import (base_layer, build_tar, child_layer, loop_fs, reg, tar_names, tree, unmount_tree,  # noqa: F401
-                      xfs_fs, xfs_pquota_fs)
+from conftest import require_tool
+from graphkit import (base_layer, btrfs_fs, build_tar, child_layer, loop_fs, reg, tar_names, tree,  # noqa: F401
+                      unmount_tree, xfs_fs, xfs_pquota_fs)
 from thinpool.graph import mounts, registry
-from thinpool.graph.driver import BadOption, CreateOpts, GraphError, IncompatibleFS, NotSupported
+from thinpool.graph.btrfs import BtrfsDriver
+from thinpool.graph.driver import (BadOption, CreateOpts, GraphError, IncompatibleFS, NotSupported,
+                                   PrerequisitesMissing)
 from thinpool.graph.overlay2 import Overlay2Driver
 
 pytestmark = needs_root
@@ -372,3 +375,112 @@ def test_overlay2_size_with_xfs_project_quota(xfs_pquota_fs: Path) -> None:
         d.put("small")
     finally:
         d.cleanup()
+
+
+# -- btrfs -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def bt(btrfs_fs: Path) -> Iterator[BtrfsDriver]:
+    root = btrfs_fs / f"root-{os.urandom(6).hex()}"
+    root.mkdir()
+    d = registry.new_driver(str(root), "btrfs")
+    assert isinstance(d, BtrfsDriver)
+    yield d
+
+
+def _btrfs_show(path: str | Path) -> dict[str, str]:
+    out = subprocess.run([require_tool("btrfs"), "subvolume", "show", str(path)], capture_output=True, text=True,
+                         check=True).stdout
+    fields = {}
+    for line in out.splitlines()[1:]:
+        key, sep, value = line.strip().partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def test_btrfs_layout_subvolumes_and_snapshots(bt: BtrfsDriver) -> None:
+    home = Path(bt.home)
+    bt.create("base", None)
+    bt.apply_diff("base", None, io.BytesIO(base_layer()))
+    bt.create("child", "base")
+    bt.create_rw("ctr", "child")
+    assert sorted(os.listdir(home)) == ["subvolumes"]
+    assert sorted(os.listdir(home / "subvolumes")) == ["base", "child", "ctr"]
+    for id in ("base", "child", "ctr"):
+        assert os.stat(home / "subvolumes" / id).st_ino == 256  # a subvolume root
+    base, child, ctr = (_btrfs_show(home / "subvolumes" / i) for i in ("base", "child", "ctr"))
+    assert base["Parent UUID"] == "-"
+    assert child["Parent UUID"] == base["UUID"] and ctr["Parent UUID"] == child["UUID"]
+    assert bt.children("base") == ["child"] and bt.children("child") == ["ctr"]
+    assert bt.get("child") == str(home / "subvolumes" / "child")
+    bt.put("child")
+    assert (home / "subvolumes/child/etc/passwd").read_bytes() == (home / "subvolumes/base/etc/passwd").read_bytes()
+    listed = subprocess.run([require_tool("btrfs"), "subvolume", "list", "-o", str(home / "subvolumes")],
+                            capture_output=True, text=True, check=True).stdout
+    assert sum(1 for line in listed.splitlines() if "subvolumes/" in line) == 3
+    assert bt.status() == [("Btrfs", "")] and bt.get_metadata("ctr") == {}
+
+
+def test_btrfs_remove_destroys_nested_subvolumes(bt: BtrfsDriver) -> None:
+    bt.create("base", None)
+    bt.create_rw("ctr", "base")
+    root = Path(bt.get("ctr"))
+    subprocess.run([require_tool("btrfs"), "subvolume", "create", str(root / "nested")], check=True,
+                   capture_output=True)
+    subprocess.run([require_tool("btrfs"), "subvolume", "create", str(root / "nested" / "deeper")], check=True,
+                   capture_output=True)
+    (root / "nested" / "deeper" / "f").write_text("f")
+    bt.put("ctr")
+    bt.remove("ctr")
+    assert not bt.exists("ctr") and not (root).exists()
+    listed = subprocess.run([require_tool("btrfs"), "subvolume", "list", str(bt.home)], capture_output=True,
+                            text=True, check=True).stdout
+    mine = [line for line in listed.splitlines() if f"{Path(bt.home).parent.name}/" in line]
+    assert [line.rsplit("/", 1)[-1] for line in mine] == ["base"]
+
+
+def test_btrfs_needs_btrfs(tmp_path: Path) -> None:
+    with pytest.raises(PrerequisitesMissing, match="^prerequisites for driver not satisfied \\(wrong filesystem\\?\\)"
+                                                   ": .* is on extfs, not btrfs$"):
+        registry.new_driver(str(tmp_path / "root"), "btrfs")
+    assert not (tmp_path / "root").exists()
+
+
+def test_btrfs_options(bt: BtrfsDriver) -> None:
+    with pytest.raises(BadOption, match="^Unknown option btrfs.bogus$"):
+        registry.new_driver(str(Path(bt.home).parent), "btrfs", ["btrfs.bogus=1"])
+    bt.create("base", None)
+    with pytest.raises(BadOption, match="^Unknown option color$"):
+        bt.create_rw("c", "base", CreateOpts(storage_opt={"color": "red"}))
+    with pytest.raises(BadOption, match="^btrfs: invalid storage size: 0B$"):
+        bt.create_rw("c", "base", CreateOpts(storage_opt={"size": "0"}))
+    with pytest.raises(BadOption, match="invalid size"):
+        bt.create_rw("c", "base", CreateOpts(storage_opt={"size": "lots"}))
+    assert not bt.exists("c")
+    strict = registry.new_driver(str(Path(bt.home).parent), "btrfs", ["btrfs.min_space=16M"])
+    with pytest.raises(BadOption, match="^btrfs: storage size cannot be less than 16.78MB$"):
+        strict.create_rw("c", "base", CreateOpts(storage_opt={"size": "8M"}))
+    assert not bt.exists("c")
+
+
+def test_btrfs_size_is_a_qgroup_limit(bt: BtrfsDriver) -> None:
+    bt.create("base", None)
+    bt.apply_diff("base", None, io.BytesIO(base_layer()))
+    bt.create_rw("small", "base", CreateOpts(storage_opt={"size": "8M"}))
+    home = Path(bt.home)
+    assert (home / "quotas" / "small").read_text() == str(8 << 20)
+    shown = subprocess.run([require_tool("btrfs"), "qgroup", "show", "-r", "--raw", str(home / "subvolumes/small")],
+                           capture_output=True, text=True, check=True).stdout
+    assert str(8 << 20) in shown
+    root = Path(bt.get("small"))
+    with pytest.raises(OSError) as info:
+        with open(root / "fill", "wb") as f:
+            for _ in range(32):
+                f.write(os.urandom(1 << 20))
+                f.flush()
+                os.fsync(f.fileno())
+    assert info.value.errno == 122  # EDQUOT
+    bt.put("small")
+    bt.remove("small")
+    assert not (home / "quotas" / "small").exists()
