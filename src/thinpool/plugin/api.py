@@ -18,11 +18,13 @@ What dockerd expects, and gets:
 * ``Plugin.Activate`` -> ``{"Implements": ["GraphDriver"]}``;
   ``GraphDriver.Init`` opens the driver under the ``Home`` dockerd sends
   (the driver's own directory is ``Home/<driver name>``) with ``Opts`` as
-  its storage options; user-namespace maps are refused.
-* The plugin remembers ``Home`` and ``Opts`` in ``state_path`` (JSON,
-  written atomically, mode 0600) and re-opens the driver from it when it
-  starts again (``restore``), because dockerd never repeats ``Init`` to a
-  restarted plugin.  ``Cleanup`` (dockerd shutting down) runs the driver's
+  its storage options; user-namespace maps are refused.  With no driver
+  name the driver is chosen as dockerd chooses one (prior state under
+  ``Home``, then Docker's priority order).
+* The plugin remembers ``Home``, ``Opts`` and the driver it opened in
+  ``state_path`` (JSON, written atomically, mode 0600) and re-opens that
+  driver from it when it starts again (``restore``), because dockerd never
+  repeats ``Init`` to a restarted plugin.  ``Cleanup`` (dockerd shutting down) runs the driver's
   cleanup (everything unmounted) and closes it; a later call re-opens it
   from the remembered state.
 * ``ApplyDiff`` streams the body into ``driver.apply_diff`` (never
@@ -33,7 +35,7 @@ What dockerd expects, and gets:
   ``Remove`` that follows succeeds, as the driver's remove is idempotent.
 * ``Capabilities`` is the driver's own (``ReproducesExactDiffs`` only when
   its diff gives back the applied tar byte for byte).  ``Status`` is the
-  driver's pairs followed by ``("Thinpool Driver", <name>)``.
+  driver's pairs followed by ``("Thinpool Driver", <its name>)``.
 * Ids (and parents) must be single path components: non-empty, no ``/``
   or NUL, not ``.`` or ``..``, at most 255 bytes.  JSON field names match
   case-insensitively, as Go's decoder does.
@@ -64,8 +66,9 @@ JSON_TYPE = "application/vnd.docker.plugins.v1+json"
 TAR_TYPE = "application/x-tar"
 STATE_VERSION = 1
 
-DriverOpener = Callable[[str, list[str]], GraphDriver]
-"""(root, storage options) -> an open driver whose home is ``root/<name>``."""
+DriverOpener = Callable[[str, "str | None", list[str]], GraphDriver]
+"""(root, driver name or None to choose one as dockerd would, storage options) -> an open
+driver whose home is ``root/<its name>`` (``thinpool.graph.registry.new_driver``)."""
 
 
 class PluginError(ThinpoolError):
@@ -188,7 +191,8 @@ def _drain(body: BodyReader) -> None:
 class GraphPlugin:
     """The graphdriver plugin: dockerd's calls -> one thinpool ``GraphDriver``."""
 
-    def __init__(self, driver_name: str, opener: DriverOpener, state_path: str | None) -> None:
+    def __init__(self, driver_name: str | None, opener: DriverOpener,
+                 state_path: str | None) -> None:
         self.driver_name = driver_name
         self._opener = opener
         self.state_path = state_path
@@ -212,16 +216,16 @@ class GraphPlugin:
             return None
         except (OSError, PluginError) as e:
             return f"ignoring {self.state_path}: {e}; waiting for dockerd's Init"
-        if state.driver != self.driver_name:
+        if self.driver_name is not None and state.driver != self.driver_name:
             return (f"ignoring {self.state_path}: it was written for driver {state.driver}, this "
                     f"plugin runs {self.driver_name}; waiting for dockerd's Init")
         with self._lock:
             self._state = state
             try:
-                self._driver = self._opener(state.home, list(state.opts))
-            except ThinpoolError as e:
-                return f"cannot re-open the {self.driver_name} driver under {state.home}: {e}"
-        return f"re-opened the {self.driver_name} driver under {state.home} (from {self.state_path})"
+                self._driver = self._opener(state.home, state.driver, list(state.opts))
+            except (ThinpoolError, OSError) as e:
+                return f"cannot re-open the {state.driver} driver under {state.home}: {e}"
+        return f"re-opened the {state.driver} driver under {state.home} (from {self.state_path})"
 
     @property
     def state(self) -> PluginState | None:
@@ -234,21 +238,24 @@ class GraphPlugin:
             if self._state is None:
                 raise PluginError("the plugin has not been initialized (dockerd sends "
                                   "GraphDriver.Init when it starts; restart dockerd)")
-            self._driver = self._opener(self._state.home, list(self._state.opts))
+            self._driver = self._opener(self._state.home, self._state.driver,
+                                        list(self._state.opts))
             return self._driver
 
     def _init(self, home: str, opts: list[str]) -> None:
-        state = PluginState(home, tuple(opts), self.driver_name)
         with self._lock:
-            if self._driver is not None and self._state == state:
+            old = self._state
+            if (self._driver is not None and old is not None and old.home == home
+                    and old.opts == tuple(opts)
+                    and self.driver_name in (None, old.driver)):
                 return
             if self._driver is not None:
                 self._driver.cleanup()
                 self._driver = None
-            self._driver = self._opener(home, opts)
-            self._state = state
+            self._driver = self._opener(home, self.driver_name, opts)
+            self._state = PluginState(home, tuple(opts), self._driver.name)
             if self.state_path is not None:
-                write_state(self.state_path, state)
+                write_state(self.state_path, self._state)
 
     def _cleanup(self) -> None:
         with self._lock:
@@ -361,8 +368,9 @@ class GraphPlugin:
         return JSONReply({"Exists": self._require_driver().exists(_layer(doc))})
 
     def _status(self, doc: dict[str, Any]) -> Reply:
-        pairs = [[str(k), str(v)] for k, v in self._require_driver().status()]
-        return JSONReply({"Status": pairs + [["Thinpool Driver", self.driver_name]]})
+        driver = self._require_driver()
+        pairs = [[str(k), str(v)] for k, v in driver.status()]
+        return JSONReply({"Status": pairs + [["Thinpool Driver", driver.name]]})
 
     def _metadata(self, doc: dict[str, Any]) -> Reply:
         meta = self._require_driver().get_metadata(_layer(doc))
