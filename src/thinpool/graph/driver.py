@@ -35,6 +35,7 @@ plugin server); drivers serialize what needs it.
 from __future__ import annotations
 
 import abc
+import re
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
@@ -79,6 +80,28 @@ class IncompatibleFS(NotSupported):
 
 class BadOption(GraphError):
     """An unknown or malformed ``--storage-opt`` (Docker fails on those too)."""
+
+
+class InvalidLayerId(GraphError):
+    """A layer id that cannot name a layer (addition: Docker trusts its callers)."""
+
+
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
+
+
+def check_id(id: str) -> str:
+    """``id`` if it can name a layer, else ``InvalidLayerId``.
+
+    Addition to Docker's contract: a layer id is 1-255 characters of
+    ``[A-Za-z0-9_.-]`` starting with a letter or digit (Docker's random
+    64-hex cache ids, ``<id>-init``, and names a person types), so it is
+    always one plain path component, never ``.``/``..``, and never collides
+    with a driver's own hidden staging names (which start with ``.``).
+    """
+    if not isinstance(id, str) or not _ID.fullmatch(id):
+        raise InvalidLayerId(f"invalid layer id {id!r} (1-255 characters of A-Z a-z 0-9 _ . -, "
+                             "starting with a letter or digit)")
+    return id
 
 
 @dataclass(frozen=True)
