@@ -50,6 +50,7 @@ PLUGIN_SOCKETS = Path("/run/docker/plugins")
 PLUGIN_SPECS = Path("/etc/docker/plugins")
 THINPOOL = [sys.executable, "-m", "thinpool.cli"]
 MTIME = 1_700_000_000
+SERVING = "thinpool docker-plugin: serving "   # the plugin's line once its socket listens
 
 
 def require_docker() -> None:
@@ -197,7 +198,11 @@ def saved_layers(save_tar: Path) -> tuple[list[str], list[bytes]]:
 
 
 def tar_listing(data: bytes) -> dict[str, tuple]:
-    """name -> (type, mode, uid, gid, size, link target, content sha256) of a tar (no times)."""
+    """name -> (type, permission bits, uid, gid, size, link target, content sha256) of a tar.
+
+    Times are left out, and so are file-type bits in the mode field (Go's tar
+    writer sets them, thinpool's archive export does not; the type is there).
+    """
     out: dict[str, tuple] = {}
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         for m in tar.getmembers():
@@ -206,7 +211,7 @@ def tar_listing(data: bytes) -> dict[str, tuple]:
                 f = tar.extractfile(m)
                 assert f is not None
                 digest = hashlib.sha256(f.read()).hexdigest()
-            out[m.name.rstrip("/")] = (m.type, m.mode, m.uid, m.gid, m.size, m.linkname, digest)
+            out[m.name.rstrip("/")] = (m.type, m.mode & 0o7777, m.uid, m.gid, m.size, m.linkname, digest)
     return out
 
 
@@ -319,18 +324,16 @@ class PluginProcess:
         args = [*THINPOOL, "docker-plugin", "--socket", str(self.socket), "--driver", self.driver,
                 *[a for opt in self.storage_opts for a in ("--storage-opt", opt)],
                 *self.extra_args]
+        served_before = self.output().count(SERVING)
         self.proc = subprocess.Popen(args, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"docker-plugin exited with {self.proc.returncode}: "
                                      f"{self.output()}")
-            try:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(str(self.socket))
+            if self.output().count(SERVING) > served_before:
                 return self
-            except OSError:
-                time.sleep(0.05)
+            time.sleep(0.05)
         self.kill()
         raise AssertionError(f"docker-plugin did not come up: {self.output()}")
 
