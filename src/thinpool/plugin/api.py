@@ -36,9 +36,9 @@ What dockerd expects, and gets:
 * ``Capabilities`` is the driver's own (``ReproducesExactDiffs`` only when
   its diff gives back the applied tar byte for byte).  ``Status`` is the
   driver's pairs followed by ``("Thinpool Driver", <its name>)``.
-* Ids (and parents) must be single path components: non-empty, no ``/``
-  or NUL, not ``.`` or ``..``, at most 255 bytes.  JSON field names match
-  case-insensitively, as Go's decoder does.
+* Ids (and parents) are checked with the driver contract's ``check_id``
+  (one plain path component) before the driver sees them.  JSON field
+  names match case-insensitively, as Go's decoder does.
 
 Concurrency: calls may come from several threads; the driver is shared
 (drivers serialize what they need), and opening, re-opening or closing it
@@ -57,7 +57,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from ..errors import ThinpoolError
-from ..graph.driver import CreateOpts, GraphDriver
+from ..graph.driver import CreateOpts, GraphDriver, check_id
 
 log = logging.getLogger("thinpool.plugin")
 
@@ -145,14 +145,6 @@ def write_state(path: str, state: PluginState) -> None:
         raise
 
 
-def check_id(value: str, what: str = "ID") -> str:
-    """A layer id usable as one path component, or PluginError."""
-    if not value or value in (".", "..") or "/" in value or "\0" in value \
-            or len(value.encode("utf-8", "surrogatepass")) > 255:
-        raise PluginError(f"invalid layer {what} {value[:80]!r}")
-    return value
-
-
 def _field(doc: dict[str, Any], name: str) -> Any:
     """Go's encoding/json matches field names case-insensitively (exact match first)."""
     if name in doc:
@@ -176,11 +168,11 @@ def _str(doc: dict[str, Any], name: str, *, required: bool = False) -> str:
 
 
 def _layer(doc: dict[str, Any], name: str = "ID") -> str:
-    return check_id(_str(doc, name, required=True), name)
+    return check_id(_str(doc, name, required=True))
 
 
 def _parent(value: str) -> str | None:
-    return check_id(value, "Parent") if value else None
+    return check_id(value) if value else None
 
 
 def _drain(body: BodyReader) -> None:
@@ -409,7 +401,7 @@ class GraphPlugin:
         layer = ""
         try:
             args = parse_qs(query, keep_blank_values=True)
-            layer = check_id((args.get("id") or [""])[-1], "id")
+            layer = check_id((args.get("id") or [""])[-1])
             parent = _parent((args.get("parent") or [""])[-1])
             driver = self._require_driver()
         except (ThinpoolError, OSError) as e:
