@@ -461,15 +461,15 @@ def test_symlink_tricks_stay_inside_the_layer(env: Env) -> None:
     sentinel = _outside(env)
     data = build_tar(sym("esc", str(sentinel)), reg("esc/evil", b"evil"),
                      sym("up", "../../../../../../../.."), reg("up" + str(sentinel) + "/evil2", b"evil"))
-    d.create("l", None)
-    d.apply_diff("l", None, io.BytesIO(data))
+    d.create("sym", None)
+    d.apply_diff("sym", None, io.BytesIO(data))
     assert sorted(os.listdir(sentinel)) == ["keep"]
-    root = d.get("l")
+    root = d.get("sym")
     try:
         assert os.readlink(os.path.join(root, "esc")) == str(sentinel)
         assert (Path(root) / str(sentinel).lstrip("/") / "evil").read_bytes() == b"evil"
     finally:
-        d.put("l")
+        d.put("sym")
 
 
 @pytest.mark.parametrize("case", ["truncated", "truncated-gzip", "garbage", "empty", "bad-checksum"])
