@@ -56,6 +56,7 @@ import select
 import shutil
 import signal
 import subprocess
+import tempfile
 import sys
 import time
 from dataclasses import dataclass, field
@@ -610,7 +611,7 @@ class CrashRunner:
     def __init__(self, workdir: str, seed: int, *, min_sleep: float = 0.05,
                  max_sleep: float = 0.6, early_fraction: float = 0.1,
                  in_place_fraction: float = 0.5, metadata_snap: bool = False,
-                 strict_ro_registry: bool = False,
+                 via_server: bool = False, strict_ro_registry: bool = False,
                  stats: KillStats | None = None,
                  echo: Callable[[str], None] | None = None) -> None:
         self.workdir = workdir
@@ -622,6 +623,8 @@ class CrashRunner:
         self.early_fraction = early_fraction
         self.in_place_fraction = in_place_fraction
         self.metadata_snap = metadata_snap
+        self.via_server = via_server
+        self.sockdir = tempfile.mkdtemp(prefix="tpk", dir="/tmp") if via_server else ""
         self.strict_ro_registry = strict_ro_registry
         self.stats = stats or KillStats()
         self.echo = echo
@@ -630,9 +633,16 @@ class CrashRunner:
         os.makedirs(workdir, exist_ok=True)
         create_pool(self.pool_dir)
 
+    def close(self) -> None:
+        """Remove what the runner made outside its work directory."""
+        if self.sockdir:
+            shutil.rmtree(self.sockdir, ignore_errors=True)
+
     def _spawn(self, kill_at: str | None) -> subprocess.Popen:
         env = dict(os.environ, THINPOOL_CRASH_RUN=str(self.run),
-                   THINPOOL_CRASH_METADATA_SNAP="1" if self.metadata_snap else "0")
+                   THINPOOL_CRASH_METADATA_SNAP="1" if self.metadata_snap else "0",
+                   THINPOOL_CRASH_VIA_SERVER="1" if self.via_server else "0",
+                   THINPOOL_CRASH_SOCKDIR=self.sockdir)
         env.pop("THINPOOL_CRASH_AT", None)
         if kill_at:
             env["THINPOOL_CRASH_AT"] = kill_at

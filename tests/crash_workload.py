@@ -41,6 +41,9 @@ WEIGHTS = {
 }
 # reserve/release_metadata_snap only with THINPOOL_CRASH_METADATA_SNAP=1 (see test_crash.py)
 METADATA_SNAP_ENV = "THINPOOL_CRASH_METADATA_SNAP"
+# with THINPOOL_CRASH_VIA_SERVER=1 every operation goes through a pool server in this process
+SERVER_ENV = "THINPOOL_CRASH_VIA_SERVER"
+SOCKDIR_ENV = "THINPOOL_CRASH_SOCKDIR"
 
 
 def run_number(log_path: str) -> int:
@@ -104,6 +107,123 @@ def install_kill_point(spec: str) -> None:
     setattr(owner, func_name, wrapper)
 
 
+class DirectTarget:
+    """The workload's operations on a Pool opened in this process."""
+
+    def __init__(self, pool_dir: str) -> None:
+        from thinpool.pool.engine import Pool
+
+        self.pool = Pool(pool_dir)
+        self.handles: dict[int, object] = {}
+
+    def sizes(self) -> dict[int, int]:
+        return {v.dev_id: v.size for v in self.pool.list_volumes()}
+
+    def trans_id(self) -> int:
+        return self.pool.md.trans_id
+
+    def held(self) -> bool:
+        return bool(self.pool.md.held_root)
+
+    def vol(self, v: int):  # type: ignore[no-untyped-def]
+        h = self.handles.get(v)
+        if h is None:
+            h = self.handles[v] = self.pool.volume(v)
+        return h
+
+    def write(self, v: int, off: int, data: bytes) -> None:
+        self.vol(v).write(off, data)
+
+    def discard(self, v: int, off: int, n: int) -> None:
+        self.vol(v).discard(off, n)
+
+    def write_zeroes(self, v: int, off: int, n: int) -> None:
+        self.vol(v).write_zeroes(off, n)
+
+    def flush(self, v: int) -> None:
+        self.vol(v).flush()
+
+    def create_thin(self, new: int, size: int) -> None:
+        self.pool.create_thin(new, size=size, name=f"thin{new}")
+
+    def create_snap(self, new: int, origin: int, via_message: bool) -> None:
+        if via_message:
+            self.pool.message(f"create_snap {new} {origin}")
+        else:
+            self.pool.create_snap(new, origin, name=f"snap{new}-of-{origin}")
+
+    def delete(self, v: int, via_message: bool) -> None:
+        h = self.handles.pop(v, None)
+        if h is not None:
+            h.close()
+        if via_message:
+            self.pool.message(f"delete {v}")
+        else:
+            self.pool.delete(v)
+
+    def message(self, text: str) -> None:
+        self.pool.message(text)
+
+
+class ServerTarget(DirectTarget):
+    """The same operations through a pool server running in this process: data over NBD
+    connections (one per volume), device changes and messages over the control socket.
+    SIGKILL of this process is a server kill."""
+
+    def __init__(self, pool_dir: str) -> None:
+        from thinpool.server.daemon import PoolServer, ServerOptions, control_path
+
+        sock = os.path.join(os.environ[SOCKDIR_ENV], "nbd")  # short: sun_path is 107 bytes
+        self.server = PoolServer(pool_dir, ServerOptions(nbd_socket=sock))
+        self.server.start()
+        self.pool = self.server.pool
+        self.ctl = control_path(pool_dir)
+        self.handles = {}
+
+    def vol(self, v: int):  # type: ignore[no-untyped-def]
+        from nbdclient import NBDClient
+
+        h = self.handles.get(v)
+        if h is None:
+            h = self.handles[v] = NBDClient(self.server.nbd_socket, str(v))
+        return h
+
+    def call(self, command: str, **args: object) -> dict:
+        from thinpool.server.control import request
+
+        return request(self.ctl, command, args)
+
+    def discard(self, v: int, off: int, n: int) -> None:
+        self.vol(v).trim(off, n)
+
+    def create_thin(self, new: int, size: int) -> None:
+        self.call("create-thin", id=new, size=size, name=f"thin{new}")
+
+    def create_snap(self, new: int, origin: int, via_message: bool) -> None:
+        if via_message:
+            self.call("message", text=f"create_snap {new} {origin}")
+        else:
+            self.call("create-snap", id=new, origin_id=origin, name=f"snap{new}-of-{origin}")
+
+    def delete(self, v: int, via_message: bool) -> None:
+        import time
+
+        h = self.handles.pop(v, None)
+        if h is not None:
+            h.close()
+        for _ in range(500):  # the server closes the export when it sees the disconnect
+            if not self.pool.dp.is_open(v):
+                break
+            time.sleep(0.01)
+        if via_message:
+            self.call("message", text=f"delete {v}")
+        else:
+            self.call("delete", id=v)
+
+    def message(self, text: str) -> None:
+        self.call("message", text=text)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 4:
         print(__doc__, file=sys.stderr)
@@ -113,24 +233,16 @@ def main(argv: list[str]) -> int:
     rng = random.Random(f"workload:{seed}:{run}")
     log = Log(log_path)
 
-    from thinpool.pool.engine import Pool
-
     if os.environ.get("THINPOOL_CRASH_AT"):
         install_kill_point(os.environ["THINPOOL_CRASH_AT"])
     print("opening", flush=True)
-    pool = Pool(pool_dir)
-    sizes = {v.dev_id: v.size for v in pool.list_volumes()}
-    held = bool(pool.md.held_root)
-    log(ev="start", run=run, seed=seed, pid=os.getpid(), trans_id=pool.md.trans_id,
+    target = ServerTarget(pool_dir) if os.environ.get(SERVER_ENV) == "1" else \
+        DirectTarget(pool_dir)
+    sizes = target.sizes()
+    held = target.held()
+    log(ev="start", run=run, seed=seed, pid=os.getpid(), trans_id=target.trans_id(),
         held=held, devices={str(k): v for k, v in sorted(sizes.items())})
     print("ready", flush=True)
-    handles: dict[int, object] = {}
-
-    def vol(v: int):
-        h = handles.get(v)
-        if h is None:
-            h = handles[v] = pool.volume(v)
-        return h
 
     def free_id() -> int:
         return next(i for i in range(1, 1000) if i not in sizes)
@@ -155,48 +267,38 @@ def main(argv: list[str]) -> int:
         if kind in ("write", "discard", "write_zeroes"):
             off, n = pick_range(rng, sizes[v])
             log(ev="op", i=step, op=kind, vol=v, off=off, len=n)
-            h = vol(v)
             if kind == "write":
-                h.write(off, pattern(seed, run, step, v, off, n))
+                target.write(v, off, pattern(seed, run, step, v, off, n))
             elif kind == "discard":
-                h.discard(off, n)
+                target.discard(v, off, n)
             else:
-                h.write_zeroes(off, n)
+                target.write_zeroes(v, off, n)
             continue
         if kind == "flush":
             log(ev="op", i=step, op="flush", vol=v)
-            vol(v).flush()
+            target.flush(v)
         elif kind == "create_thin":
             new, size = free_id(), rng.choice(VOLUME_SIZES)
             log(ev="op", i=step, op=kind, vol=new, size=size)
-            pool.create_thin(new, size=size, name=f"thin{new}")
+            target.create_thin(new, size)
             sizes[new] = size
         elif kind == "create_snap":
             new = free_id()
             log(ev="op", i=step, op=kind, vol=new, origin=v, message=via_message)
-            if via_message:
-                pool.message(f"create_snap {new} {v}")
-            else:
-                pool.create_snap(new, v, name=f"snap{new}-of-{v}")
+            target.create_snap(new, v, via_message)
             sizes[new] = sizes[v]
         elif kind == "delete":
             log(ev="op", i=step, op=kind, vol=v, message=via_message)
-            h = handles.pop(v, None)
-            if h is not None:
-                h.close()
-            if via_message:
-                pool.message(f"delete {v}")
-            else:
-                pool.delete(v)
+            target.delete(v, via_message)
             del sizes[v]
         elif kind == "set_transaction_id":
-            old = pool.md.trans_id
+            old = target.trans_id()
             log(ev="op", i=step, op=kind, old=old, new=old + 1)
-            pool.message(f"set_transaction_id {old} {old + 1}")
+            target.message(f"set_transaction_id {old} {old + 1}")
         else:
             kind = "release_metadata_snap" if held else "reserve_metadata_snap"
             log(ev="op", i=step, op=kind)
-            pool.message(kind)
+            target.message(kind)
             held = not held
         log(ev="flushed", i=step, after=kind)
 

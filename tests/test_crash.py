@@ -173,3 +173,17 @@ def test_torn_last_write_is_accepted_page_wise_only():
     rp = replay(events, base, 7)  # op 1 completed: no tearing any more
     assert _block_verdict(rp, 1, 0, torn, False) == "bad"
     assert _block_verdict(rp, 1, 0, bytes(BS), False) == "lost"
+
+
+@pytest.mark.parametrize("index", range(2), ids=["server-a", "server-b"])
+def test_random_kills_of_the_pool_server(tmp_path, index):
+    """The same workload through a pool server (NBD connections, control socket): every kill
+    is a server kill; what clients saw flushed survives."""
+    seed = BASE_SEED + 500 + index
+    runner = CrashRunner(str(tmp_path / "pool"), seed, stats=STATS, via_server=True,
+                         early_fraction=0.0)
+    try:
+        for k in range(max(4, KILLS // 16)):
+            runner.kill_once(k)
+    finally:
+        runner.close()

@@ -306,3 +306,87 @@ def test_server_kill_loses_nothing_flushed(pool: Path, workdir: Path) -> None:
             srv.uri(0))
     finally:
         srv.stop()
+
+
+def test_nbd_fuzz_for_a_bounded_time(server: ServerProcess, pool: Path) -> None:
+    """Random handshakes, options, requests, truncations and disconnects for a bounded time
+    (THINPOOL_FUZZ_SECONDS, default 8): the server keeps serving, loses nothing flushed, and
+    the pool stays consistent."""
+    import random
+    import time
+
+    from nbdclient import NBDClient
+
+    seconds = float(os.environ.get("THINPOOL_FUZZ_SECONDS", "8"))
+    rng = random.Random(int(os.environ.get("THINPOOL_FUZZ_SEED", "4242")))
+    keep = os.urandom(3 * BS)
+    with NBDClient(str(server.nbd_socket), "base") as c:
+        c.write(5 * BS, keep)
+        c.flush()
+
+    def session() -> None:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(2)
+            s.connect(str(server.nbd_socket))
+            s.recv(18)
+            style = rng.random()
+            if style < 0.2:  # garbage straight away
+                s.sendall(os.urandom(rng.randint(1, 300)))
+            else:
+                s.sendall(struct.pack(">I", rng.choice([0, 1, 3, 0xFFFFFFFF])))
+                if style < 0.5:  # random options, possibly lying about their length
+                    for _ in range(rng.randint(1, 5)):
+                        body = os.urandom(rng.randint(0, 64))
+                        s.sendall(struct.pack(">QII", 0x49484156454F5054, rng.randint(0, 12),
+                                              rng.choice([len(body), 1 << 31, 0, 5])) + body)
+                else:  # a real OPT_GO, then random requests
+                    name = rng.choice([b"base", b"1", b"nope", b"", os.urandom(8)])
+                    data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+                    s.sendall(struct.pack(">QII", 0x49484156454F5054, 7, len(data)) + data)
+                    for _ in range(rng.randint(1, 20)):
+                        cmd = rng.choice([0, 1, 2, 3, 4, 5, 6, 7, 9, 200])
+                        length = rng.choice([0, 1, 512, BS, 1 << 20, 1 << 31, 0xFFFFFFFF])
+                        offset = rng.choice([0, 4096, 63 * MiB, 64 * MiB, 1 << 62])
+                        flags = rng.choice([0, 1, 2, 4, 0xFFFF])
+                        if cmd in (1, 4, 6) and 5 * BS < offset + length and offset < 8 * BS:
+                            offset = 63 * MiB  # keep the flushed bytes out of reach
+                        req = struct.pack(">IHHQQI", rng.choice([0x25609513, 0x25609513, 1]),
+                                          flags, cmd, rng.randint(0, 1 << 63), offset, length)
+                        payload = os.urandom(min(length, rng.choice([0, 100, 4096])))
+                        s.sendall(req + payload)
+            try:
+                while s.recv(1 << 16):
+                    if rng.random() < 0.3:
+                        break
+            except OSError:
+                pass
+
+    deadline = time.monotonic() + seconds
+    sessions = 0
+    while time.monotonic() < deadline:
+        try:
+            session()
+        except OSError:
+            pass
+        sessions += 1
+    assert sessions > 20
+    with NBDClient(str(server.nbd_socket), "base") as c:
+        assert c.read(5 * BS, 3 * BS) == keep
+    assert ok("status", pool).split()[4] == "rw"
+    server.stop()
+    assert_thin_check_clean(pool / "metadata")
+
+
+def test_protocol_cases_through_libnbd(server: ServerProcess) -> None:
+    """Meta contexts, block status, pipelining, multi-conn and strict-mode-off bad requests,
+    through libnbd's own Python binding (Debian's python3-libnbd, for /usr/bin/python3)."""
+    script = Path(__file__).parent / "libnbd_cases" / "protocol_cases.py"
+    probe = subprocess.run(["/usr/bin/python3", "-c", "import nbd"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.fail("python3-libnbd is not installed for /usr/bin/python3 (see .ci/run)")
+    r = run("/usr/bin/python3", str(script), str(server.nbd_socket))
+    seen = json.loads(r.stdout)
+    assert seen["meta_contexts"] == ["base:allocation"]
+    assert seen["pipelined"] == 64 and seen["multi_conn"]
+    assert set(seen["strict_off_errors"]) == {"read beyond end", "write beyond end",
+                                              "zero beyond end", "trim beyond end"}

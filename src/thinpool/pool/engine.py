@@ -15,6 +15,7 @@ Thread safety: every method may be called from any thread.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -368,6 +369,20 @@ class Pool:
         if self.dp.is_open(dev_id):
             raise DeviceError("EBUSY", f"thin device {dev_id} is open")
         self._device_change(lambda: self.md.delete(dev_id), "delete", dev_id)
+
+    def resize_volume(self, dev_id: int, size: int) -> None:
+        """Grow a volume's virtual size (dm-thin keeps sizes in the thin table; the registry
+        here); never shrinks.  Durable when this returns."""
+        self._require_writable()
+        check_volume_size(size)
+        record = self.volume_record(dev_id)
+        if size < record.size:
+            raise PoolError(f"volume {dev_id} is {record.size} bytes; it cannot shrink to {size}")
+        if size == record.size:
+            return
+        with self.dp.quiesced():  # registry lines are written one change at a time
+            self.registry.update(dev_id, dataclasses.replace(record, size=size))
+            self.dp.set_device_size(dev_id, size)
 
     def set_transaction_id(self, old: int, new: int) -> None:
         """Compare-and-swap of the pool's transaction id (the kernel's message), committed."""

@@ -131,6 +131,12 @@ def delete(pool: Pool, args: Args, fds: list[int], cancelled: Cancelled) -> dict
     return {}
 
 
+def resize_volume(pool: Pool, args: Args, fds: list[int], cancelled: Cancelled
+                  ) -> dict[str, Any]:
+    pool.resize_volume(args["id"], args["size"])
+    return {}
+
+
 def resize(pool: Pool, args: Args, fds: list[int], cancelled: Cancelled) -> dict[str, Any]:
     pool.resize(data_size=args.get("data_size"), metadata_size=args.get("metadata_size"))
     return {"line": pool.status().line()}
@@ -245,6 +251,7 @@ COMMANDS: dict[str, Command] = {
     "create-snap": Command(create_snap, True, 0),
     "delete": Command(delete, True, 0),
     "resize": Command(resize, True, 0),
+    "resize-volume": Command(resize_volume, True, 0),
     "read": Command(read, False, 1),
     "write": Command(write, True, 1),
     "discard": Command(discard, True, 0),

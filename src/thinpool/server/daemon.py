@@ -32,6 +32,7 @@ from ..pool.registry import write_json_atomic
 from . import commands
 from .control import ControlServer
 from .exports import PoolCatalog
+from .kernel import KernelDevices, leftovers
 
 log = logging.getLogger("thinpool.server")
 
@@ -79,6 +80,8 @@ class PoolServer:
         self.pool: Pool | None = None
         self.nbd: NBDServer | None = None
         self.control: ControlServer | None = None
+        self.kernel: KernelDevices | None = None
+        self.force_stop = False
         self.stopped = threading.Event()
         self._stop_requested = threading.Event()
         self._stop_lock = threading.Lock()
@@ -89,6 +92,12 @@ class PoolServer:
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self) -> None:
+        left = leftovers(self.directory, read_state(self.directory))
+        if any(left.values()):
+            what = "; ".join(f"{k}: {', '.join(v)}" for k, v in left.items() if v)
+            raise ServerError(f"a previous server of {self.directory} died and left {what}; run "
+                              f"'thinpool attach --recover {self.directory}' to bring them back, "
+                              f"or 'thinpool stop --force {self.directory}' to clean them up")
         try:
             self.pool = Pool(self.directory)
             missing = [i for i in self.options.read_only if not self.pool.md.exists(i)]
@@ -98,18 +107,26 @@ class PoolServer:
                                  unix_path=self.nbd_socket, tcp=self.options.tcp,
                                  tls=self.options.tls)
             self.nbd.start()
+            self.kernel = KernelDevices(self.pool, self.directory, self._save_state)
+            self._started_at = time.time()
+            self._save_state()
             self.control = ControlServer(control_path(self.directory), self._handle)
             self.control.start()
-            write_json_atomic(os.path.join(self.directory, STATE_FILE), {
-                "pid": os.getpid(), "nbd_socket": self.nbd_socket,
-                "tcp": list(self.nbd.tcp_address) if self.nbd.tcp_address else None,
-                "control_socket": control_path(self.directory), "started": time.time()})
         except BaseException:
             self.stop()
             raise
         log.info("serving pool %s: NBD on %s%s, control on %s", self.directory, self.nbd_socket,
                  f" and {self.nbd.tcp_address}" if self.nbd.tcp_address else "",
                  control_path(self.directory))
+
+    def _save_state(self) -> None:
+        """``server.json``: who serves, where, and the kernel devices it holds (for recovery)."""
+        assert self.nbd is not None
+        write_json_atomic(os.path.join(self.directory, STATE_FILE), {
+            "pid": os.getpid(), "nbd_socket": self.nbd_socket,
+            "tcp": list(self.nbd.tcp_address) if self.nbd.tcp_address else None,
+            "control_socket": control_path(self.directory), "started": self._started_at,
+            **(self.kernel.state() if self.kernel is not None else {})})
 
     def request_stop(self) -> None:
         """Ask ``serve_forever`` to stop (signal handlers, the stop command)."""
@@ -132,6 +149,8 @@ class PoolServer:
             try:
                 if self.control is not None:
                     self.control.stop()
+                if self.kernel is not None:
+                    self.kernel.shutdown(force=True)
                 if self.nbd is not None:
                     self.nbd.stop()
                 if self.pool is not None:
@@ -147,13 +166,33 @@ class PoolServer:
     def _handle(self, command: str, args: dict[str, Any], fds: list[int],
                 cancelled: Callable[[], bool]) -> dict[str, Any]:
         assert self.pool is not None
+        kernel = self.kernel
+        assert kernel is not None
         if command == "stop":
+            if not args.get("force"):
+                kernel.shutdown()  # refuses while something it does not own is mounted
             self.request_stop()
             return {"pid": os.getpid()}
         if command == "server-info":
             return read_state(self.directory) or {}
         if command == "check":
             return self._check()
+        if command == "attach":
+            return {"device": kernel.attach(args["id"])}
+        if command == "detach":
+            dev_id = kernel.resolve(str(args["target"]))
+            kernel.detach(dev_id)
+            return {"id": dev_id}
+        if command == "mount":
+            return kernel.mount(args["id"], args["mountpoint"], args.get("mkfs"),
+                                args.get("options"), args.get("force", False))
+        if command == "umount":
+            kernel.umount(args["mountpoint"])
+            return {}
+        origin = _snapshot_origin(command, args)
+        if origin is not None:
+            with kernel.frozen(origin):
+                return commands.run(self.pool, command, args, fds, cancelled)
         return commands.run(self.pool, command, args, fds, cancelled)
 
     def _check(self) -> dict[str, Any]:
@@ -166,3 +205,15 @@ class PoolServer:
             dp.commit_gated()
             report = check(self.pool.meta_path)
         return {"errors": report.errors, "leaks": report.leaks, "clean": report.clean}
+
+
+def _snapshot_origin(command: str, args: dict[str, Any]) -> int | None:
+    """The origin volume of a snapshot request (verb or kernel message), else None."""
+    if command == "create-snap":
+        return int(args["origin_id"])
+    if command == "message":
+        words = str(args.get("text", "")).split()
+        if len(words) == 3 and words[0] == "create_snap" and words[2].isascii() and \
+                words[2].isdigit():
+            return int(words[2])
+    return None

@@ -1,0 +1,768 @@
+"""Docker's devicemapper graph driver, on a thinpool pool instead of the kernel's dm-thin.
+
+Everything Docker keeps is where Docker keeps it, under the driver's home
+(e.g. ``/var/lib/docker/devicemapper``):
+
+* ``devicemapper/`` is the pool: sparse ``data`` and ``metadata`` files (plus
+  thinpool's ``pool.json``, registry and server sockets), or another pool
+  directory given as ``dm.thinpooldev``;
+* ``metadata/<hash>`` and ``metadata/base``: one JSON record per thin device
+  (``device_id``, ``size``, ``transaction_id``, ``initialized``, ``deleted``);
+  ``metadata/deviceset-metadata`` (``next_device_id``, base UUID and
+  filesystem) and ``metadata/transaction-metadata`` (the open transaction);
+  the pre-0.12 single ``devicemapper/json`` file is migrated on start;
+* ``mnt/<id>/``: mount points, the layer in ``rootfs/`` and its id in ``id``.
+
+The pool is owned by a thinpool pool server (started in the background if
+none runs), which activates devices (a FUSE file on a loop device) and
+mounts them; the driver talks to it over its control socket, so layers stay
+mounted between driver processes until ``put``.  Pool changes follow
+Docker's protocol: write ``transaction-metadata`` (open id = pool id + 1),
+send the pool message (``create_thin``, ``create_snap``, ``delete``), then
+``set_transaction_id old new``; an interrupted create is rolled back at the
+next start.  Device ids are 24-bit, allocated from a bitmap rebuilt from the
+records, with EEXIST retry.  The base device is formatted ext4 (or xfs) with
+Docker's mkfs flags and its UUID recorded and checked on every start; each
+layer is a ``create_snap`` of its parent; a container's ``size`` storage
+option grows its filesystem.  Busy devices are marked deleted and deleted
+later (deferred deletion).  Diffs are naive (mount both layers, compare).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..errors import ThinpoolError
+from ..pool.config import PoolConfig
+from ..pool.engine import Pool
+from ..server import control
+from ..server.daemon import control_path
+from .driver import (BadOption, CreateOpts, GraphError, LayerBusy, LayerExists, LayerNotFound,
+                     NotSupported)
+from .mounts import is_mountpoint
+from .naive import NaiveDiff
+from .options import parse_size, split_option
+from .refcount import KeyedLock, RefCounter
+
+log = logging.getLogger("thinpool.graph.devicemapper")
+
+MAX_DEVICE_ID = 0xFFFFFF
+DELETION_RETRY = 30.0  # seconds between deferred-deletion attempts (Docker's worker)
+SPECIAL = ("deviceset-metadata", "transaction-metadata")
+
+
+@dataclass
+class DevInfo:
+    """One thin device as Docker records it (``metadata/<hash>``)."""
+
+    device_id: int
+    size: int
+    transaction_id: int
+    initialized: bool = False
+    deleted: bool = False
+
+
+@dataclass
+class Options:
+    basesize: int = 10 << 30
+    loopdatasize: int = 100 << 30
+    loopmetadatasize: int = 2 << 30
+    fs: str = ""
+    mkfsargs: tuple[str, ...] = ()
+    mountopt: str = ""
+    blocksize: int = 64 << 10
+    blkdiscard: bool = True
+    min_free_space: int = 10
+    deferred_removal: bool = True
+    deferred_deletion: bool = True
+    datadev: str = ""
+    metadatadev: str = ""
+    thinpooldev: str = ""
+    xfs_nospace_retries: str = ""
+
+
+def _bool(key: str, value: str) -> bool:
+    if value.lower() in ("1", "t", "true"):
+        return True
+    if value.lower() in ("0", "f", "false"):
+        return False
+    raise BadOption(f"devmapper: invalid boolean for {key}: {value!r}")
+
+
+def parse_options(options: list[str]) -> Options:
+    """Docker's ``dm.*`` options, with its defaults and errors (an unknown key is fatal)."""
+    o = Options()
+    blkdiscard_set = False
+    for opt in options:
+        key, value = split_option(opt)
+        if key == "dm.basesize":
+            o.basesize = parse_size(value)
+        elif key == "dm.loopdatasize":
+            o.loopdatasize = parse_size(value)
+        elif key == "dm.loopmetadatasize":
+            o.loopmetadatasize = parse_size(value)
+        elif key == "dm.fs":
+            if value not in ("ext4", "xfs"):
+                raise BadOption(f"devmapper: Unsupported filesystem {value}")
+            o.fs = value
+        elif key == "dm.mkfsarg":
+            o.mkfsargs += (value,)
+        elif key == "dm.mountopt":
+            o.mountopt = ",".join(x for x in (o.mountopt, value) if x)
+        elif key == "dm.blocksize":
+            size = parse_size(value)
+            if size % (64 << 10) or not (64 << 10) <= size <= (1 << 30):
+                raise BadOption(f"devmapper: invalid block size {value}: a multiple of 64K "
+                                "between 64K and 1G")
+            o.blocksize = size
+        elif key == "dm.blkdiscard":
+            o.blkdiscard, blkdiscard_set = _bool(key, value), True
+        elif key == "dm.min_free_space":
+            if not value.endswith("%") or not value[:-1].isdigit() or int(value[:-1]) >= 100:
+                raise BadOption(f"devmapper: Invalid value {value} for option {key}: must end "
+                                "in % and be between 0 and 99")
+            o.min_free_space = int(value[:-1])
+        elif key == "dm.use_deferred_removal":
+            o.deferred_removal = _bool(key, value)
+        elif key == "dm.use_deferred_deletion":
+            o.deferred_deletion = _bool(key, value)
+        elif key == "dm.datadev":
+            o.datadev = value
+        elif key == "dm.metadatadev":
+            o.metadatadev = value
+        elif key == "dm.thinpooldev":
+            o.thinpooldev = value.removeprefix("/dev/mapper/")
+        elif key == "dm.xfs_nospace_max_retries":
+            if not value.isdigit():
+                raise BadOption(f"devmapper: invalid dm.xfs_nospace_max_retries {value!r}")
+            o.xfs_nospace_retries = value
+        elif key == "dm.override_udev_sync_check":
+            _bool(key, value)  # thinpool needs no udev
+        elif key == "dm.libdm_log_level":
+            if not value.isdigit() or not 2 <= int(value) <= 7:
+                raise BadOption(f"devmapper: invalid dm.libdm_log_level {value!r} (2-7)")
+        elif key in ("dm.directlvm_device", "dm.directlvm_device_force", "dm.thinp_percent",
+                     "dm.thinp_metapercent", "dm.thinp_autoextend_percent",
+                     "dm.thinp_autoextend_threshold"):
+            raise BadOption(f"devmapper: {key}: direct-lvm needs the kernel's device-mapper and "
+                            "LVM; give thinpool a pool directory with dm.thinpooldev instead")
+        else:
+            raise BadOption(f"devmapper: Unknown option {key}")
+    if o.deferred_deletion and not o.deferred_removal:
+        raise BadOption("devmapper: Deferred deletion can not be enabled as deferred removal "
+                        "is not enabled")
+    if (o.datadev or o.metadatadev) and not (o.datadev and o.metadatadev):
+        raise BadOption("devmapper: dm.datadev and dm.metadatadev must be given together")
+    if (o.datadev or o.thinpooldev) and not blkdiscard_set:
+        o.blkdiscard = False
+    if not o.fs:
+        o.fs = "xfs" if shutil.which("mkfs.xfs") and _kernel_has("xfs") else "ext4"
+    return o
+
+
+def _kernel_has(fs: str) -> bool:
+    try:
+        with open("/proc/filesystems", encoding="ascii") as f:
+            return any(line.split()[-1] == fs for line in f if line.strip())
+    except OSError:
+        return False
+
+
+def human_size(n: float) -> str:
+    """go-units HumanSize: decimal units, 4 significant digits (``65.54kB``, ``10.74GB``)."""
+    units = ["B", "kB", "MB", "GB", "TB", "PB", "EB"]
+    i = 0
+    while n >= 1000 and i < len(units) - 1:
+        n /= 1000
+        i += 1
+    return f"{n:.4g}{units[i]}"
+
+
+def _write_json(path: str, payload: object) -> None:
+    """Docker's atomic write: a temporary file in the same directory, fsync, rename."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)  # Docker skips this
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class DevmapperDriver(NaiveDiff):
+    """The devicemapper driver (see the module docstring).  Thread-safe."""
+
+    name = "devicemapper"
+
+    def __init__(self, home: str, options: list[str]) -> None:
+        super().__init__(home, options)
+        self.opts = parse_options(options)
+        for tool in ("losetup", "mount", "blkid", f"mkfs.{self.opts.fs}"):
+            if shutil.which(tool) is None:
+                raise NotSupported(f"{tool} is not installed")
+        if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+            raise NotSupported("devicemapper on thinpool needs root and /dev/fuse (FUSE files "
+                               "on loop devices stand in for device-mapper)")
+        os.makedirs(home, mode=0o700, exist_ok=True)
+        self.meta_dir = os.path.join(home, "metadata")
+        self.mnt_dir = os.path.join(home, "mnt")
+        os.makedirs(self.meta_dir, mode=0o700, exist_ok=True)
+        os.makedirs(self.mnt_dir, mode=0o755, exist_ok=True)
+        st = os.stat(home)
+        self.prefix = f"docker-{os.major(st.st_dev)}:{os.minor(st.st_dev)}-{st.st_ino}"
+        self.pool_dir = self.opts.thinpooldev or os.path.join(home, "devicemapper")
+        self.own_pool = not self.opts.thinpooldev
+        self.ctl = control_path(self.pool_dir)
+        self._lock = threading.RLock()  # Docker's DeviceSet mutex
+        self._layers = KeyedLock()
+        self._mounts = RefCounter(is_mountpoint)
+        self.devices: dict[str, DevInfo] = {}
+        self.next_device_id = 0
+        self.base_uuid = ""
+        self.base_fs = ""
+        self._used_ids: set[int] = set()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._ensure_pool()
+        self._ensure_server()
+        self._load()
+        self._setup_base()
+        self._delete_marked()
+        if self.opts.deferred_deletion:
+            self._worker = threading.Thread(target=self._deletion_worker, daemon=True,
+                                            name="devmapper-deletion")
+            self._worker.start()
+
+    # -- the pool and its server ---------------------------------------------------------------
+    def _ensure_pool(self) -> None:
+        if os.path.isfile(os.path.join(self.pool_dir, "pool.json")):
+            return
+        if self.opts.thinpooldev:
+            raise GraphError(f"devmapper: dm.thinpooldev {self.pool_dir} is not a thinpool "
+                             "pool directory")
+        os.makedirs(self.pool_dir, mode=0o700, exist_ok=True)
+        config = PoolConfig(data_block_sectors=self.opts.blocksize // 512,
+                            low_water_mark=32768, skip_block_zeroing=True)
+        Pool.create(self.pool_dir, self.opts.loopdatasize, self.opts.loopmetadatasize, config,
+                    data_dev=self.opts.datadev or None, metadata_dev=self.opts.metadatadev or None)
+
+    def _ensure_server(self) -> None:
+        try:
+            control.connect(self.ctl).close()
+            return
+        except OSError:
+            pass
+        import sys
+
+        log_path = os.path.join(self.pool_dir, "server.log")
+        with open(log_path, "ab") as log_file:
+            proc = subprocess.Popen([sys.executable, "-m", "thinpool.cli", "serve", self.pool_dir],
+                                    stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                    start_new_session=True, close_fds=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise GraphError(f"devmapper: the pool server for {self.pool_dir} did not start "
+                                 f"(see {log_path})")
+            try:
+                control.connect(self.ctl).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise GraphError(f"devmapper: the pool server for {self.pool_dir} did not come up")
+
+    def _call(self, command: str, **args: Any) -> dict[str, Any]:
+        try:
+            return control.request(self.ctl, command, args)
+        except ConnectionError:
+            self._ensure_server()  # it was stopped (or died): start it again, once
+            return control.request(self.ctl, command, args)
+
+    def _pool_status(self) -> dict[str, Any]:
+        return self._call("status")["status"]
+
+    # -- records -------------------------------------------------------------------------------
+    def _record_path(self, hash: str) -> str:
+        return os.path.join(self.meta_dir, hash or "base")
+
+    def _save(self, hash: str) -> None:
+        _write_json(self._record_path(hash), asdict(self.devices[hash]))
+
+    def _save_deviceset(self) -> None:
+        _write_json(os.path.join(self.meta_dir, "deviceset-metadata"), {
+            "next_device_id": self.next_device_id, "BaseDeviceUUID": self.base_uuid,
+            "BaseDeviceFilesystem": self.base_fs})
+
+    def _load(self) -> None:
+        self._migrate_old_json()
+        for name in os.listdir(self.meta_dir):
+            if name.startswith(".") or name.endswith(".migrated") or name in SPECIAL:
+                continue
+            try:
+                with open(os.path.join(self.meta_dir, name), encoding="utf-8") as f:
+                    raw = json.load(f)
+                info = DevInfo(int(raw["device_id"]), int(raw["size"]),
+                               int(raw.get("transaction_id", 0)),
+                               bool(raw.get("initialized", False)), bool(raw.get("deleted", False)))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise GraphError(f"devmapper: device record {name} is unreadable: {e}") from None
+            if info.device_id > MAX_DEVICE_ID:
+                continue
+            self.devices["" if name == "base" else name] = info
+            self._used_ids.add(info.device_id)
+        try:
+            with open(os.path.join(self.meta_dir, "deviceset-metadata"), encoding="utf-8") as f:
+                raw = json.load(f)
+            self.next_device_id = int(raw.get("next_device_id", 0))
+            self.base_uuid = raw.get("BaseDeviceUUID", "")
+            self.base_fs = raw.get("BaseDeviceFilesystem", "")
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, TypeError) as e:
+            raise GraphError(f"devmapper: deviceset-metadata is unreadable: {e}") from None
+        self.transaction_id = int(self._pool_status()["transaction_id"])
+        self._process_pending_transaction()
+
+    def _migrate_old_json(self) -> None:
+        """Pre-0.12 Docker kept every device in ``devicemapper/json``."""
+        old = os.path.join(self.home, "devicemapper", "json")
+        if not os.path.exists(old):
+            return
+        with open(old, encoding="utf-8") as f:
+            devices = json.load(f).get("Devices", {})
+        for hash, raw in devices.items():
+            _write_json(self._record_path(hash), {
+                "device_id": raw["device_id"], "size": raw["size"],
+                "transaction_id": raw.get("transaction_id", 0),
+                "initialized": raw.get("initialized", False), "deleted": False})
+        os.rename(old, old + ".migrated")
+
+    # -- transactions (Docker's protocol) ------------------------------------------------------
+    def _open_transaction(self, hash: str, dev_id: int) -> None:
+        self.open_transaction_id = self.transaction_id + 1
+        _write_json(os.path.join(self.meta_dir, "transaction-metadata"), {
+            "open_transaction_id": self.open_transaction_id, "device_hash": hash,
+            "device_id": dev_id})
+
+    def _close_transaction(self) -> None:
+        self._call("message", text=f"set_transaction_id {self.transaction_id} "
+                                   f"{self.open_transaction_id}")
+        self.transaction_id = self.open_transaction_id
+
+    def _process_pending_transaction(self) -> None:
+        """Roll back a create that a crash interrupted (Docker's processPendingTransaction)."""
+        try:
+            with open(os.path.join(self.meta_dir, "transaction-metadata"), encoding="utf-8") as f:
+                raw = json.load(f)
+        except (FileNotFoundError, ValueError):
+            return
+        open_id = int(raw.get("open_transaction_id", self.transaction_id))
+        if open_id == self.transaction_id:
+            return
+        if open_id < self.transaction_id:
+            log.error("devmapper: open transaction %d is older than the pool's %d", open_id,
+                      self.transaction_id)
+            return
+        dev_id, hash = int(raw["device_id"]), raw.get("device_hash", "")
+        log.warning("devmapper: rolling back the interrupted creation of device %d (%s)", dev_id,
+                    hash or "base")
+        try:
+            self._call("message", text=f"delete {dev_id}")
+        except ThinpoolError:
+            pass
+        info = self.devices.get(hash)
+        if info is not None and info.device_id == dev_id:
+            del self.devices[hash]
+            os.unlink(self._record_path(hash))
+        self._used_ids.discard(dev_id)
+        os.unlink(os.path.join(self.meta_dir, "transaction-metadata"))
+
+    def _next_free_id(self) -> int:
+        for _ in range(MAX_DEVICE_ID + 1):
+            self.next_device_id = (self.next_device_id + 1) & MAX_DEVICE_ID
+            if self.next_device_id not in self._used_ids:
+                self._used_ids.add(self.next_device_id)
+                return self.next_device_id
+        raise GraphError("devmapper: no free device id left (all 2^24 are in use)")
+
+    def _create_device(self, hash: str, size: int, origin: DevInfo | None) -> DevInfo:
+        """A new thin device (a snapshot of ``origin``, or empty), registered, in one transaction."""
+        dev_id = self._next_free_id()
+        self._open_transaction(hash, dev_id)
+        try:
+            while True:
+                try:
+                    if origin is None:
+                        self._call("create-thin", id=dev_id, size=size)
+                    else:
+                        self._call("message", text=f"create_snap {dev_id} {origin.device_id}")
+                    break
+                except ThinpoolError as e:
+                    if "EEXIST" not in str(e):
+                        raise
+                    log.error("devmapper: Device ID %d exists in pool but it is supposed to be "
+                              "unused", dev_id)
+                    dev_id = self._next_free_id()
+                    self._open_transaction(hash, dev_id)
+            info = DevInfo(dev_id, size, self.open_transaction_id)
+            self.devices[hash] = info
+            self._save(hash)
+            self._close_transaction()
+        except BaseException:
+            self._used_ids.discard(dev_id)
+            self.devices.pop(hash, None)
+            if os.path.exists(self._record_path(hash)):
+                os.unlink(self._record_path(hash))
+            raise
+        if origin is not None and size > origin.size:
+            self._call("resize-volume", id=dev_id, size=size)
+        return info
+
+    # -- the base device -----------------------------------------------------------------------
+    def _setup_base(self) -> None:
+        base = self.devices.get("")
+        if base is not None and base.initialized and not base.deleted:
+            uuid = self._device_uuid(base)
+            if not self.base_uuid:
+                self.base_uuid = uuid
+                self._save_deviceset()
+            elif uuid != self.base_uuid:
+                raise GraphError(f"devmapper: Current Base Device UUID:{uuid} does not match with "
+                                 f"stored UUID:{self.base_uuid}. Possibly using a different thin "
+                                 "pool than last invocation")
+            if self.opts.basesize > base.size:
+                self._grow(base, "", self.opts.basesize)
+            elif self.opts.basesize < base.size and self._basesize_given():
+                raise GraphError(f"devmapper: Base device size cannot be smaller than "
+                                 f"{human_size(base.size)}")
+            return
+        if base is not None:  # a base that never got its filesystem: start over
+            self._delete_device("", sync=True)
+        if not self.own_pool:
+            st = self._pool_status()
+            if st["used_data"] or st["transaction_id"]:
+                raise GraphError(f"devmapper: Unable to take ownership of thin-pool "
+                                 f"({self.pool_dir}) that already has used data blocks or a "
+                                 "non-zero transaction ID")
+        with self._lock:
+            base = self._create_device("", self.opts.basesize, None)
+            device = self._call("attach", id=base.device_id)["device"]
+            try:
+                self._mkfs(device)
+                self.base_uuid = self._uuid_of(device)
+            finally:
+                self._call("detach", target=str(base.device_id))
+            self.base_fs = self.opts.fs
+            base.initialized = True
+            self._save("")
+            self._save_deviceset()
+
+    def _basesize_given(self) -> bool:
+        return any(split_option(o)[0] == "dm.basesize" for o in self.options)
+
+    def _mkfs(self, device: str) -> None:
+        if self.opts.fs == "ext4":
+            args = ["mkfs.ext4", "-q", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0"]
+        else:
+            args = ["mkfs.xfs", "-q", "-f"]
+        r = subprocess.run([*args, *self.opts.mkfsargs, device], capture_output=True, text=True)
+        if r.returncode != 0 and self.opts.fs == "ext4":  # Docker retries without lazy_journal
+            args[3] = "nodiscard,lazy_itable_init=0"
+            r = subprocess.run([*args, *self.opts.mkfsargs, device], capture_output=True,
+                               text=True)
+        if r.returncode != 0:
+            raise GraphError(f"devmapper: mkfs.{self.opts.fs} {device}: {r.stderr.strip()}")
+        if self.opts.fs == "ext4":
+            subprocess.run(["tune2fs", "-c", "-1", "-i", "0", device], capture_output=True)
+
+    @staticmethod
+    def _uuid_of(device: str) -> str:
+        r = subprocess.run(["blkid", "-s", "UUID", "-o", "value", device], capture_output=True,
+                           text=True)
+        return r.stdout.strip()
+
+    def _device_uuid(self, info: DevInfo) -> str:
+        device = self._call("attach", id=info.device_id)["device"]
+        try:
+            return self._uuid_of(device)
+        finally:
+            self._call("detach", target=str(info.device_id))
+
+    def _grow(self, info: DevInfo, hash: str, size: int) -> None:
+        """A bigger virtual size and a filesystem grown to it (resize2fs / xfs_growfs)."""
+        self._call("resize-volume", id=info.device_id, size=size)
+        info.size = size
+        self._save(hash)
+        mp = tempfile.mkdtemp(prefix="thinpool-grow-")
+        try:
+            self._call("mount", id=info.device_id, mountpoint=mp, options=self.opts.mountopt or None)
+            try:
+                out = self._call("server-info")
+                device = out.get("attached", {}).get(str(info.device_id), "")
+                cmd = ["xfs_growfs", mp] if self._fs_at(mp) == "xfs" else ["resize2fs", device]
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise GraphError(f"devmapper: growing the filesystem: {r.stderr.strip()}")
+            finally:
+                self._call("umount", mountpoint=mp)
+        finally:
+            os.rmdir(mp)
+
+    @staticmethod
+    def _fs_at(mp: str) -> str:
+        from .mounts import mount_entry
+
+        entry = mount_entry(mp)
+        return entry.fstype if entry is not None else ""
+
+    # -- ProtoDriver -----------------------------------------------------------------------------
+    def exists(self, id: str) -> bool:
+        with self._lock:
+            return id in self.devices
+
+    def create(self, id: str, parent: str | None, opts: CreateOpts | None = None) -> None:
+        self._add(id, parent, opts)
+
+    def create_rw(self, id: str, parent: str | None, opts: CreateOpts | None = None) -> None:
+        self._add(id, parent, opts)
+
+    def _add(self, id: str, parent: str | None, opts: CreateOpts | None) -> None:
+        if not id or id == "base" or "/" in id or id.startswith("."):
+            raise GraphError(f"devmapper: invalid layer id {id!r}")
+        size_opt = None
+        for key, value in (opts.storage_opt if opts else {}).items():
+            if key.lower() != "size":
+                raise BadOption(f"Unknown option {key}")
+            size_opt = parse_size(value)
+        with self._layers.hold(parent or "", id), self._lock:
+            base = self.devices.get(parent or "")
+            if base is None:
+                raise LayerNotFound(f"devmapper: Unknown device {parent}")
+            if base.deleted:
+                raise GraphError(f"devmapper: Base device {parent} has been marked for deferred "
+                                 "deletion")
+            if id in self.devices:
+                raise LayerExists(f"devmapper: device {id} already exists")
+            size = base.size if size_opt is None else size_opt
+            if size < base.size:
+                raise GraphError(f"devmapper: Container size cannot be smaller than "
+                                 f"{human_size(base.size)}")
+            self._check_free_space()
+            info = self._create_device(id, base.size, base)
+            if size > base.size:
+                try:
+                    self._grow(info, id, size)
+                except BaseException:
+                    self._delete_device(id, sync=True)
+                    raise
+
+    def _check_free_space(self) -> None:
+        pct = self.opts.min_free_space
+        if not pct:
+            return
+        st = self._pool_status()
+        for what, used, total in (("data", st["used_data"], st["total_data"]),
+                                  ("metadata", st["used_metadata"], st["total_metadata"])):
+            free, need = total - used, total * pct // 100
+            if free < need:
+                raise GraphError(f"devmapper: Thin Pool has {free} free {what} blocks which is "
+                                 f"less than minimum required {need} free {what} blocks. Create "
+                                 "more free space in thin pool or use dm.min_free_space option "
+                                 "to change behavior")
+
+    def remove(self, id: str) -> None:
+        with self._layers.hold(id):
+            mp = os.path.join(self.mnt_dir, id)
+            with self._lock:
+                if id not in self.devices:
+                    return
+                if self._mounts.count(mp) or is_mountpoint(mp):
+                    raise LayerBusy(f"devmapper: Error running DeleteDevice: device {id} is "
+                                    "mounted (put it first)")
+                self._delete_device(id, sync=False)
+            try:
+                os.rmdir(mp)
+            except OSError:
+                pass
+
+    def _delete_device(self, hash: str, sync: bool) -> None:
+        """Docker's DeleteDevice: a delete transaction; a busy device is marked deleted."""
+        info = self.devices[hash]
+        self._open_transaction(hash, info.device_id)
+        try:
+            self._call("message", text=f"delete {info.device_id}")
+        except ThinpoolError as e:
+            if "ENODATA" not in str(e):
+                if "EBUSY" in str(e) and self.opts.deferred_deletion and not sync:
+                    if not info.deleted:
+                        info.deleted = True
+                        self._save(hash)
+                    return
+                raise GraphError(f"devmapper: Error deleting device {hash or 'base'}: {e}") \
+                    from None
+        del self.devices[hash]
+        os.unlink(self._record_path(hash))
+        self._used_ids.discard(info.device_id)
+        self._close_transaction()
+
+    def _delete_marked(self) -> None:
+        with self._lock:
+            for hash in [h for h, i in self.devices.items() if i.deleted]:
+                try:
+                    self._delete_device(hash, sync=False)
+                except GraphError as e:
+                    log.warning("%s", e)
+
+    def _deletion_worker(self) -> None:
+        while not self._stop.wait(DELETION_RETRY):
+            try:
+                self._delete_marked()
+            except ThinpoolError as e:
+                log.warning("devmapper: deferred deletion: %s", e)
+
+    def get(self, id: str, mount_label: str = "") -> str:
+        mp = os.path.join(self.mnt_dir, id)
+        rootfs = os.path.join(mp, "rootfs")
+        with self._layers.hold(id):
+            with self._lock:
+                info = self.devices.get(id)
+                if info is None:
+                    raise LayerNotFound(f"devmapper: Unknown device {id}")
+                if info.deleted:
+                    raise GraphError(f"devmapper: Device {id} is marked for deferred deletion")
+            if self._mounts.increment(mp) > 1:
+                return rootfs
+            try:
+                os.makedirs(mp, mode=0o755, exist_ok=True)
+                opts = ",".join(x for x in (self.opts.mountopt,
+                                            f"context=\"{mount_label}\"" if mount_label else "")
+                                if x)
+                self._call("mount", id=info.device_id, mountpoint=mp, options=opts or None)
+                os.makedirs(rootfs, mode=0o755, exist_ok=True)
+                id_file = os.path.join(mp, "id")
+                if not os.path.exists(id_file):
+                    with open(id_file, "w", encoding="ascii") as f:
+                        f.write(id)
+                    os.chmod(id_file, 0o600)
+                self._xfs_retries(info)
+            except BaseException:
+                if self._mounts.decrement(mp) == 0 and is_mountpoint(mp):
+                    self._call("umount", mountpoint=mp)
+                raise
+            return rootfs
+
+    def _xfs_retries(self, info: DevInfo) -> None:
+        if not self.opts.xfs_nospace_retries:
+            return
+        device = self._call("server-info").get("attached", {}).get(str(info.device_id), "")
+        path = f"/sys/fs/xfs/{os.path.basename(device)}/error/metadata/ENOSPC/max_retries"
+        if os.path.exists(path):
+            with open(path, "w", encoding="ascii") as f:
+                f.write(self.opts.xfs_nospace_retries)
+
+    def put(self, id: str) -> None:
+        mp = os.path.join(self.mnt_dir, id)
+        with self._layers.hold(id):
+            if id not in self.devices:
+                raise LayerNotFound(f"devmapper: Unknown device {id}")
+            if self._mounts.decrement(mp) > 0:
+                return
+            if is_mountpoint(mp):
+                self._call("umount", mountpoint=mp)
+            try:
+                os.rmdir(mp)
+            except OSError:
+                pass
+
+    # -- information ------------------------------------------------------------------------------
+    def status(self) -> list[tuple[str, str]]:
+        st = self._pool_status()
+        bs = self.opts.blocksize
+        with self._lock:
+            base = self.devices.get("")
+            deleted = sum(i.deleted for i in self.devices.values())
+        data_used, data_total = st["used_data"] * bs, st["total_data"] * bs
+        meta_used, meta_total = st["used_metadata"] * 4096, st["total_metadata"] * 4096
+        out = [("Pool Name", self.opts.thinpooldev or f"{self.prefix}-pool"),
+               ("Pool Blocksize", human_size(bs)),
+               ("Base Device Size", human_size(base.size if base else self.opts.basesize)),
+               ("Backing Filesystem", self.base_fs or self.opts.fs),
+               ("Udev Sync Supported", "true")]
+        if self.own_pool:
+            data = self.opts.datadev or os.path.join(self.pool_dir, "data")
+            meta = self.opts.metadatadev or os.path.join(self.pool_dir, "metadata")
+            out += [("Data file", data), ("Metadata file", meta)]
+            if not self.opts.datadev:
+                out += [("Data loop file", data), ("Metadata loop file", meta)]
+        out += [("Data Space Used", human_size(data_used)),
+                ("Data Space Total", human_size(data_total)),
+                ("Data Space Available", human_size(data_total - data_used)),
+                ("Metadata Space Used", human_size(meta_used)),
+                ("Metadata Space Total", human_size(meta_total)),
+                ("Metadata Space Available", human_size(meta_total - meta_used)),
+                ("Thin Pool Minimum Free Space",
+                 human_size(st["total_data"] * self.opts.min_free_space // 100 * bs)),
+                ("Deferred Removal Enabled", str(self.opts.deferred_removal).lower()),
+                ("Deferred Deletion Enabled", str(self.opts.deferred_deletion).lower()),
+                ("Deferred Deleted Device Count", str(deleted)),
+                ("Library Version", "thinpool (userspace dm-thin)")]
+        return out
+
+    def get_metadata(self, id: str) -> dict[str, str]:
+        with self._lock:
+            info = self.devices.get(id)
+        if info is None:
+            raise LayerNotFound(f"devmapper: Unknown device {id}")
+        return {"DeviceId": str(info.device_id), "DeviceSize": str(info.size),
+                "DeviceName": f"{self.prefix}-{id}"}
+
+    def device_ids(self) -> dict[str, int]:
+        """Layer id -> thin device id (``""`` is the base), for tools above the driver."""
+        with self._lock:
+            return {h: i.device_id for h, i in self.devices.items()}
+
+    def cleanup(self) -> None:
+        """Daemon shutdown: save, unmount every layer, stop the pool server."""
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join()
+        with self._lock:
+            self._save_deviceset()
+        for name in os.listdir(self.mnt_dir):
+            mp = os.path.join(self.mnt_dir, name)
+            if is_mountpoint(mp):
+                try:
+                    self._call("umount", mountpoint=mp)
+                except ThinpoolError as e:
+                    log.warning("devmapper: %s", e)
+            self._mounts.forget(mp)
+        try:
+            pid = self._call("stop")["pid"]
+        except (ThinpoolError, OSError) as e:
+            log.warning("devmapper: stopping the pool server: %s", e)
+            return
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
