@@ -311,6 +311,7 @@ class PluginProcess:
         self.spec = PLUGIN_SPECS / f"{name}.spec" if spec else None
         self.log = log_dir / f"plugin-{name}.log"
         self.extra_args = list(extra_args)
+        self.driver_args = ["--driver", driver]   # [] to test the default
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -321,7 +322,7 @@ class PluginProcess:
         if self.spec is not None:
             self.spec.parent.mkdir(parents=True, exist_ok=True)
             self.spec.write_text(f"unix://{self.socket}\n")
-        args = [*THINPOOL, "docker-plugin", "--socket", str(self.socket), "--driver", self.driver,
+        args = [*THINPOOL, "docker-plugin", "--socket", str(self.socket), *self.driver_args,
                 *[a for opt in self.storage_opts for a in ("--storage-opt", opt)],
                 *self.extra_args]
         served_before = self.output().count(SERVING)
@@ -490,10 +491,16 @@ class Dockerd:
 
 @contextlib.contextmanager
 def docker_env(base: Path, driver: str, *storage_opts: str, name: str | None = None,
-               dockerd_opts: Sequence[str] = ()) -> Iterator[tuple[Dockerd, PluginProcess]]:
-    """A thinpool plugin (backed by ``driver``) and a dockerd on it; always cleaned up."""
+               dockerd_opts: Sequence[str] = (), dockerd_base: Path | None = None
+               ) -> Iterator[tuple[Dockerd, PluginProcess]]:
+    """A thinpool plugin (backed by ``driver``) and a dockerd on it; always cleaned up.
+
+    dockerd's roots are under ``dockerd_base`` (default ``base/d``): the
+    plugin stores layers under dockerd's data root, so a driver that needs a
+    particular filesystem (btrfs) needs ``dockerd_base`` on it.
+    """
     plugin = PluginProcess(name or unique_plugin_name(), driver, *storage_opts, log_dir=base)
-    daemon = Dockerd(base / "d", plugin.name, dockerd_opts)
+    daemon = Dockerd(dockerd_base or base / "d", plugin.name, dockerd_opts)
     try:
         plugin.start()
         daemon.start()

@@ -10,6 +10,7 @@ file and mount is removed afterwards, also when a test fails.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -23,6 +24,7 @@ from typing import Iterator
 import pytest
 
 import dockerkit as K
+from graphkit import loop_fs
 from thinpool.graph import registry
 
 pytestmark = pytest.mark.slow
@@ -34,8 +36,18 @@ WORKLOAD = ("echo changed > /etc/motd; rm /etc/passwd; mkdir -p /data/sub; "
 
 
 def plugin_drivers() -> list[str]:
-    """The thinpool drivers to put behind the plugin (those that need no special root)."""
-    return [d for d in ("vfs", "overlay2", "devicemapper") if d in registry.registered()]
+    """The thinpool drivers to put behind the plugin: every one this build registers."""
+    return [d for d in ("vfs", "overlay2", "btrfs", "devicemapper") if d in registry.registered()]
+
+
+@contextlib.contextmanager
+def dockerd_base(driver: str, base: Path) -> Iterator[Path]:
+    """Where dockerd's roots go: on a loop-mounted btrfs for the btrfs driver."""
+    if driver != "btrfs":
+        yield base / "d"
+        return
+    with loop_fs(base, "btrfs", "2G") as mnt:
+        yield mnt / "d"
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +95,13 @@ def run_workload(d: K.Dockerd, image: K.TestImage, out: Path) -> dict:
     return result
 
 
+def commit_listing(layer: bytes) -> dict[str, tuple]:
+    """A committed layer's listing; whiteout modes left out (Docker's naive diff writes them
+    0, its overlay2 native diff 0600, and thinpool's drivers do the same as Docker's)."""
+    return {name: (v[:1] + v[2:] if os.path.basename(name).startswith(".wh.") else v)
+            for name, v in K.tar_listing(layer).items()}
+
+
 @pytest.fixture(scope="module")
 def reference(image: K.TestImage) -> dict:
     """The workload on dockerd's built-in vfs driver."""
@@ -100,7 +119,8 @@ def reference(image: K.TestImage) -> dict:
 @pytest.mark.parametrize("driver", plugin_drivers())
 def test_dockerd_on_the_plugin_matches_builtin_vfs(driver: str, image: K.TestImage,
                                                    reference: dict, base: Path) -> None:
-    with K.docker_env(base, driver) as (d, plugin):
+    with dockerd_base(driver, base) as root, \
+            K.docker_env(base, driver, dockerd_base=root) as (d, plugin):
         got = run_workload(d, image, base)
         assert "hello\nlayer two changed this\nadded by layer two\nnew\n" == got["hello"]
         assert got["diff"] == reference["diff"]
@@ -115,7 +135,7 @@ def test_dockerd_on_the_plugin_matches_builtin_vfs(driver: str, image: K.TestIma
         diff_ids, layers = got["saved_commit"]
         assert diff_ids[:2] == image.diff_ids and layers[:2] == image.layers and len(layers) == 3
         # the committed layer holds what the reference's holds (its mtimes are the run's own)
-        assert K.tar_listing(layers[2]) == K.tar_listing(reference["saved_commit"][1][2])
+        assert commit_listing(layers[2]) == commit_listing(reference["saved_commit"][1][2])
         assert got["df"] == reference["df"]
 
         # docker info shows the driver's status keys
@@ -141,7 +161,12 @@ def test_dockerd_restart_and_plugin_restart(driver: str, image: K.TestImage, bas
     # This one finds the plugin through /etc/docker/plugins/NAME.spec, its socket elsewhere.
     name = K.unique_plugin_name()
     plugin = K.PluginProcess(name, driver, log_dir=base, socket_path=base / "p.sock", spec=True)
-    d = K.Dockerd(base / "d", name)
+    with dockerd_base(driver, base) as root:
+        restarts(K.Dockerd(root, name), plugin, image)
+    assert not plugin.spec.exists() and not plugin.socket.exists()  # type: ignore[union-attr]
+
+
+def restarts(d: K.Dockerd, plugin: K.PluginProcess, image: K.TestImage) -> None:
     try:
         plugin.start()
         d.start()
@@ -176,7 +201,6 @@ def test_dockerd_restart_and_plugin_restart(driver: str, image: K.TestImage, bas
             d.cleanup()
         finally:
             plugin.cleanup()
-    assert not plugin.spec.exists() and not plugin.socket.exists()  # type: ignore[union-attr]
 
 
 # -- the protocol under bad input -------------------------------------------------------------------
@@ -372,3 +396,42 @@ def test_hostile_or_broken_apply_diff_leaves_no_half_layer(ready: K.PluginProces
     status, body = raw_call(p, apply_head("short") + chunked(tar[:10000]))
     assert json.loads(body)["Err"] and wait_gone(p, "short")
     assert p.call("Plugin.Activate") == {"Implements": ["GraphDriver"]}
+
+
+# -- the command line -------------------------------------------------------------------------------
+def test_cli_usage_errors(base: Path) -> None:
+    import subprocess
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*K.THINPOOL, "docker-plugin", "--socket", str(base / "s.sock"), *args],
+                              capture_output=True, text=True, timeout=60)
+    r = run("--driver", "nope")
+    assert r.returncode == 2 and "unknown graph driver 'nope'" in r.stderr and "vfs" in r.stderr
+    r = run("--storage-opt", "novalue")
+    assert r.returncode == 2 and "is not KEY=VALUE" in r.stderr
+    (base / "s.sock").write_text("a file")
+    r = run("--driver", "vfs")
+    assert r.returncode == 1 and r.stderr.strip().endswith("exists and is not a socket")
+    assert r.stderr.count("\n") == 1   # one line, no traceback
+    assert (base / "s.sock").read_text() == "a file"
+
+
+def test_cli_default_driver(base: Path) -> None:
+    """Without --driver: devicemapper when this build has it, else chosen as dockerd would."""
+    p = K.PluginProcess(K.unique_plugin_name(), "vfs", log_dir=base, socket_path=base / "p.sock")
+    p.driver_args = []  # no --driver
+    try:
+        p.start()
+        assert p.call("GraphDriver.Init", {"Home": str(base / "home")}) == {}
+        chosen = p.call("GraphDriver.Status")["Status"][-1]
+        if "devicemapper" in registry.registered():
+            assert chosen == ["Thinpool Driver", "devicemapper"]
+        else:
+            assert "driver is not in this build" in p.output()
+            assert chosen == ["Thinpool Driver", registry.registered()[0]]
+        # a restart keeps the driver it chose (the state file names it)
+        p.stop()
+        p.start()
+        assert p.call("GraphDriver.Status")["Status"][-1] == chosen
+    finally:
+        p.cleanup()
