@@ -1005,6 +1005,85 @@ def graph_cleanup(ctx: click.Context) -> None:
     _graph_driver(ctx).cleanup()
 
 
+# -- Docker graphdriver plugin ----------------------------------------------------------------------
+DEFAULT_PLUGIN_SOCKET = "/run/docker/plugins/thinpool.sock"
+DEFAULT_PLUGIN_DRIVER = "devicemapper"
+
+
+def _key_value(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str]:
+    for value in values:
+        key, sep, _ = value.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{value!r} is not KEY=VALUE", param=param)
+    return list(values)
+
+
+@cli.command("docker-plugin")
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False),
+              default=DEFAULT_PLUGIN_SOCKET, show_default=True,
+              help="Unix socket to serve (mode 0600). dockerd finds /run/docker/plugins/NAME.sock "
+                   "as --storage-driver NAME.")
+@click.option("--driver", help=f"Graph driver behind the plugin (default {DEFAULT_PLUGIN_DRIVER}; "
+                               "when this build has none, chosen as dockerd would: the driver "
+                               "already holding layers under dockerd's Home, else overlay2, "
+                               "btrfs, vfs).")
+@click.option("--storage-opt", "storage_opts", multiple=True, metavar="KEY=VALUE",
+              callback=_key_value,
+              help="Driver option (repeatable), before those dockerd's own --storage-opt sends.")
+@click.option("--state", "state_path", type=click.Path(dir_okay=False),
+              help="Where the plugin remembers dockerd's Init across restarts "
+                   "(default: SOCKET.state.json).")
+@click.option("-v", "--verbose", is_flag=True, help="Log every call on stderr.")
+@_clean_errors
+def docker_plugin(socket_path: str, driver: str | None, storage_opts: list[str],
+                  state_path: str | None, verbose: bool) -> None:
+    """Serve Docker's graphdriver plugin protocol, backed by a thinpool graph driver.
+
+    Start it before 'dockerd --experimental --storage-driver thinpool' (the
+    socket's name is the driver's name). Layers are stored under the Home
+    dockerd sends (<data-root>/thinpool/<driver>). Stop it with SIGTERM or
+    Ctrl-C: the socket is removed, mounts stay for running containers, and
+    a restarted plugin re-opens the same driver.
+    """
+    from . import graph  # noqa: F401  (registers the built-in drivers)
+    from .graph.driver import GraphDriver
+    from .graph.registry import new_driver, registered
+    from .plugin.api import GraphPlugin
+    from .plugin.server import PluginServer
+
+    known = registered()
+    if driver is not None and driver not in known:
+        raise click.UsageError(f"unknown graph driver {driver!r} (this build has: "
+                               f"{', '.join(known)})")
+    if driver is None and DEFAULT_PLUGIN_DRIVER in known:
+        driver = DEFAULT_PLUGIN_DRIVER
+    elif driver is None:
+        click.echo(f"thinpool docker-plugin: the {DEFAULT_PLUGIN_DRIVER} driver is not in this "
+                   "build; choosing one as dockerd would (prior layers under Home, else "
+                   f"{', '.join(known)}); pass --driver to pick one", err=True)
+    if verbose:
+        logging.getLogger("thinpool.plugin").setLevel(logging.INFO)
+
+    def opener(root: str, name: str | None, opts: list[str]) -> GraphDriver:
+        return new_driver(root, name, storage_opts + opts)
+
+    socket_path = os.path.abspath(socket_path)
+    plugin = GraphPlugin(driver, opener, os.path.abspath(state_path or socket_path + ".state.json"))
+    note = plugin.restore()
+    if note:
+        click.echo(f"thinpool docker-plugin: {note}", err=True)
+    server = PluginServer(plugin, socket_path)
+    server.start()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: server.request_stop())
+    click.echo(f"thinpool docker-plugin: serving {socket_path} (driver {driver or 'auto'}); "
+               f"pid {os.getpid()}", err=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.stop()
+
+
 @cli.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True,
