@@ -1,0 +1,21 @@
+"""Errors of the image and container layer (each a one-line ``ThinpoolError``)."""
+
+from __future__ import annotations
+
+from ..errors import ThinpoolError
+
+
+class ImageError(ThinpoolError):
+    """An image, layer or container operation failed (bad archive, digest mismatch, ...)."""
+
+
+class NotFound(ImageError):
+    """No image, layer or container by that name."""
+
+
+class Conflict(ImageError):
+    """The operation would break something that uses the object (an image a container runs on...)."""
+
+
+class DigestMismatch(ImageError):
+    """Content whose sha256 is not the one its manifest or config promised."""
