@@ -7,12 +7,13 @@ traceback), 2 a usage error (bad option or argument), 130 interrupted
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import signal
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -776,14 +777,19 @@ _LAYER_OPT = click.option("--storage-opt", "layer_opt", multiple=True, metavar="
                           help="Per-layer option, e.g. size=10G (repeatable).")
 
 
+def _storage_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--root, --driver and --storage-opt: how 'graph', 'image' and 'container' find their driver."""
+    fn = click.option("--storage-opt", "storage_opt", multiple=True, metavar="KEY=VALUE",
+                      help="Driver option, e.g. overlay2.size=10G (repeatable).")(fn)
+    fn = click.option("--driver", "-s", "driver", metavar="NAME",
+                      help="vfs, overlay2, btrfs, devicemapper, ... (default: what ROOT already holds, "
+                           "else the first driver that works here, in Docker's order).")(fn)
+    return click.option("--root", default=GRAPH_ROOT, show_default=True, type=click.Path(file_okay=False),
+                        help="Where the drivers keep their homes (ROOT/NAME).")(fn)
+
+
 @cli.group()
-@click.option("--root", default=GRAPH_ROOT, show_default=True, type=click.Path(file_okay=False),
-              help="Where the drivers keep their homes (ROOT/NAME).")
-@click.option("--driver", "-s", "driver", metavar="NAME",
-              help="vfs, overlay2, btrfs, ... (default: what ROOT already holds, else the first driver "
-                   "that works here, in Docker's order).")
-@click.option("--storage-opt", "storage_opt", multiple=True, metavar="KEY=VALUE",
-              help="Driver option, e.g. overlay2.size=10G (repeatable).")
+@_storage_options
 @click.pass_context
 def graph(ctx: click.Context, root: str, driver: str | None, storage_opt: tuple[str, ...]) -> None:
     """Layers with Docker's graph drivers (vfs, overlay2, btrfs...) under ROOT/DRIVER.
@@ -1003,6 +1009,317 @@ def graph_diff_size(ctx: click.Context, layer_id: str, parent: str | None) -> No
 def graph_cleanup(ctx: click.Context) -> None:
     """Unmount every layer of the driver (what dockerd does when it stops)."""
     _graph_driver(ctx).cleanup()
+
+
+# -- images and containers (Docker's layer store on any graph driver) ------------------------------
+class _RichTask:
+    def __init__(self, progress: Any, task_id: Any) -> None:
+        self.progress = progress
+        self.task_id = task_id
+
+    def advance(self, n: int) -> None:
+        self.progress.advance(self.task_id, n)
+
+    def finish(self) -> None:
+        self.progress.update(self.task_id, visible=False)
+
+
+class _RichProgress:
+    """thinpool.images.progress.Progress as rich progress bars on standard error."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+
+        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+                             TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+                             transient=True)
+
+    def task(self, description: str, total: int | None) -> _RichTask:
+        return _RichTask(self.bars, self.bars.add_task(description, total=total))
+
+
+@contextlib.contextmanager
+def _progress() -> Iterator[Any]:
+    """Progress bars when standard error is a terminal, else nothing."""
+    from .images.progress import NO_PROGRESS
+
+    if not sys.stderr.isatty():
+        yield NO_PROGRESS
+        return
+    bars = _RichProgress()
+    with bars.bars:
+        yield bars
+
+
+@contextlib.contextmanager
+def _image_root(ctx: click.Context) -> Iterator[Any]:
+    """The ImageRoot the group's --root/--driver/--storage-opt select; released at the end."""
+    from .images.store import ImageRoot
+
+    root = ImageRoot(ctx.find_object(dict)["root"], _graph_driver(ctx))  # type: ignore[index]
+    for line in root.recovered:
+        click.echo(f"thinpool: recovered: {line}", err=True)
+    try:
+        yield root
+    finally:
+        root.close()
+
+
+def _write_tar(chunks: Any, output: str, root: str) -> None:
+    """A tar to -o FILE (complete or not at all) or to standard output (never a terminal)."""
+    from .images.archives import write_atomically
+
+    try:
+        if output == "-":
+            if sys.stdout.isatty():
+                raise click.UsageError("refusing to write a tar to a terminal: use -o FILE or a pipe")
+            out = sys.stdout.buffer
+            for chunk in chunks:
+                out.write(chunk)
+            out.flush()
+            return
+        _refuse_inside(output, root, "write")
+        write_atomically(output, chunks)
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+
+
+def _human(n: int) -> str:
+    from .graph.devmapper import human_size
+
+    return human_size(n)
+
+
+def _table(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+@cli.group()
+@_storage_options
+@click.pass_context
+def image(ctx: click.Context, root: str, driver: str | None, storage_opt: tuple[str, ...]) -> None:
+    """Images as Docker keeps them (ROOT/image/DRIVER, layers on the graph driver).
+
+    Same --root, --driver and --storage-opt as 'thinpool graph'; ROOT laid
+    out like a Docker --data-root.
+    """
+    ctx.obj = {"root": root, "driver": driver, "storage_opt": storage_opt}
+
+
+@image.command("load")
+@click.argument("archive", required=False, type=click.Path(dir_okay=False))
+@click.option("-i", "--input", "input_path", type=click.Path(dir_okay=False),
+              help="The archive (same as ARCHIVE).")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.pass_context
+@_clean_errors
+def image_load(ctx: click.Context, archive: str | None, input_path: str | None, quiet: bool) -> None:
+    """Load a 'docker save' tarball or an OCI image layout archive (gzip or zstd layers).
+
+    Every digest is verified; a load that fails leaves nothing of itself behind.
+    """
+    path = archive or input_path
+    if not path:
+        raise click.UsageError("give the archive: thinpool image load FILE")
+    with _image_root(ctx) as root, _progress() as progress:
+        loaded = root.load(path, progress)
+    if not quiet:
+        for image_id, tags in loaded:
+            for tag in tags:
+                click.echo(f"Loaded image: {tag}")
+            if not tags:
+                click.echo(f"Loaded image ID: {image_id}")
+
+
+@image.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("-q", "--quiet", is_flag=True, help="Only image ids.")
+@click.pass_context
+@_clean_errors
+def image_ls(ctx: click.Context, as_json: bool, quiet: bool) -> None:
+    """Images: repository, tag, id, layers, size."""
+    import json
+
+    with _image_root(ctx) as root:
+        images = root.list_images()
+    if as_json:
+        click.echo(json.dumps([i.to_json() for i in images], indent=1))
+        return
+    if quiet:
+        for i in images:
+            click.echo(i.id.split(":")[1][:12])
+        return
+    rows = [["REPOSITORY", "TAG", "IMAGE ID", "LAYERS", "SIZE"]]
+    for i in images:
+        for tag in i.tags or ["<none>:<none>"]:
+            repo, _, t = tag.rpartition(":")
+            rows.append([repo, t, i.id.split(":")[1][:12], str(i.layers), _human(i.size)])
+    _table(rows)
+
+
+@image.command("rm")
+@click.argument("refs", nargs=-1, required=True, metavar="IMAGE...")
+@click.option("-f", "--force", is_flag=True, help="Remove an image with several tags, or with child images.")
+@click.pass_context
+@_clean_errors
+def image_rm(ctx: click.Context, refs: tuple[str, ...], force: bool) -> None:
+    """Untag images; delete those left without tags, and their layers nobody else uses."""
+    with _image_root(ctx) as root:
+        for ref in refs:
+            for line in root.remove_image(ref, force):
+                click.echo(line)
+
+
+@image.command("save")
+@click.argument("refs", nargs=-1, required=True, metavar="IMAGE...")
+@click.option("-o", "--output", default="-", type=click.Path(dir_okay=False, allow_dash=True),
+              help="The archive to write (default: standard output).")
+@click.pass_context
+@_clean_errors
+def image_save(ctx: click.Context, refs: tuple[str, ...], output: str) -> None:
+    """Write images as a 'docker save' tarball; its layers are the tars that were loaded, byte for byte."""
+    if output == "-" and sys.stdout.isatty():
+        raise click.UsageError("refusing to write a tar to a terminal: use -o FILE or a pipe")
+    with _image_root(ctx) as root, _progress() as progress:
+        if output == "-":
+            _write_tar(root.save_stream(list(refs), progress), "-", root.root)
+        else:
+            root.save(list(refs), output, progress)
+
+
+@cli.group()
+@_storage_options
+@click.pass_context
+def container(ctx: click.Context, root: str, driver: str | None, storage_opt: tuple[str, ...]) -> None:
+    """Containers' filesystems as Docker keeps them: an -init layer and a read-write layer per container.
+
+    Same --root, --driver and --storage-opt as 'thinpool graph'.
+    """
+    ctx.obj = {"root": root, "driver": driver, "storage_opt": storage_opt}
+
+
+@container.command("create")
+@click.argument("image_ref", metavar="IMAGE")
+@click.option("--name", help="The container's name (default: thinpool_<short id>).")
+@click.option("--storage-opt", "container_opt", multiple=True, metavar="KEY=VALUE",
+              help="Per-container option, e.g. size=20G (repeatable).")
+@click.pass_context
+@_clean_errors
+def container_create(ctx: click.Context, image_ref: str, name: str | None,
+                     container_opt: tuple[str, ...]) -> None:
+    """Create a container's layers on IMAGE; print its id."""
+    opts = _graph_create_opts(container_opt).storage_opt
+    with _image_root(ctx) as root:
+        click.echo(root.create_container(image_ref, name, opts).id)
+
+
+@container.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("-q", "--quiet", is_flag=True, help="Only container ids.")
+@click.pass_context
+@_clean_errors
+def container_ls(ctx: click.Context, as_json: bool, quiet: bool) -> None:
+    """Containers: id, image, name, where mounted."""
+    import json
+
+    with _image_root(ctx) as root:
+        found = root.list_containers()
+    if as_json:
+        click.echo(json.dumps([c.to_json() for c in found], indent=1))
+        return
+    if quiet:
+        for c in found:
+            click.echo(c.id[:12])
+        return
+    rows = [["CONTAINER ID", "IMAGE", "NAME", "MOUNTED"]]
+    rows += [[c.id[:12], c.image, c.name, c.mounted or ""] for c in found]
+    _table(rows)
+
+
+@container.command("mount")
+@click.argument("ref", metavar="CONTAINER")
+@click.pass_context
+@_clean_errors
+def container_mount(ctx: click.Context, ref: str) -> None:
+    """Mount the container's filesystem and print its path (it stays mounted until 'umount')."""
+    with _image_root(ctx) as root:
+        click.echo(root.mount(ref))
+
+
+@container.command("umount")
+@click.argument("ref", metavar="CONTAINER")
+@click.pass_context
+@_clean_errors
+def container_umount(ctx: click.Context, ref: str) -> None:
+    """Release what 'mount' mounted."""
+    with _image_root(ctx) as root:
+        root.umount(ref)
+
+
+@container.command("export")
+@click.argument("ref", metavar="CONTAINER")
+@click.option("-o", "--output", default="-", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Write the tar to FILE (default: standard output).")
+@click.pass_context
+@_clean_errors
+def container_export(ctx: click.Context, ref: str, output: str) -> None:
+    """The container's whole filesystem as a tar ('docker export')."""
+    if output == "-" and sys.stdout.isatty():
+        raise click.UsageError("refusing to write a tar to a terminal: use -o FILE or a pipe")
+    with _image_root(ctx) as root:
+        _write_tar(root.export(ref), output, root.root)
+
+
+@container.command("diff")
+@click.argument("ref", metavar="CONTAINER")
+@click.option("--json", "as_json", is_flag=True, help="[{\"Path\": .., \"Kind\": 0|1|2}] as Docker's API.")
+@click.pass_context
+@_clean_errors
+def container_diff(ctx: click.Context, ref: str, as_json: bool) -> None:
+    """What the container changed: 'A /path' added, 'C /path' changed, 'D /path' deleted."""
+    import json
+
+    with _image_root(ctx) as root:
+        changes = root.changes(ref)
+    if as_json:
+        click.echo(json.dumps([{"Path": c.path, "Kind": int(c.kind)} for c in changes]))
+        return
+    for change in changes:
+        click.echo(str(change))
+
+
+container.add_command(container_diff, "changes")
+
+
+@container.command("commit")
+@click.argument("ref", metavar="CONTAINER")
+@click.argument("new_ref", metavar="[REPOSITORY[:TAG]]", required=False)
+@click.option("-m", "--message", default="", help="A comment in the new image's history.")
+@click.pass_context
+@_clean_errors
+def container_commit(ctx: click.Context, ref: str, new_ref: str | None, message: str) -> None:
+    """A new image: the container's image plus one layer of its changes; print its id."""
+    with _image_root(ctx) as root, _progress() as progress:
+        click.echo(root.commit(ref, new_ref, progress, message))
+
+
+@container.command("rm")
+@click.argument("refs", nargs=-1, required=True, metavar="CONTAINER...")
+@click.option("-f", "--force", is_flag=True, help="Also when mounted (it is unmounted).")
+@click.pass_context
+@_clean_errors
+def container_rm(ctx: click.Context, refs: tuple[str, ...], force: bool) -> None:
+    """Remove containers and their layers."""
+    with _image_root(ctx) as root:
+        for ref in refs:
+            root.remove_container(ref, force)
+            click.echo(ref)
 
 
 # -- Docker graphdriver plugin ----------------------------------------------------------------------

@@ -349,24 +349,24 @@ class ImageRoot:
                 done.append(f"Deleted: {chain}")
             return done
 
-    def save(self, refs: list[str], output: str, progress: Progress = NO_PROGRESS) -> int:
-        """``docker save`` of ``refs`` into ``output`` (complete or untouched); its size in bytes."""
-        home = os.path.realpath(self.root)
-        out_real = os.path.realpath(output)
-        if out_real == home or out_real.startswith(home + "/"):
-            raise ImageError(f"refusing to write {output}: it is inside the data root {self.root}")
+    def save_stream(self, refs: list[str], progress: Progress = NO_PROGRESS) -> Iterator[bytes]:
+        """The ``docker save`` tar of ``refs`` (every layer verified against its diff id as it goes).
+
+        An image named by a tag is saved with that tag, one named by id with all its tags.
+        """
         images: list[SaveImage] = []
         total = 0
         for ref in refs:
             image_id = self.images.resolve(ref)
             image = self.images.get(image_id)
+            tags = self.images.tags()
             try:
                 repo, tag = parse_reference(ref)
-                tagged = [f"{repo}:{tag}"] if self.images.tags().get(f"{repo}:{tag}") == image_id else []
+                tagged = [f"{repo}:{tag}"] if tags.get(f"{repo}:{tag}") == image_id else []
             except ImageError:
                 tagged = []
             if not tagged:
-                tagged = sorted(t for t, i in self.images.tags().items() if i == image_id)
+                tagged = sorted(t for t, i in tags.items() if i == image_id)
             layers = []
             for chain in self.image_chain(image):
                 layer = self.layers.get(chain)
@@ -378,9 +378,18 @@ class ImageRoot:
                 layers.append(SaveLayer(chain, size, _tar_of(self.layers, layer)))
             images.append(SaveImage(image.raw, tagged, layers))
         task = progress.task(f"saving {', '.join(refs)}", total)
-        n = write_atomically(output, docker_save_stream(images, task.advance))
+        yield from docker_save_stream(images, task.advance)
         task.finish()
-        return n
+
+    def save(self, refs: list[str], output: str, progress: Progress = NO_PROGRESS) -> int:
+        """``docker save`` of ``refs`` into ``output`` (complete or untouched); its size in bytes."""
+        home = os.path.realpath(self.root)
+        out_real = os.path.realpath(output)
+        if out_real == home or out_real.startswith(home + "/"):
+            raise ImageError(f"refusing to write {output}: it is inside the data root {self.root}")
+        for ref in refs:
+            self.images.resolve(ref)  # unknown names fail before any file is made
+        return write_atomically(output, self.save_stream(refs, progress))
 
     # -- containers ------------------------------------------------------------------------------
     def _mark(self, cid: str) -> str:
