@@ -114,13 +114,19 @@ class Container:
 class ContainerStore:
     """``ROOT/containers/<id>/config.v2.json`` records."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, create: bool = True) -> None:
+        """``create=False`` reads the records without making the directory."""
         self.dir = os.path.join(root, "containers")
-        os.makedirs(self.dir, mode=0o710, exist_ok=True)
+        if create:
+            os.makedirs(self.dir, mode=0o710, exist_ok=True)
 
     def all(self) -> list[Container]:
         out = []
-        for cid in sorted(os.listdir(self.dir)):
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return []
+        for cid in sorted(names):
             if not re.fullmatch(r"[0-9a-f]{64}", cid):
                 continue
             c = self.load(cid)

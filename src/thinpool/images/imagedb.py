@@ -77,12 +77,13 @@ def decode_config(raw: bytes, what: str) -> dict[str, Any]:
 class ImageStore:
     """Configs, parents and tags of one data root and driver."""
 
-    def __init__(self, root: str, driver_name: str) -> None:
+    def __init__(self, root: str, driver_name: str, create: bool = True) -> None:
+        """``create=False`` reads a store without making any of its directories."""
         self.dir = os.path.join(root, "image", driver_name)
         self.content = os.path.join(self.dir, "imagedb", "content", "sha256")
         self.metadata = os.path.join(self.dir, "imagedb", "metadata", "sha256")
         self.repos_path = os.path.join(self.dir, "repositories.json")
-        for d in (self.content, self.metadata):
+        for d in (self.content, self.metadata) if create else ():
             os.makedirs(d, mode=0o700, exist_ok=True)
 
     # -- configs -------------------------------------------------------------------------------
@@ -110,7 +111,11 @@ class ImageStore:
         return Image(image_id, decode_config(raw, image_id), raw)
 
     def ids(self) -> list[str]:
-        return ["sha256:" + n for n in sorted(os.listdir(self.content)) if not n.startswith(".")]
+        try:
+            names = os.listdir(self.content)
+        except FileNotFoundError:
+            return []
+        return ["sha256:" + n for n in sorted(names) if len(n) == 64 and not n.startswith(".")]
 
     def parent(self, image_id: str) -> str | None:
         try:

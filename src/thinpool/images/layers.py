@@ -88,6 +88,13 @@ def _read(path: str) -> str:
         return f.read().strip()
 
 
+def _listdir(path: str) -> list[str]:
+    try:
+        return [n for n in os.listdir(path) if not n.startswith(".")]
+    except FileNotFoundError:
+        return []
+
+
 def new_id() -> str:
     """A random 64-hex id (Docker's stringid.GenerateRandomID)."""
     while True:
@@ -96,20 +103,15 @@ def new_id() -> str:
             return value
 
 
-class LayerStore:
-    """The layer database of one data root and driver (see the module docstring)."""
+class LayerDB:
+    """Read-only access to a ``layerdb`` directory (never writes; missing parts read as empty)."""
 
-    def __init__(self, root: str, driver: GraphDriver) -> None:
-        self.driver = driver
-        self.dir = os.path.join(root, "image", driver.name, "layerdb")
+    def __init__(self, path: str) -> None:
+        self.dir = path
         self.sha_dir = os.path.join(self.dir, "sha256")
         self.mounts_dir = os.path.join(self.dir, "mounts")
         self.tmp_dir = os.path.join(self.dir, "tmp")
-        for d in (self.sha_dir, self.mounts_dir, self.tmp_dir):
-            os.makedirs(d, mode=0o700, exist_ok=True)
-        self.recovered: list[str] = self.recover()
 
-    # -- reading -------------------------------------------------------------------------------
     def get(self, chain: str) -> Layer:
         """The committed layer ``chain`` (``NotFound`` when there is none)."""
         path = os.path.join(self.sha_dir, hex_of(check_digest(chain, "chain id")))
@@ -128,7 +130,7 @@ class LayerStore:
 
     def all(self) -> dict[str, Layer]:
         out = {}
-        for name in sorted(os.listdir(self.sha_dir)):
+        for name in sorted(_listdir(self.sha_dir)):
             layer = self.get("sha256:" + name)
             out[layer.chain_id] = layer
         return out
@@ -155,7 +157,7 @@ class LayerStore:
 
     def mounts(self) -> dict[str, RWLayer]:
         out = {}
-        for cid in sorted(os.listdir(self.mounts_dir)):
+        for cid in sorted(_listdir(self.mounts_dir)):
             out[cid] = self.get_mount(cid)
         return out
 
@@ -170,6 +172,17 @@ class LayerStore:
                            _read(parent_file) if os.path.exists(parent_file) else None)
         except FileNotFoundError:
             raise NotFound(f"no read-write layer for container {container_id}") from None
+
+
+
+class LayerStore(LayerDB):
+    """The layer database of one data root and driver (see the module docstring)."""
+
+    def __init__(self, root: str, driver: GraphDriver) -> None:
+        super().__init__(os.path.join(root, "image", driver.name, "layerdb"))
+        self.driver = driver
+        for d in (self.sha_dir, self.mounts_dir, self.tmp_dir):
+            os.makedirs(d, mode=0o700, exist_ok=True)
 
     # -- writing -------------------------------------------------------------------------------
     def _pending(self, cache_id: str) -> str:
@@ -364,17 +377,22 @@ class _Counting:
 
 
 def layer_tar(store: LayerStore, layer: Layer) -> Iterator[bytes]:
+    """``verified_tar`` of a layer of ``store``'s driver (taken with ``get`` when reading starts)."""
+    path = store.driver.get(layer.cache_id)
+    yield from verified_tar(store, layer, path, lambda: store.driver.put(layer.cache_id))
+
+
+def verified_tar(db: LayerDB, layer: Layer, path: str, release: Callable[[], None]) -> Iterator[bytes]:
     """The layer's original tar, rebuilt from its tar-split and the driver's tree, verified.
 
     The whole stream is checked against the diff id at its end
     (``DigestMismatch``): a caller writes it somewhere it can discard.
     """
-    split = store.tar_split(layer.chain_id)
-    if split is None:
-        raise ImageError(f"layer {layer.chain_id} has no tar-split record: its tar cannot be "
-                         "rebuilt byte for byte")
-    path = store.driver.get(layer.cache_id)
     try:
+        split = db.tar_split(layer.chain_id)
+        if split is None:
+            raise ImageError(f"layer {layer.chain_id} has no tar-split record: its tar cannot be "
+                             "rebuilt byte for byte")
         h = hashlib.sha256()
         for chunk in tarsplit.assemble(split, path):
             h.update(chunk)
@@ -383,13 +401,7 @@ def layer_tar(store: LayerStore, layer: Layer) -> Iterator[bytes]:
             raise DigestMismatch(f"layer {layer.diff_id} rebuilt with digest sha256:{h.hexdigest()} "
                                  "(its files changed since it was applied)")
     finally:
-        store.driver.put(layer.cache_id)
+        release()
 
 
-def layer_json(layer: Layer) -> dict[str, Any]:
-    """What ``inspect`` shows of a layer."""
-    return {"ChainID": layer.chain_id, "DiffID": layer.diff_id, "CacheID": layer.cache_id,
-            "Size": layer.size, "Parent": layer.parent}
-
-
-__all__ = ["Layer", "LayerStore", "RWLayer", "atomic_write", "layer_json", "layer_tar", "new_id"]
+__all__ = ["Layer", "LayerDB", "LayerStore", "RWLayer", "atomic_write", "layer_tar", "new_id"]
