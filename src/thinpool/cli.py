@@ -1322,6 +1322,197 @@ def container_rm(ctx: click.Context, refs: tuple[str, ...], force: bool) -> None
             click.echo(ref)
 
 
+# -- real Docker devicemapper roots, offline and read-only -----------------------------------------
+_DOCKER_ROOT = click.argument("docker_root", metavar="ROOT", type=click.Path(file_okay=False))
+
+
+def _docker_root_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--metadata", "metadata_path", type=click.Path(dir_okay=False),
+                      help="The pool's metadata file or device (default: ROOT's devicemapper/metadata).")(fn)
+    fn = click.option("--data", "data_path", type=click.Path(dir_okay=False),
+                      help="The pool's data file or device (default: ROOT's devicemapper/data).")(fn)
+    return click.option("--driver-name", metavar="NAME",
+                        help="Which store when ROOT has several (devicemapper, or a plugin's name).")(fn)
+
+
+def _open_docker_root(root: str, driver_name: str | None, data: str | None, metadata: str | None) -> Any:
+    from .images.dockerroot import DockerRoot
+
+    return DockerRoot(root, driver_name, data, metadata)
+
+
+@cli.group("docker")
+def docker_group() -> None:
+    """Docker data roots that used devicemapper, read offline (no daemon, no device-mapper).
+
+    ROOT is a copy of /var/lib/docker (or the real one, Docker stopped). It
+    is never written to: the pool metadata is opened read-only and devices
+    are mounted read-only without journal replay.
+    """
+
+
+@docker_group.command("ls")
+@_DOCKER_ROOT
+@_docker_root_options
+@click.option("--json", "as_json", is_flag=True)
+@_clean_errors
+def docker_ls(docker_root: str, driver_name: str | None, data_path: str | None, metadata_path: str | None,
+              as_json: bool) -> None:
+    """Images (tags, layers), layers and containers (names, thin device ids, sizes, mapped space)."""
+    import json
+
+    report = _open_docker_root(docker_root, driver_name, data_path, metadata_path).report()
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=1))
+        return
+
+    def dev(d: Any) -> list[str]:
+        if d is None:
+            return ["-", "-", "-", "no device record"]
+        mapped = "-" if d["Mapped"] is None else _human(d["Mapped"])
+        return [str(d["DeviceId"]), _human(d["Size"]), mapped, d["Status"]]
+
+    click.echo(f"Docker root {report.root} (storage {report.driver_name}, pool block "
+               f"{_human(report.block_size)}, transaction {report.transaction_id})")
+    rows = [["IMAGE ID", "REPOSITORY:TAG", "LAYERS", "SIZE", "STATUS"]]
+    for i in report.images:
+        for tag in i["RepoTags"] or ["<none>"]:
+            rows.append([i["Id"].split(":")[1][:12], tag, str(i["Layers"]), _human(i["Size"]), i["Status"]])
+    click.echo()
+    _table(rows)
+    rows = [["LAYER (DIFF ID)", "CACHE ID", "DEVICE", "VIRTUAL", "MAPPED", "STATUS"]]
+    for layer in report.layers:
+        rows.append([layer["DiffID"].split(":")[1][:12], layer["CacheID"][:12], *dev(layer["Device"])])
+    click.echo()
+    _table(rows)
+    rows = [["CONTAINER ID", "NAME", "IMAGE", "DEVICE", "VIRTUAL", "MAPPED", "STATUS"]]
+    for c in report.containers:
+        rows.append([c["Id"][:12], c["Name"], c["Image"] or c["ImageID"][7:19], *dev(c.get("Device"))])
+    click.echo()
+    _table(rows)
+    for problem in report.problems:
+        click.echo(f"problem: {problem}", err=True)
+
+
+@docker_group.command("export")
+@_DOCKER_ROOT
+@click.argument("ref", metavar="CONTAINER|IMAGE")
+@_docker_root_options
+@click.option("-o", "--output", default="-", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Write the tar to FILE (default: standard output).")
+@_clean_errors
+def docker_export(docker_root: str, ref: str, driver_name: str | None, data_path: str | None,
+                  metadata_path: str | None, output: str) -> None:
+    """A container's (or an image's) whole filesystem as a tar, like 'docker export'."""
+    if output == "-" and sys.stdout.isatty():
+        raise click.UsageError("refusing to write a tar to a terminal: use -o FILE or a pipe")
+    root = _open_docker_root(docker_root, driver_name, data_path, metadata_path)
+    _write_tar(root.export(ref), output, root.root)
+
+
+@docker_group.command("mount")
+@_DOCKER_ROOT
+@click.argument("ref", metavar="CONTAINER|IMAGE")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@_docker_root_options
+@click.option("--foreground", is_flag=True, help="Stay in the foreground until MOUNTPOINT is unmounted.")
+@click.option("--ready-fd", type=int, hidden=True)
+@_clean_errors
+def docker_mount(docker_root: str, ref: str, mountpoint: str, driver_name: str | None,
+                 data_path: str | None, metadata_path: str | None, foreground: bool,
+                 ready_fd: int | None) -> None:
+    """Mount a stopped container's (or an image's) filesystem read-only at MOUNTPOINT.
+
+    A small server process keeps it mounted (the thin device as a read-only
+    FUSE file on a read-only loop device) until 'thinpool docker umount
+    MOUNTPOINT' or a plain 'umount MOUNTPOINT'.
+    """
+    import subprocess
+
+    from .images.dockerroot import serve_mount
+
+    if foreground or ready_fd is not None:
+        def ready(path: str) -> None:
+            if ready_fd is not None:
+                os.write(ready_fd, f"ok {path}\n".encode())
+                os.close(ready_fd)
+            else:
+                click.echo(path)
+
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        try:
+            serve_mount(_open_docker_root(docker_root, driver_name, data_path, metadata_path), ref,
+                        mountpoint, ready)
+        except ThinpoolError as e:
+            if ready_fd is None:
+                raise
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, f"error {e}\n".encode())
+            sys.exit(EXIT_FAILURE)
+        return
+    r, w = os.pipe()
+    args = [sys.executable, "-m", "thinpool.cli", "docker", "mount", docker_root, ref, mountpoint,
+            "--ready-fd", str(w)]
+    for flag, value in (("--driver-name", driver_name), ("--data", data_path), ("--metadata", metadata_path)):
+        if value:
+            args += [flag, value]
+    proc = subprocess.Popen(args, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        answer = f.read().decode(errors="replace").strip()
+    if answer.startswith("ok "):
+        click.echo(answer[3:])
+        return
+    proc.wait()
+    raise click.ClickException(answer[6:] if answer.startswith("error ") else
+                               f"the mount server exited with status {proc.returncode}")
+
+
+@docker_group.command("umount")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@_clean_errors
+def docker_umount(mountpoint: str) -> None:
+    """Unmount what 'thinpool docker mount' mounted and wait until its server is gone."""
+    from .images.dockerroot import unmount_served
+
+    unmount_served(mountpoint)
+
+
+@docker_group.command("migrate")
+@_DOCKER_ROOT
+@_docker_root_options
+@click.option("--to", "to_driver", required=True, metavar="DRIVER",
+              help="The new root's graph driver (overlay2, vfs, btrfs, devicemapper).")
+@click.option("--dest", required=True, type=click.Path(file_okay=False),
+              help="The new data root (missing or empty).")
+@click.option("--storage-opt", "storage_opt", multiple=True, metavar="KEY=VALUE",
+              help="Option of the new driver (repeatable).")
+@_clean_errors
+def docker_migrate(docker_root: str, driver_name: str | None, data_path: str | None,
+                   metadata_path: str | None, to_driver: str, dest: str, storage_opt: tuple[str, ...]) -> None:
+    """Copy every image and container into a new data root on another driver, diff ids unchanged.
+
+    Start dockerd with --data-root DEST --storage-driver DRIVER afterwards:
+    nothing needs pulling again.
+    """
+    from . import graph  # noqa: F401  (registers the built-in drivers)
+    from .graph.registry import new_driver, registered
+
+    if to_driver not in registered():
+        raise click.UsageError(f"unknown driver {to_driver!r} (known: {', '.join(registered())})")
+    root = _open_docker_root(docker_root, driver_name, data_path, metadata_path)
+    dest_real = os.path.realpath(dest)
+    if dest_real == root.root or dest_real.startswith(root.root + "/") or root.root.startswith(dest_real + "/"):
+        raise click.UsageError(f"--dest {dest} overlaps the Docker root {root.root}")
+    if os.path.isdir(dest) and os.listdir(dest):
+        raise click.UsageError(f"--dest {dest} is not empty")
+    with _progress() as progress:
+        counts = root.migrate(dest, lambda: new_driver(dest, to_driver, list(storage_opt)), progress, log=lambda line: click.echo(f"migrated {line}", err=True))
+    click.echo(f"{counts['images']} images, {counts['layers']} layers, {counts['containers']} containers "
+               f"migrated to {dest} ({to_driver})")
+
+
 # -- Docker graphdriver plugin ----------------------------------------------------------------------
 DEFAULT_PLUGIN_SOCKET = "/run/docker/plugins/thinpool.sock"
 DEFAULT_PLUGIN_DRIVER = "devicemapper"

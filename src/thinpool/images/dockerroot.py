@@ -48,7 +48,7 @@ from ..archive import export_changes, export_tree
 from ..errors import DataPathError, ThinpoolError
 from ..fuse import FuseMount, loop
 from ..graph.driver import GraphDriver
-from ..graph.mounts import is_mountpoint
+from ..graph.mounts import is_mountpoint, mount_entry
 from ..thin.reader import MetadataReader, SalvageLog
 from .digest import chain_ids
 from .errors import ImageError, NotFound
@@ -455,7 +455,7 @@ class DockerRoot:
         with self.mounted(layer.cache_id) as tree:
             yield from verified_tar(self.layerdb, layer, tree, lambda: None)
 
-    def migrate(self, dest: str, driver: GraphDriver, progress: Progress = NO_PROGRESS,
+    def migrate(self, dest: str, make_driver: Callable[[], GraphDriver], progress: Progress = NO_PROGRESS,
                 log: Callable[[str], None] = lambda line: None) -> dict[str, int]:
         """Copy every image and container into a new data root on ``driver``; counts of what was made.
 
@@ -465,7 +465,8 @@ class DockerRoot:
         their ids, names and records, get a fresh ``-init`` layer and their
         changes (against their init device) applied on the new read-write
         layer.  Everything is checked readable before the destination is
-        touched.
+        touched (``make_driver`` makes the new root's driver only then).
+        A failure later says the new root is incomplete.
         """
         images = self.image_list()
         plan: list[Layer] = []
@@ -487,6 +488,15 @@ class DockerRoot:
             self.mapping(self.device(m.init_id))
             containers.append((c, m))
         total = sum(tar_size(self.layerdb.tar_split(layer.chain_id) or []) for layer in plan)
+        try:
+            return self._copy(dest, make_driver(), plan, images, containers, total, progress, log)
+        except ThinpoolError as e:
+            raise ImageError(f"{e} (the new root {dest} is incomplete: remove it before trying "
+                             "again)") from None
+
+    def _copy(self, dest: str, driver: GraphDriver, plan: list[Layer], images: list[tuple[Image, list[str]]],
+              containers: list[tuple[Container, Any]], total: int, progress: Progress,
+              log: Callable[[str], None]) -> dict[str, int]:
         counts = {"layers": 0, "images": 0, "containers": 0}
         with ImageRoot(dest, driver) as target:
             task = progress.task("migrating layers", total)
@@ -571,5 +581,24 @@ def serve_mount(root: DockerRoot, ref: str, mountpoint: str, ready: Callable[[st
                 _umount(mountpoint)
 
 
+
+
+def unmount_served(mountpoint: str, timeout: float = 30.0) -> None:
+    """Undo ``serve_mount``: unmount ``mountpoint`` and wait until its server has detached everything."""
+    entry = mount_entry(mountpoint)
+    if entry is None:
+        raise ImageError(f"{mountpoint} is not mounted")
+    backing = loop.backing_file(entry.source) if entry.source.startswith("/dev/loop") else None
+    if backing is None or "/thinpool-docker-" not in backing:
+        raise ImageError(f"{mountpoint} is not a mount made by 'thinpool docker mount'")
+    _umount(mountpoint)
+    deadline = time.monotonic() + timeout
+    while loop.backing_file(entry.source) == backing:
+        if time.monotonic() > deadline:
+            raise ImageError(f"{mountpoint} is unmounted but its server has not released "
+                             f"{entry.source} within {timeout:g} s")
+        time.sleep(0.05)
+
+
 __all__ = ["Device", "DockerRoot", "RootReport", "ThinVolume", "find_layouts", "mounted_device",
-           "serve_mount"]
+           "serve_mount", "unmount_served"]
