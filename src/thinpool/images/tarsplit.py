@@ -11,10 +11,10 @@ gzip of one JSON object per line::
     {"type":1,"name":"etc/motd","size":23,"payload":null,"position":1}   file
 
 ``name_raw`` (base64) replaces ``name`` when the name is not UTF-8.  Every
-tar entry has a file record (size 0 for entries without data).  Docker also
-puts a CRC-64 of each file in its ``payload``; thinpool writes none (null)
-and does not check the ones it reads: a rebuilt stream is verified against
-the layer's diff id (sha256 of the whole stream) instead.
+tar entry has a file record (size 0 for entries without data); a file with
+data carries the CRC-64 (Go's ISO table, big-endian) of its contents in its
+``payload``, which ``assemble`` checks as Docker does.  Callers verify the
+rebuilt stream against the layer's diff id as well.
 
 ``Recorder`` wraps the uncompressed stream on its way to the driver and
 records while it passes; ``assemble`` rebuilds.
@@ -29,6 +29,8 @@ import json
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator
+
+import fastcrc
 
 from ..archive import ArchiveError
 from ..archive.fsroot import RootDir
@@ -94,6 +96,7 @@ class Recorder:
         self._meta_size = 0
         self._pax: dict[bytes, bytes] = {}
         self._long_name: bytes | None = None
+        self._crc: int | None = None
 
     def read(self, n: int = -1) -> bytes:
         data = self.source.read(n)
@@ -124,6 +127,7 @@ class Recorder:
                 self._segment += chunk
                 continue
             if self._state == "data":
+                self._crc = fastcrc.crc64.go_iso(chunk, initial=self._crc)
                 self._need -= take
                 if self._need == 0:
                     self._after_data()
@@ -189,6 +193,9 @@ class Recorder:
         self._state, self._need = "header", BLOCK
 
     def _after_data(self) -> None:
+        assert self._crc is not None
+        self.entries[-1].payload = self._crc.to_bytes(8, "big")
+        self._crc = None
         size = self.entries[-1].size
         pad = -size % BLOCK
         self._state, self._need = ("padding", pad) if pad else ("header", BLOCK)
@@ -280,6 +287,7 @@ def assemble(entries: list[Entry], root: str, chunk: int = 1 << 20) -> Iterator[
             except (OSError, ArchiveError) as err:
                 raise ImageError(f"layer file {os.fsdecode(e.name)!r} cannot be read: "
                                  f"{getattr(err, 'strerror', None) or err}") from None
+            crc: int | None = None
             try:
                 left = e.size
                 while left:
@@ -288,7 +296,10 @@ def assemble(entries: list[Entry], root: str, chunk: int = 1 << 20) -> Iterator[
                         raise ImageError(f"layer file {os.fsdecode(e.name)!r} is shorter than "
                                          f"its {e.size} bytes")
                     left -= len(data)
+                    crc = fastcrc.crc64.go_iso(data, initial=crc)
                     yield data
             finally:
                 os.close(fd)
+            if e.payload and crc is not None and crc.to_bytes(8, "big") != e.payload:
+                raise ImageError(f"file integrity checksum failed for {os.fsdecode(e.name)!r}")
             rd.collect()
