@@ -309,6 +309,10 @@ class ImageRoot:
     def remove_image(self, ref: str, force: bool = False) -> list[str]:
         """Docker's ``rmi``: untag, and delete the image and its unused layers when no tag is left.
 
+        Refused (``Conflict``) while a container uses the image, for an id
+        with several tags unless ``force``, and for the id of an image others
+        were committed from (by tag it is only untagged).
+
         Lines of what was done (``Untagged: ...``, ``Deleted: ...``).
         """
         with self._locked():
@@ -321,27 +325,29 @@ class ImageRoot:
                 by_tag = f"{repo}:{tag}" in tags
             except ImageError:
                 pass
-            if by_tag:
+            if by_tag and len(tags) > 1:
                 repo, tag = parse_reference(ref)
                 self.images.untag(f"{repo}:{tag}")
-                done.append(f"Untagged: {repo}:{tag}")
-                if len(tags) > 1:
-                    return done
-            elif len(tags) > 1 and not force:
+                return [f"Untagged: {repo}:{tag}"]
+            if not by_tag and len(tags) > 1 and not force:
                 raise Conflict(f"unable to delete {hex_of(image_id)[:12]} (must be forced) - image is "
                                f"referenced in multiple repositories ({', '.join(sorted(tags))})")
             users = [c for c in self.containers.all() if c.image == image_id]
             if users:
                 raise Conflict(f"unable to remove image {hex_of(image_id)[:12]}: container "
                                f"{users[0].id[:12]} ({users[0].name}) uses it; remove the container first")
+            if by_tag:
+                repo, tag = parse_reference(ref)
+                tags = [f"{repo}:{tag}"]
             children = [i for i in self.images.ids() if self.images.parent(i) == image_id]
-            if children and not force:
-                raise Conflict(f"unable to delete {hex_of(image_id)[:12]} - image has dependent child "
-                               "images")
+            if children and not by_tag:
+                raise Conflict(f"unable to delete {hex_of(image_id)[:12]} (cannot be forced) - image has "
+                               "dependent child images")
             for t in tags:
-                if not by_tag:
-                    self.images.untag(t)
-                    done.append(f"Untagged: {t}")
+                self.images.untag(t)
+                done.append(f"Untagged: {t}")
+            if children:
+                return done  # kept, untagged, for the images committed from it
             chains = self.image_chain(self.images.get(image_id))
             self.images.delete(image_id)
             done.append(f"Deleted: {image_id}")
