@@ -336,6 +336,16 @@ class DockerRoot:
                              f"{dev.problem}")
         return out
 
+    def verify(self, dev: Device) -> bool:
+        """Walk the device's whole mapping tree; False (and ``dev.problem`` set) when it is damaged."""
+        if not dev.intact:
+            return False
+        try:
+            self.mapping(dev)
+        except ImageError:
+            return False
+        return True
+
     def device(self, hash: str) -> Device:
         dev = self.devices.get(hash)
         if dev is None:
@@ -381,7 +391,15 @@ class DockerRoot:
             raise NotFound(f"no container or image {ref!r} in {self.root}") from None
 
     def report(self) -> RootReport:
+        """Everything listed, every device in use verified (its mapping tree walked whole)."""
         rep = RootReport(self.root, self.layout.name, self.block_bytes, self.transaction_id)
+        for layer in self.layerdb.all().values():
+            if layer.cache_id in self.devices:
+                self.verify(self.devices[layer.cache_id])
+        for m in self.layerdb.mounts().values():
+            for hash in (m.mount_id, m.init_id):
+                if hash in self.devices:
+                    self.verify(self.devices[hash])
         used: dict[str, Device] = {}
         for image, tags in self.image_list():
             size, status = 0, "ok"
