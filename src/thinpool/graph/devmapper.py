@@ -499,7 +499,7 @@ class DevmapperDriver(NaiveDiff):
 
     @staticmethod
     def _uuid_of(device: str) -> str:
-        r = subprocess.run(["blkid", "-s", "UUID", "-o", "value", device], capture_output=True,
+        r = subprocess.run(["blkid", "-c", "/dev/null", "-s", "UUID", "-o", "value", device], capture_output=True,
                            text=True)
         return r.stdout.strip()
 

@@ -227,7 +227,7 @@ def serialize(entries: list[Entry]) -> bytes:
             obj["position"] = pos
         lines.append(json.dumps(obj, separators=(",", ":")))
     buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=1) as gz:
         gz.write(("\n".join(lines) + "\n").encode())
     return buf.getvalue()
 
