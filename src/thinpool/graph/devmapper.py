@@ -246,9 +246,13 @@ class DevmapperDriver(NaiveDiff):
         self._server_proc: subprocess.Popen[bytes] | None = None
         self._ensure_pool()
         self._ensure_server()
-        self._load()
-        self._setup_base()
-        self._delete_marked()
+        try:
+            self._load()
+            self._setup_base()
+            self._delete_marked()
+        except BaseException:
+            self._stop_own_server()  # a driver that failed to start leaves no server behind
+            raise
         if self.opts.deferred_deletion:
             self._worker = threading.Thread(target=self._deletion_worker, daemon=True,
                                             name="devmapper-deletion")
@@ -292,6 +296,19 @@ class DevmapperDriver(NaiveDiff):
             except OSError:
                 time.sleep(0.05)
         raise GraphError(f"devmapper: the pool server for {self.pool_dir} did not come up")
+
+    def _stop_own_server(self) -> None:
+        """Stop the pool server this object started (if any), waiting for it to exit."""
+        if self._server_proc is None:
+            return
+        try:
+            control.request(self.ctl, "stop", {})
+        except (ThinpoolError, OSError) as e:
+            log.warning("devmapper: stopping the pool server: %s", e)
+        try:
+            self._server_proc.wait(60)
+        except subprocess.TimeoutExpired:
+            log.warning("devmapper: the pool server (pid %d) did not stop", self._server_proc.pid)
 
     def _call(self, command: str, **args: Any) -> dict[str, Any]:
         try:
@@ -493,7 +510,8 @@ class DevmapperDriver(NaiveDiff):
             r = subprocess.run([*args, *self.opts.mkfsargs, device], capture_output=True,
                                text=True)
         if r.returncode != 0:
-            raise GraphError(f"devmapper: mkfs.{self.opts.fs} {device}: {r.stderr.strip()}")
+            first = (r.stderr.strip().splitlines() or ["failed"])[0]
+            raise GraphError(f"devmapper: mkfs.{self.opts.fs} {device}: {first}")
         if self.opts.fs == "ext4":
             subprocess.run(["tune2fs", "-c", "-1", "-i", "0", device], capture_output=True)
 
