@@ -23,7 +23,7 @@ import pytest
 
 import dockerkit as K
 from archivetools import needs_root
-from graphkit import TEST_OPTIONS, base_layer, child_layer, driver_root, header_size_sum, unmount_tree
+from graphkit import TEST_OPTIONS, base_layer, btrfs_fs, child_layer, driver_root, header_size_sum, unmount_tree  # noqa: F401
 from imagekit import docker_save, oci_layout, saved_layers, sha
 from thinpool.graph import registry
 from thinpool.images.digest import chain_ids
