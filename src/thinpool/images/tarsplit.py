@@ -210,22 +210,20 @@ class Recorder:
 
 
 def serialize(entries: list[Entry]) -> bytes:
+    """The ``tar-split.json.gz`` bytes of ``entries`` (the JSON written by hand: this runs per entry)."""
     lines = []
+    b64 = base64.b64encode
     for pos, e in enumerate(entries):
         if e.type == SEGMENT:
-            obj: dict[str, Any] = {"type": SEGMENT, "payload": base64.b64encode(e.payload).decode(),
-                                   "position": pos}
-        else:
-            obj = {"type": FILE}
-            try:
-                obj["name"] = e.name.decode("utf-8")
-            except UnicodeDecodeError:
-                obj["name_raw"] = base64.b64encode(e.name).decode()
-            if e.size:
-                obj["size"] = e.size
-            obj["payload"] = base64.b64encode(e.payload).decode() if e.payload else None
-            obj["position"] = pos
-        lines.append(json.dumps(obj, separators=(",", ":")))
+            lines.append(f'{{"type":2,"payload":"{b64(e.payload).decode()}","position":{pos}}}')
+            continue
+        try:
+            name = '"name":' + json.dumps(e.name.decode("utf-8"))
+        except UnicodeDecodeError:
+            name = f'"name_raw":"{b64(e.name).decode()}"'
+        size = f',"size":{e.size}' if e.size else ""
+        payload = f'"{b64(e.payload).decode()}"' if e.payload else "null"
+        lines.append(f'{{"type":1,{name}{size},"payload":{payload},"position":{pos}}}')
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=1) as gz:
         gz.write(("\n".join(lines) + "\n").encode())
