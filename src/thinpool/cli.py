@@ -1067,8 +1067,30 @@ def _image_root(ctx: click.Context) -> Iterator[Any]:
         root.close()
 
 
-def _write_tar(chunks: Any, output: str, root: str) -> None:
-    """A tar to -o FILE (complete or not at all) or to standard output (never a terminal)."""
+def _write_tar(chunks: Any, output: str, root: str, what: str = "") -> None:
+    """A tar to -o FILE (complete or not at all) or to standard output (never a terminal).
+
+    With ``what``, a progress bar (bytes written) while standard error is a terminal.
+    """
+    try:
+        with _progress() as progress:
+            task = progress.task(what, None) if what else None
+            _write_tar_to(chunks if task is None else _counted(chunks, task.advance), output, root)
+            if task is not None:
+                task.finish()
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+
+
+def _counted(chunks: Any, advance: Callable[[int], None]) -> Iterator[bytes]:
+    for chunk in chunks:
+        advance(len(chunk))
+        yield chunk
+
+
+def _write_tar_to(chunks: Any, output: str, root: str) -> None:
     from .images.archives import write_atomically
 
     try:
@@ -1273,7 +1295,7 @@ def container_export(ctx: click.Context, ref: str, output: str) -> None:
     if output == "-" and sys.stdout.isatty():
         raise click.UsageError("refusing to write a tar to a terminal: use -o FILE or a pipe")
     with _image_root(ctx) as root:
-        _write_tar(root.export(ref), output, root.root)
+        _write_tar(root.export(ref), output, root.root, f"exporting {ref}")
 
 
 @container.command("diff")
@@ -1407,7 +1429,7 @@ def docker_export(docker_root: str, ref: str, driver_name: str | None, data_path
     if output == "-" and sys.stdout.isatty():
         raise click.UsageError("refusing to write a tar to a terminal: use -o FILE or a pipe")
     root = _open_docker_root(docker_root, driver_name, data_path, metadata_path)
-    _write_tar(root.export(ref), output, root.root)
+    _write_tar(root.export(ref), output, root.root, f"exporting {ref}")
 
 
 @docker_group.command("mount")
