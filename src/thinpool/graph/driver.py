@@ -178,3 +178,20 @@ class GraphDriver(abc.ABC):
     def capabilities(self) -> dict[str, bool]:
         """``ReproducesExactDiffs``: whether ``diff`` gives back an applied tar byte for byte."""
         return {"ReproducesExactDiffs": False}
+
+    def check(self, repair: bool = False) -> list[Finding]:
+        """Reconcile the driver's records with its storage (``thinpool graph check``).
+
+        Returns what is out of step, one finding each; with ``repair`` what
+        can be fixed safely is fixed (``Finding.repaired``).  Drivers whose
+        only record is the filesystem itself have nothing to reconcile.
+        """
+        return []
+
+
+@dataclass
+class Finding:
+    """One thing ``check`` found: what, and whether ``repair`` fixed it."""
+
+    problem: str
+    repaired: bool = False
