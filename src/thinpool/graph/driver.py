@@ -22,6 +22,13 @@ Contracts every driver keeps (checked by the shared contract tests):
   relative to ``parent`` (a whole tree if ``parent`` is None);
   ``apply_diff`` returns the sum of the tar headers' sizes; ``changes`` and
   ``diff_size`` follow Docker's ChangesDirs / ChangesSize.
+* (thinpool) An ``apply_diff`` that fails removes the layer, as Docker's
+  layer store does right after a failed ApplyDiff, so no half-applied layer
+  is left; a layer that cannot be removed then (held by a ``get``, or with
+  children) stays, and the error says so. ``diff`` streams hold what they
+  read until exhausted or closed.
+* (thinpool) Layer ids are checked (``check_id``): one plain name, never a
+  path; anything else is ``InvalidLayerId``.
 * Errors are ``GraphError`` subclasses with one-line messages; Docker's
   selection errors are ``NotSupported``, ``PrerequisitesMissing``,
   ``IncompatibleFS`` (``driver not supported``, ``prerequisites for driver
