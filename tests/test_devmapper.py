@@ -285,3 +285,22 @@ def test_check_finds_and_repairs(drivers: Drivers) -> None:
     assert set(usage) == {"base", "keep"} and usage["keep"]["mapped"] > 0
     d.cleanup()
     assert_thin_check_clean(home / "devicemapper" / "metadata")
+
+
+def test_graph_check_and_status_on_the_command_line(drivers: Drivers) -> None:
+    from test_cli import tp
+
+    args = ["graph", "--root", str(drivers.root), "--driver", "devicemapper",
+            *[a for o in OPTS for a in ("--storage-opt", o)]]
+    d = drivers.new()
+    d.create("l1", None)
+    r = tp(*args, "check")
+    assert r.returncode == 0 and r.stdout.decode().strip() == "clean", r.stderr
+    drivers.pool_call("message", text="create_thin 5000")
+    r = tp(*args, "check")
+    assert r.returncode == 1 and b"problem: device 5000 is in the pool" in r.stdout
+    r = tp(*args, "check", "--repair")
+    assert r.returncode == 0 and b"repaired: device 5000" in r.stdout
+    out = json.loads(tp(*args, "status", "--json").stdout)
+    assert out["Driver"] == "devicemapper" and set(out["Layers"]) == {"base", "l1"}
+    assert out["Layers"]["l1"]["mapped"] >= out["Layers"]["l1"]["exclusive"]

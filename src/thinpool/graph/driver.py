@@ -186,6 +186,11 @@ class GraphDriver(abc.ABC):
         """``ReproducesExactDiffs``: whether ``diff`` gives back an applied tar byte for byte."""
         return {"ReproducesExactDiffs": False}
 
+    def layer_usage(self) -> dict[str, dict[str, int]]:
+        """Layer id -> ``mapped``, ``exclusive`` and ``shared`` bytes, where the driver knows
+        what its layers share (devicemapper on a thin pool); else empty."""
+        return {}
+
     def check(self, repair: bool = False) -> list[Finding]:
         """Reconcile the driver's records with its storage (``thinpool graph check``).
 
