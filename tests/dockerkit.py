@@ -266,6 +266,21 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _processes_mentioning(text: str) -> list[int]:
+    """Pids whose command line contains ``text``."""
+    found = []
+    needle = text.encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if needle in f.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
 def unique_plugin_name(prefix: str = "thinpool-test") -> str:
     """A plugin name no other test (or test run) uses at the same time."""
     return f"{prefix}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -466,9 +481,10 @@ class Dockerd:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(30)
-        # dockerd's containerd and shims are its own children: none may outlive it.
+        # dockerd's containerd and the container shims (daemonized, so found by the exec
+        # root in their command line) must not outlive it.
         deadline = time.monotonic() + 10
-        for pid in family[1:]:
+        for pid in family[1:] + _processes_mentioning(str(self.exec_root)):
             while _alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             if _alive(pid):
