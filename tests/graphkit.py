@@ -113,7 +113,10 @@ def _btrfs_root(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
 ROOT_PROVIDERS: dict[str, Callable[[pytest.FixtureRequest, Path], Path]] = {"btrfs": _btrfs_root}
 """Driver name -> a fresh root directory for one test (default: a directory in tmp_path)."""
 
-TEST_OPTIONS: dict[str, list[str]] = {}
+TEST_OPTIONS: dict[str, list[str]] = {
+    "devicemapper": ["dm.basesize=256M", "dm.loopdatasize=4G", "dm.loopmetadatasize=64M",
+                     "dm.fs=ext4"],
+}
 """Driver name -> the daemon-wide options the tests use."""
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import socket
 import struct
 
-from thinpool.server.control import connect
+from thinpool.unixsock import connect
 
 NBDMAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054

@@ -864,7 +864,7 @@ def _ensure_server(directory: str) -> None:
     import subprocess
     import time
 
-    from .server.control import connect
+    from .unixsock import connect
     from .server.daemon import control_path
 
     path = control_path(directory)
@@ -925,7 +925,7 @@ def attach(directory: str, dev_id: int | None, recover: bool) -> None:
 
 
 def _recover(directory: str) -> None:
-    from .server.control import connect
+    from .unixsock import connect
     from .server.daemon import control_path, read_state
     from .server.kernel import clean_up_leftovers
 

@@ -5,4 +5,4 @@ calls ``registry.register`` at import); a new driver is added by importing
 its module here.
 """
 
-from . import btrfs, overlay2, vfs  # noqa: F401  (each registers itself)
+from . import btrfs, devmapper, overlay2, vfs  # noqa: F401  (each registers itself)

@@ -46,12 +46,14 @@ from ..pool.config import PoolConfig
 from ..pool.engine import Pool
 from ..server import control
 from ..server.daemon import control_path
-from .driver import (BadOption, CreateOpts, GraphError, LayerBusy, LayerExists, LayerNotFound,
-                     NotSupported)
+from ..unixsock import connect
+from .driver import (BadOption, CreateOpts, GraphError, InvalidLayerId, LayerBusy, LayerExists,
+                     LayerNotFound, NotSupported, check_id)
 from .mounts import is_mountpoint
 from .naive import NaiveDiff
 from .options import parse_size, split_option
 from .refcount import KeyedLock, RefCounter
+from .registry import register
 
 log = logging.getLogger("thinpool.graph.devicemapper")
 
@@ -241,6 +243,7 @@ class DevmapperDriver(NaiveDiff):
         self._used_ids: set[int] = set()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
+        self._server_proc: subprocess.Popen[bytes] | None = None
         self._ensure_pool()
         self._ensure_server()
         self._load()
@@ -266,7 +269,7 @@ class DevmapperDriver(NaiveDiff):
 
     def _ensure_server(self) -> None:
         try:
-            control.connect(self.ctl).close()
+            connect(self.ctl).close()
             return
         except OSError:
             pass
@@ -277,13 +280,14 @@ class DevmapperDriver(NaiveDiff):
             proc = subprocess.Popen([sys.executable, "-m", "thinpool.cli", "serve", self.pool_dir],
                                     stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                                     start_new_session=True, close_fds=True)
+        self._server_proc = proc  # ours to reap when it stops
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise GraphError(f"devmapper: the pool server for {self.pool_dir} did not start "
                                  f"(see {log_path})")
             try:
-                control.connect(self.ctl).close()
+                connect(self.ctl).close()
                 return
             except OSError:
                 time.sleep(0.05)
@@ -507,34 +511,49 @@ class DevmapperDriver(NaiveDiff):
             self._call("detach", target=str(info.device_id))
 
     def _grow(self, info: DevInfo, hash: str, size: int) -> None:
-        """A bigger virtual size and a filesystem grown to it (resize2fs / xfs_growfs)."""
+        """A bigger virtual size and a filesystem grown to it.
+
+        ext4 is grown offline (``e2fsck -f`` then ``resize2fs`` on the
+        unmounted device: online growth is refused by some kernels); xfs can
+        only grow mounted (``xfs_growfs`` on a private mount, with nouuid).
+        """
         self._call("resize-volume", id=info.device_id, size=size)
         info.size = size
         self._save(hash)
-        mp = tempfile.mkdtemp(prefix="thinpool-grow-")
-        try:
-            self._call("mount", id=info.device_id, mountpoint=mp, options=self.opts.mountopt or None)
+        if self.base_fs == "xfs" or (not self.base_fs and self.opts.fs == "xfs"):
+            mp = tempfile.mkdtemp(prefix="thinpool-grow-")
             try:
-                out = self._call("server-info")
-                device = out.get("attached", {}).get(str(info.device_id), "")
-                cmd = ["xfs_growfs", mp] if self._fs_at(mp) == "xfs" else ["resize2fs", device]
-                r = subprocess.run(cmd, capture_output=True, text=True)
-                if r.returncode != 0:
-                    raise GraphError(f"devmapper: growing the filesystem: {r.stderr.strip()}")
+                self._call("mount", id=info.device_id, mountpoint=mp)
+                try:
+                    self._run_fs_tool(["xfs_growfs", mp])
+                finally:
+                    self._call("umount", mountpoint=mp)
             finally:
-                self._call("umount", mountpoint=mp)
+                os.rmdir(mp)
+            return
+        device = self._call("attach", id=info.device_id)["device"]
+        try:
+            r = subprocess.run(["e2fsck", "-f", "-y", device], capture_output=True, text=True)
+            if r.returncode > 1:  # 1: errors corrected
+                raise GraphError(f"devmapper: e2fsck {device} before growing it: "
+                                 f"{(r.stdout + r.stderr).strip()[-400:]}")
+            self._run_fs_tool(["resize2fs", device])
         finally:
-            os.rmdir(mp)
+            self._call("detach", target=str(info.device_id))
 
     @staticmethod
-    def _fs_at(mp: str) -> str:
-        from .mounts import mount_entry
-
-        entry = mount_entry(mp)
-        return entry.fstype if entry is not None else ""
+    def _run_fs_tool(cmd: list[str]) -> None:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise GraphError(f"devmapper: growing the filesystem ({cmd[0]}): "
+                             f"{(r.stderr or r.stdout).strip()}")
 
     # -- ProtoDriver -----------------------------------------------------------------------------
     def exists(self, id: str) -> bool:
+        try:
+            check_id(id)
+        except InvalidLayerId:
+            return False
         with self._lock:
             return id in self.devices
 
@@ -545,8 +564,11 @@ class DevmapperDriver(NaiveDiff):
         self._add(id, parent, opts)
 
     def _add(self, id: str, parent: str | None, opts: CreateOpts | None) -> None:
-        if not id or id == "base" or "/" in id or id.startswith("."):
-            raise GraphError(f"devmapper: invalid layer id {id!r}")
+        check_id(id)
+        if parent:
+            check_id(parent)
+        if id == "base" or id in SPECIAL:
+            raise InvalidLayerId(f"devmapper: {id!r} names one of the driver's own records")
         size_opt = None
         for key, value in (opts.storage_opt if opts else {}).items():
             if key.lower() != "size":
@@ -589,6 +611,7 @@ class DevmapperDriver(NaiveDiff):
                                  "to change behavior")
 
     def remove(self, id: str) -> None:
+        check_id(id)
         with self._layers.hold(id):
             mp = os.path.join(self.mnt_dir, id)
             with self._lock:
@@ -597,11 +620,21 @@ class DevmapperDriver(NaiveDiff):
                 if self._mounts.count(mp) or is_mountpoint(mp):
                     raise LayerBusy(f"devmapper: Error running DeleteDevice: device {id} is "
                                     "mounted (put it first)")
+                children = self._children(self.devices[id].device_id)
+                if children:
+                    raise LayerBusy(f"devmapper: layer {id} has child layers "
+                                    f"({', '.join(children)}): remove them first")
                 self._delete_device(id, sync=False)
             try:
                 os.rmdir(mp)
             except OSError:
                 pass
+
+    def _children(self, dev_id: int) -> list[str]:
+        """Layers snapshotted from device ``dev_id`` (the pool records each snapshot's origin)."""
+        by_id = {i.device_id: h for h, i in self.devices.items()}
+        return sorted(by_id[v["dev_id"]] for v in self._call("list")["volumes"]
+                      if v["snapshot_of"] == dev_id and v["dev_id"] in by_id)
 
     def _delete_device(self, hash: str, sync: bool) -> None:
         """Docker's DeleteDevice: a delete transaction; a busy device is marked deleted."""
@@ -639,7 +672,7 @@ class DevmapperDriver(NaiveDiff):
                 log.warning("devmapper: deferred deletion: %s", e)
 
     def get(self, id: str, mount_label: str = "") -> str:
-        mp = os.path.join(self.mnt_dir, id)
+        mp = os.path.join(self.mnt_dir, check_id(id))
         rootfs = os.path.join(mp, "rootfs")
         with self._layers.hold(id):
             with self._lock:
@@ -679,7 +712,7 @@ class DevmapperDriver(NaiveDiff):
                 f.write(self.opts.xfs_nospace_retries)
 
     def put(self, id: str) -> None:
-        mp = os.path.join(self.mnt_dir, id)
+        mp = os.path.join(self.mnt_dir, check_id(id))
         with self._layers.hold(id):
             if id not in self.devices:
                 raise LayerNotFound(f"devmapper: Unknown device {id}")
@@ -727,6 +760,7 @@ class DevmapperDriver(NaiveDiff):
         return out
 
     def get_metadata(self, id: str) -> dict[str, str]:
+        check_id(id)
         with self._lock:
             info = self.devices.get(id)
         if info is None:
@@ -759,6 +793,12 @@ class DevmapperDriver(NaiveDiff):
         except (ThinpoolError, OSError) as e:
             log.warning("devmapper: stopping the pool server: %s", e)
             return
+        if self._server_proc is not None and self._server_proc.pid == pid:
+            try:
+                self._server_proc.wait(60)
+            except subprocess.TimeoutExpired:
+                log.warning("devmapper: the pool server (pid %d) did not stop within 60 s", pid)
+            return
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -766,3 +806,6 @@ class DevmapperDriver(NaiveDiff):
             except ProcessLookupError:
                 return
             time.sleep(0.05)
+
+
+register("devicemapper", DevmapperDriver)

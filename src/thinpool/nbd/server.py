@@ -43,9 +43,7 @@ import queue
 import selectors
 import socket
 import ssl
-import stat
 import struct
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -53,6 +51,7 @@ from pathlib import Path
 from typing import Sequence, cast
 
 from ..errors import DataPathError, ThinpoolError
+from ..unixsock import UnixSocketError, bind_private
 from . import protocol as P
 from .backend import Catalog, Export, ExportNotFound
 
@@ -667,49 +666,13 @@ class NBDServer:
     # -- sockets ------------------------------------------------------------------
 
     def _bind_unix(self, path: Path) -> socket.socket:
-        """Bind in a private directory, chmod 0600, then rename into place, so
-        the socket never exists at ``path`` with looser permissions."""
+        """A listening socket at ``path`` with mode 0600 from the start (``unixsock``)."""
         try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            st = None
-        except OSError as e:
-            raise NBDServerError(f"unix socket {path}: {e.strerror}") from None
-        if st is not None:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise NBDServerError(f"unix socket {path}: exists and is not a socket")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(str(path))
-                raise NBDServerError(f"unix socket {path}: another server is listening on it")
-            except (ConnectionRefusedError, FileNotFoundError):
-                pass  # stale: replaced by the rename below
-            except OSError as e:
-                raise NBDServerError(f"unix socket {path}: {e.strerror}") from None
-            finally:
-                probe.close()
-        try:
-            tmpdir = tempfile.mkdtemp(prefix=".nbd-", dir=path.parent)
-        except OSError as e:
-            raise NBDServerError(f"unix socket {path}: {e.strerror}") from None
-        tmp = os.path.join(tmpdir, "s")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(tmp)
-            os.chmod(tmp, 0o600)
-            sock.listen(64)
-            os.rename(tmp, path)
-            st = os.stat(path)
-            self._unix_ino = (st.st_dev, st.st_ino)
-        except OSError as e:
-            sock.close()
-            raise NBDServerError(f"unix socket {path}: {e.strerror or e}") from None
-        finally:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            os.rmdir(tmpdir)
+            sock = bind_private(path)
+        except UnixSocketError as e:
+            raise NBDServerError(str(e)) from None
+        st = os.stat(path)
+        self._unix_ino = (st.st_dev, st.st_ino)
         sock.setblocking(False)
         return sock
 

@@ -27,11 +27,11 @@ import os
 import select
 import socket
 import struct
-import tempfile
 import threading
 from typing import Any, Callable, Sequence
 
 from ..errors import ThinpoolError
+from ..unixsock import bind_private, connect
 
 log = logging.getLogger("thinpool.control")
 
@@ -98,40 +98,6 @@ def _recv_message(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
             return message, fds
 
 
-SUN_PATH_MAX = 107  # bytes in sockaddr_un.sun_path, less the terminating NUL
-
-
-class _Addressable:
-    """A unix socket path that fits ``sun_path``: long ones go through /proc/self/fd."""
-
-    def __init__(self, path: str) -> None:
-        self.fd = -1
-        self.path = path
-        if len(os.fsencode(path)) > SUN_PATH_MAX:
-            directory, name = os.path.split(os.path.abspath(path))
-            self.fd = os.open(directory, os.O_PATH | os.O_CLOEXEC)
-            self.path = f"/proc/self/fd/{self.fd}/{name}"
-
-    def __enter__(self) -> str:
-        return self.path
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-
-
-def connect(path: str) -> socket.socket:
-    """A connected stream socket to ``path`` (any length)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        with _Addressable(path) as address:
-            sock.connect(address)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 def request(path: str, command: str, args: dict[str, Any],
             fds: Sequence[int] = ()) -> dict[str, Any]:
     """Run ``command`` on the server at ``path``; its result, or ``ThinpoolError``.
@@ -166,42 +132,6 @@ class RemoteError(ThinpoolError):
         self.errno = err
 
 
-def bind_private_socket(path: str) -> socket.socket:
-    """A listening unix socket at ``path`` with mode 0600 from the start.
-
-    The socket is made in a private directory and renamed into place, so it
-    is never reachable with looser permissions; a stale socket file at
-    ``path`` (nobody listening) is replaced, anything else is refused.
-    """
-    if os.path.lexists(path):
-        try:
-            connect(path).close()
-        except ConnectionRefusedError:
-            pass  # stale: replaced below
-        except OSError as e:
-            raise ControlError(f"{path} exists and is not a usable socket ({e.strerror})") from None
-        else:
-            raise ControlError(f"{path} is in use by another server")
-    tmpdir = tempfile.mkdtemp(prefix=".sock-", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        tmp = os.path.join(tmpdir, "s")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            with _Addressable(tmp) as address:
-                sock.bind(address)
-            os.chmod(tmp, 0o600)
-            os.rename(tmp, path)
-            sock.listen(64)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-    finally:
-        if os.path.lexists(os.path.join(tmpdir, "s")):
-            os.unlink(os.path.join(tmpdir, "s"))
-        os.rmdir(tmpdir)
-
-
 class ControlServer:
     """Accepts control connections and runs each request through ``handler``.
 
@@ -221,7 +151,7 @@ class ControlServer:
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        self._sock = bind_private_socket(self.path)
+        self._sock = bind_private(self.path)
         self._thread = threading.Thread(target=self._accept_loop, name="thinpool-control",
                                         daemon=True)
         self._thread.start()
