@@ -495,3 +495,17 @@ def test_corrupt_layer_stream_leaves_no_layer(env: Env, case: str) -> None:
         assert tree(d.get("bad")) == tree(env.plain(base_layer()))
     finally:
         d.put("bad")
+
+
+def test_failed_apply_on_a_held_layer_says_it_is_left(env: Env) -> None:
+    d = env.driver
+    env.stack(base_layer())
+    d.create("held", "l0")
+    d.get("held")
+    try:
+        with pytest.raises(ArchiveError, match="layer held is left half-applied: .*in use"):
+            d.apply_diff("held", "l0", io.BytesIO(build_tar(reg("../x", b"x"))))
+        assert d.exists("held")
+    finally:
+        d.put("held")
+    d.remove("held")

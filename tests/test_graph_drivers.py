@@ -17,6 +17,7 @@ from archivetools import needs_root
 from conftest import require_tool
 from graphkit import (base_layer, btrfs_fs, build_tar, child_layer, loop_fs, reg, tar_names, tree,  # noqa: F401
                       unmount_tree, xfs_fs, xfs_pquota_fs)
+from thinpool.archive import ArchiveError
 from thinpool.graph import mounts, registry
 from thinpool.graph.btrfs import BtrfsDriver
 from thinpool.graph.driver import (BadOption, CreateOpts, GraphError, IncompatibleFS, NotSupported,
@@ -484,3 +485,26 @@ def test_btrfs_size_is_a_qgroup_limit(bt: BtrfsDriver) -> None:
     bt.put("small")
     bt.remove("small")
     assert not (home / "quotas" / "small").exists()
+
+
+# -- a full filesystem ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["vfs", "overlay2"])
+def test_out_of_space_mid_apply_leaves_no_layer(tmp_path: Path, name: str) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    mounts.mount("tmpfs", str(small), "tmpfs", 0, "size=2m")
+    try:
+        d = registry.new_driver(str(small / "root"), name)
+        d.create("base", None)
+        d.apply_diff("base", None, io.BytesIO(build_tar(reg("small", b"s" * 1000))))
+        d.create("big", "base")
+        big = build_tar(*[reg(f"f{i}", os.urandom(256 << 10)) for i in range(16)])  # 4 MiB
+        with pytest.raises(ArchiveError, match="No space left on device.*layer big removed"):
+            d.apply_diff("big", "base", io.BytesIO(big))
+        assert not d.exists("big")
+        d.create("next", "base")  # the space came back
+        d.apply_diff("next", "base", io.BytesIO(build_tar(reg("ok", b"ok" * 1000))))
+        d.cleanup()
+    finally:
+        unmount_tree(small)

@@ -26,7 +26,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import shutil
@@ -271,7 +270,7 @@ class _Dirent(ctypes.Structure):
                 ("d_type", ctypes.c_ubyte), ("d_name", ctypes.c_char * 256)]  # glibc's struct dirent (64-bit)
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter runs on
 _libc.opendir.restype = ctypes.c_void_p
 _libc.opendir.argtypes = [ctypes.c_char_p]
 _libc.readdir.restype = ctypes.POINTER(_Dirent)
