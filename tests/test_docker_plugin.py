@@ -62,6 +62,7 @@ def base() -> Iterator[Path]:
     try:
         yield path
     finally:
+        K.stop_pool_servers(path)
         K.unmount_under(path)
         import shutil
         shutil.rmtree(path, ignore_errors=True)
@@ -433,5 +434,6 @@ def test_cli_default_driver(base: Path) -> None:
         p.stop()
         p.start()
         assert p.call("GraphDriver.Status")["Status"][-1] == chosen
+        assert p.call("GraphDriver.Cleanup") == {}   # as dockerd stopping (devicemapper's pool server)
     finally:
         p.cleanup()
