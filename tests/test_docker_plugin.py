@@ -417,23 +417,18 @@ def test_cli_usage_errors(base: Path) -> None:
     assert (base / "s.sock").read_text() == "a file"
 
 
-def test_cli_default_driver(base: Path) -> None:
-    """Without --driver: devicemapper when this build has it, else chosen as dockerd would."""
-    p = K.PluginProcess(K.unique_plugin_name(), "vfs", log_dir=base, socket_path=base / "p.sock")
+def test_cli_default_driver_is_devicemapper(base: Path) -> None:
+    p = K.PluginProcess(K.unique_plugin_name(), "devicemapper", log_dir=base,
+                        socket_path=base / "p.sock")
     p.driver_args = []  # no --driver
     try:
         p.start()
-        assert p.call("GraphDriver.Init", {"Home": str(base / "home")}) == {}
-        chosen = p.call("GraphDriver.Status")["Status"][-1]
-        if "devicemapper" in registry.registered():
-            assert chosen == ["Thinpool Driver", "devicemapper"]
-        else:
-            assert "driver is not in this build" in p.output()
-            assert chosen == ["Thinpool Driver", registry.registered()[0]]
-        # a restart keeps the driver it chose (the state file names it)
-        p.stop()
-        p.start()
-        assert p.call("GraphDriver.Status")["Status"][-1] == chosen
-        assert p.call("GraphDriver.Cleanup") == {}   # as dockerd stopping (devicemapper's pool server)
+        assert "(driver devicemapper)" in p.output()
+        assert p.call("GraphDriver.Init", {"Home": str(base / "home"),
+                                           "Opts": ["dm.basesize=1G", "dm.loopdatasize=4G"]}) == {}
+        status = dict(p.call("GraphDriver.Status")["Status"])
+        assert status["Thinpool Driver"] == "devicemapper" and status["Base Device Size"]
+        assert (base / "home" / "devicemapper" / "devicemapper" / "data").is_file()
+        assert p.call("GraphDriver.Cleanup") == {}   # as dockerd stopping: the pool server stops
     finally:
         p.cleanup()

@@ -1212,10 +1212,9 @@ def _key_value(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
               default=DEFAULT_PLUGIN_SOCKET, show_default=True,
               help="Unix socket to serve (mode 0600). dockerd finds /run/docker/plugins/NAME.sock "
                    "as --storage-driver NAME.")
-@click.option("--driver", help=f"Graph driver behind the plugin (default {DEFAULT_PLUGIN_DRIVER}; "
-                               "when this build has none, chosen as dockerd would: the driver "
-                               "already holding layers under dockerd's Home, else overlay2, "
-                               "btrfs, vfs).")
+@click.option("--driver", default=DEFAULT_PLUGIN_DRIVER, show_default=True,
+              help="Graph driver behind the plugin: devicemapper (on a thinpool pool), overlay2, "
+                   "btrfs or vfs.")
 @click.option("--storage-opt", "storage_opts", multiple=True, metavar="KEY=VALUE",
               callback=_key_value,
               help="Driver option (repeatable), before those dockerd's own --storage-opt sends.")
@@ -1224,7 +1223,7 @@ def _key_value(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
                    "(default: SOCKET.state.json).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every call on stderr.")
 @_clean_errors
-def docker_plugin(socket_path: str, driver: str | None, storage_opts: list[str],
+def docker_plugin(socket_path: str, driver: str, storage_opts: list[str],
                   state_path: str | None, verbose: bool) -> None:
     """Serve Docker's graphdriver plugin protocol, backed by a thinpool graph driver.
 
@@ -1241,19 +1240,13 @@ def docker_plugin(socket_path: str, driver: str | None, storage_opts: list[str],
     from .plugin.server import PluginServer
 
     known = registered()
-    if driver is not None and driver not in known:
+    if driver not in known:
         raise click.UsageError(f"unknown graph driver {driver!r} (this build has: "
                                f"{', '.join(known)})")
-    if driver is None and DEFAULT_PLUGIN_DRIVER in known:
-        driver = DEFAULT_PLUGIN_DRIVER
-    elif driver is None:
-        click.echo(f"thinpool docker-plugin: the {DEFAULT_PLUGIN_DRIVER} driver is not in this "
-                   "build; choosing one as dockerd would (prior layers under Home, else "
-                   f"{', '.join(known)}); pass --driver to pick one", err=True)
     if verbose:
         logging.getLogger("thinpool.plugin").setLevel(logging.INFO)
 
-    def opener(root: str, name: str | None, opts: list[str]) -> GraphDriver:
+    def opener(root: str, name: str, opts: list[str]) -> GraphDriver:
         return new_driver(root, name, storage_opts + opts)
 
     socket_path = os.path.abspath(socket_path)
@@ -1265,7 +1258,7 @@ def docker_plugin(socket_path: str, driver: str | None, storage_opts: list[str],
     server.start()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.request_stop())
-    click.echo(f"thinpool docker-plugin: serving {socket_path} (driver {driver or 'auto'}); "
+    click.echo(f"thinpool docker-plugin: serving {socket_path} (driver {driver}); "
                f"pid {os.getpid()}", err=True)
     try:
         server.serve_forever()
