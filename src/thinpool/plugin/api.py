@@ -51,7 +51,7 @@ import os
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from ..errors import ThinpoolError
