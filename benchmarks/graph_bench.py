@@ -111,7 +111,18 @@ def _btrfs(env: BenchEnv, name: str) -> Iterator[DriverSetup]:
         os.unlink(image)
 
 
+@contextlib.contextmanager
+def _devicemapper(env: BenchEnv, name: str) -> Iterator[DriverSetup]:
+    """devicemapper on a thinpool pool (loop files in the work directory), ext4 base."""
+    root = os.path.join(env.work, f"root-{name}")
+    scratch = os.path.join(env.work, f"scratch-{name}")
+    os.makedirs(scratch)
+    yield DriverSetup(root, ["dm.basesize=4G", "dm.loopdatasize=32G", "dm.loopmetadatasize=1G",
+                             "dm.fs=ext4"], scratch, "ext4 on a thinpool volume")
+
+
 DRIVER_SETUPS: dict[str, Callable[[BenchEnv, str], ContextManager[DriverSetup]]] = {
+    "devicemapper": _devicemapper,
     "vfs": _plain,
     "overlay2": _plain,
     "btrfs": _btrfs,

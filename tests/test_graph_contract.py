@@ -23,7 +23,7 @@ from graphkit import (PASSWD1, TEST_OPTIONS, base_layer, btrfs_fs, build_tar, ch
                       hard, header_size_sum, reg, sym, tar_names, tar_of, tree, unmount_tree)
 from thinpool.archive import ArchiveError, ChangeKind, UnsafeArchiveError, apply_layer
 from thinpool.graph import mounts, registry
-from thinpool.graph.driver import (BadOption, CreateOpts, GraphDriver, GraphError, InvalidLayerId, LayerBusy,
+from thinpool.graph.driver import (BadOption, CreateOpts, GraphDriver, InvalidLayerId, LayerBusy,
                                    LayerExists, LayerNotFound, NotSupported)
 
 pytestmark = needs_root

@@ -1052,15 +1052,25 @@ def graph_status(ctx: click.Context, as_json: bool) -> None:
     """The driver's name and status pairs (what 'docker info' shows)."""
     import json
 
+    from .tools.ls import format_disk_unit
+
     driver = _graph_driver(ctx)
     status = driver.status()
+    usage = driver.layer_usage()
     if as_json:
-        click.echo(json.dumps({"Driver": driver.name, "Home": driver.home, "Status": [list(p) for p in status]}))
+        click.echo(json.dumps({"Driver": driver.name, "Home": driver.home,
+                               "Status": [list(p) for p in status], "Layers": usage}))
         return
     click.echo(f"Storage Driver: {driver.name}")
     click.echo(f" Home: {driver.home}")
     for key, value in status:
         click.echo(f" {key}: {value}")
+    if usage:
+        click.echo(f" Layers (from the pool's mappings): {'MAPPED':>10} {'EXCLUSIVE':>10} "
+                   f"{'SHARED':>10}")
+        for layer, u in sorted(usage.items()):
+            click.echo(f"  {layer:<64} {format_disk_unit(u['mapped']):>10} "
+                       f"{format_disk_unit(u['exclusive']):>10} {format_disk_unit(u['shared']):>10}")
 
 
 @graph.command("metadata")
@@ -1184,6 +1194,32 @@ def graph_apply_diff(ctx: click.Context, layer_id: str, parent: str | None, inpu
 def graph_diff_size(ctx: click.Context, layer_id: str, parent: str | None) -> None:
     """Bytes of the files the layer added or changed against --parent."""
     click.echo(_graph_driver(ctx).diff_size(layer_id, parent))
+
+
+@graph.command("check")
+@click.option("--repair", is_flag=True, help="Fix what can be fixed safely.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@_clean_errors
+def graph_check(ctx: click.Context, repair: bool, as_json: bool) -> None:
+    """Reconcile the driver's records with its storage (exit 1 while problems remain).
+
+    For devicemapper: unclosed transactions, records without pool devices,
+    pool devices no record names (leaked ids), devices awaiting deferred
+    deletion, stray mount points, and the pool's metadata itself.
+    """
+    import json
+
+    findings = _graph_driver(ctx).check(repair=repair)
+    if as_json:
+        click.echo(json.dumps([{"problem": f.problem, "repaired": f.repaired} for f in findings]))
+    else:
+        for f in findings:
+            click.echo(("repaired: " if f.repaired else "problem: ") + f.problem)
+        if not findings:
+            click.echo("clean")
+    if any(not f.repaired for f in findings):
+        sys.exit(EXIT_FAILURE)
 
 
 @graph.command("cleanup")
