@@ -7,10 +7,11 @@ site-packages and __pycache__: ~2,500 files, ~100 MB), as a docker-save
 tarball.  For each configuration a private dockerd is started (for the
 plugin ones on a fresh ``thinpool docker-plugin --driver NAME``), then:
 
-* ``docker load``: ``docker load -i IMAGE`` then ``docker rmi`` (timed is
-  the load only), ``--rounds`` times;
+* ``docker load``: ``docker load -i IMAGE`` into an empty store, on a
+  fresh dockerd (and plugin) each round, ``--rounds`` times;
 * ``docker run``: ``docker run --rm --pull never --network none IMAGE true``
-  (create: two layers, mounts; start; remove), ``--rounds`` times.
+  (create: two layers, mounts; start; remove), ``--rounds`` times after one
+  warm-up run, on the last round's dockerd.
 
 Reported: median wall seconds of each, and the ratio built-in overlay2 time
 / this configuration's time (higher is better; 1.0 = as fast as dockerd's
@@ -94,23 +95,25 @@ def build_image(work: Path, tree: str) -> tuple[Path, int, int]:
     return path, files, size
 
 
-def measure(d: K.Dockerd, image: Path, rounds: int) -> tuple[float, float]:
-    loads, runs = [], []
-    for i in range(rounds):
-        t0 = time.perf_counter()
-        d.out("load", "-q", "-i", str(image))
-        loads.append(time.perf_counter() - t0)
-        if i < rounds - 1:
-            d.out("rmi", TAG)
-    d.out(*("run", "--rm", "--pull", "never", "--network", "none", TAG, "true"))  # warm-up
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        d.out(*("run", "--rm", "--pull", "never", "--network", "none", TAG, "true"))
-        runs.append(time.perf_counter() - t0)
-    return statistics.median(loads), statistics.median(runs)
+RUN = ("run", "--rm", "--pull", "never", "--network", "none", TAG, "true")
 
 
-def run_config(config: str, image: Path, rounds: int) -> tuple[float, float]:
+def measure(d: K.Dockerd, image: Path, runs: int) -> tuple[float, list[float]]:
+    """Seconds of one load into the empty store, then of ``runs`` runs (after a warm-up)."""
+    t0 = time.perf_counter()
+    d.out("load", "-q", "-i", str(image))
+    load = time.perf_counter() - t0
+    times = []
+    if runs:
+        d.out(*RUN)
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        d.out(*RUN)
+        times.append(time.perf_counter() - t0)
+    return load, times
+
+
+def one_round(config: str, image: Path, runs: int) -> tuple[float, list[float]]:
     kind, _, driver = config.partition(":")
     base = K.short_tmp("db")
     try:
@@ -118,14 +121,23 @@ def run_config(config: str, image: Path, rounds: int) -> tuple[float, float]:
             d = K.Dockerd(base / "d", driver)
             try:
                 d.start()
-                return measure(d, image, rounds)
+                return measure(d, image, runs)
             finally:
                 d.cleanup()
         with K.docker_env(base, driver) as (d, _plugin):
-            return measure(d, image, rounds)
+            return measure(d, image, runs)
     finally:
+        K.stop_pool_servers(base)
         K.unmount_under(base)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def run_config(config: str, image: Path, rounds: int) -> tuple[float, float]:
+    """(median load s, median run s) of one configuration."""
+    rounds_done = [one_round(config, image, rounds if i == rounds - 1 else 0)
+                   for i in range(rounds)]
+    return (statistics.median(load for load, _ in rounds_done),
+            statistics.median(rounds_done[-1][1]))
 
 
 def main() -> None:

@@ -266,6 +266,59 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _processes_mentioning(text: str) -> list[int]:
+    """Pids whose command line contains ``text``."""
+    found = []
+    needle = text.encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if needle in f.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def _processes_in_cgroups(names: Sequence[str]) -> list[int]:
+    """Pids in a cgroup whose path ends with one of ``names`` (container ids)."""
+    if not names:
+        return []
+    wanted = {f"/{n}" for n in names}
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cgroup") as f:
+                    paths = {line.rstrip("\n").split(":", 2)[2] for line in f}
+            except (OSError, IndexError):
+                continue
+            if any(path.endswith(w) for path in paths for w in wanted):
+                found.append(int(entry))
+    return found
+
+
+def stop_pool_servers(base: Path) -> None:
+    """Stop the thinpool pool servers (the devicemapper driver's) running under ``base``, and
+    clean up what a dead one left there (its mounts, loop devices, FUSE mount)."""
+    dirs: set[str] = set()
+    for pid in _processes_mentioning(str(base)):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "thinpool.cli" in argv and "serve" in argv and argv.index("serve") + 1 < len(argv):
+            dirs.add(argv[argv.index("serve") + 1])
+    for root, subdirs, files in os.walk(base):
+        subdirs[:] = [d for d in subdirs if not os.path.ismount(os.path.join(root, d))]
+        if "server.json" in files:
+            dirs.add(root)
+    for directory in sorted(dirs):
+        subprocess.run([*THINPOOL, "stop", "--force", directory], capture_output=True, timeout=180)
+
+
 def unique_plugin_name(prefix: str = "thinpool-test") -> str:
     """A plugin name no other test (or test run) uses at the same time."""
     return f"{prefix}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -459,6 +512,10 @@ class Dockerd:
         if self.proc is None:
             return
         family = [self.proc.pid, *_descendants(self.proc.pid)]
+        try:
+            containers = os.listdir(self.data_root / "containers")
+        except OSError:
+            containers = []
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -466,9 +523,12 @@ class Dockerd:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(30)
-        # dockerd's containerd and shims are its own children: none may outlive it.
+        # dockerd's containerd, the container shims (daemonized, so found by the exec root in
+        # their command line) and the containers' processes (by their cgroup) must not
+        # outlive it: a container's mount namespace would keep its layer mounted.
         deadline = time.monotonic() + 10
-        for pid in family[1:]:
+        for pid in family[1:] + _processes_mentioning(str(self.exec_root)) \
+                + _processes_in_cgroups(containers):
             while _alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             if _alive(pid):
@@ -483,8 +543,9 @@ class Dockerd:
             return ""
 
     def cleanup(self) -> None:
-        """Stop; unmount what is left under the roots; delete the base directory."""
+        """Stop; stop pool servers and unmount what is left under the roots; delete them."""
         self.stop()
+        stop_pool_servers(self.base)
         unmount_under(self.base)
         shutil.rmtree(self.base, ignore_errors=True)
 

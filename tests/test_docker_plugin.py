@@ -62,6 +62,7 @@ def base() -> Iterator[Path]:
     try:
         yield path
     finally:
+        K.stop_pool_servers(path)
         K.unmount_under(path)
         import shutil
         shutil.rmtree(path, ignore_errors=True)
@@ -201,6 +202,24 @@ def restarts(d: K.Dockerd, plugin: K.PluginProcess, image: K.TestImage) -> None:
             d.cleanup()
         finally:
             plugin.cleanup()
+
+
+REUSED_IDS_BUG = pytest.mark.xfail(strict=False, reason=(
+    "devicemapper on thinpool, intermittent: a layer snapshotted onto a re-used device id "
+    "(after rmi) can fail to mount ('Structure needs cleaning'); reproduced with the driver "
+    "alone, without the plugin; remove this mark once fixed"))
+
+
+@pytest.mark.parametrize("driver", [pytest.param(d, marks=REUSED_IDS_BUG) if d == "devicemapper"
+                                    else d for d in plugin_drivers()])
+def test_load_run_rmi_cycles(driver: str, image: K.TestImage, base: Path) -> None:
+    """Layers removed and made again (dockerd re-uses nothing, the driver may) stay sound."""
+    with dockerd_base(driver, base) as root, \
+            K.docker_env(base, driver, dockerd_base=root) as (d, plugin):
+        for _ in range(3):
+            d.out("load", "-i", str(image.path))
+            assert d.out(*RUN, image.tag, "cat", "/etc/motd") == "layer two changed this\n"
+            d.out("rmi", image.tag)
 
 
 # -- the protocol under bad input -------------------------------------------------------------------
@@ -416,22 +435,18 @@ def test_cli_usage_errors(base: Path) -> None:
     assert (base / "s.sock").read_text() == "a file"
 
 
-def test_cli_default_driver(base: Path) -> None:
-    """Without --driver: devicemapper when this build has it, else chosen as dockerd would."""
-    p = K.PluginProcess(K.unique_plugin_name(), "vfs", log_dir=base, socket_path=base / "p.sock")
+def test_cli_default_driver_is_devicemapper(base: Path) -> None:
+    p = K.PluginProcess(K.unique_plugin_name(), "devicemapper", log_dir=base,
+                        socket_path=base / "p.sock")
     p.driver_args = []  # no --driver
     try:
         p.start()
-        assert p.call("GraphDriver.Init", {"Home": str(base / "home")}) == {}
-        chosen = p.call("GraphDriver.Status")["Status"][-1]
-        if "devicemapper" in registry.registered():
-            assert chosen == ["Thinpool Driver", "devicemapper"]
-        else:
-            assert "driver is not in this build" in p.output()
-            assert chosen == ["Thinpool Driver", registry.registered()[0]]
-        # a restart keeps the driver it chose (the state file names it)
-        p.stop()
-        p.start()
-        assert p.call("GraphDriver.Status")["Status"][-1] == chosen
+        assert "(driver devicemapper)" in p.output()
+        assert p.call("GraphDriver.Init", {"Home": str(base / "home"),
+                                           "Opts": ["dm.basesize=1G", "dm.loopdatasize=4G"]}) == {}
+        status = dict(p.call("GraphDriver.Status")["Status"])
+        assert status["Thinpool Driver"] == "devicemapper" and status["Base Device Size"]
+        assert (base / "home" / "devicemapper" / "devicemapper" / "data").is_file()
+        assert p.call("GraphDriver.Cleanup") == {}   # as dockerd stopping: the pool server stops
     finally:
         p.cleanup()

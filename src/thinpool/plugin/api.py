@@ -18,11 +18,9 @@ What dockerd expects, and gets:
 * ``Plugin.Activate`` -> ``{"Implements": ["GraphDriver"]}``;
   ``GraphDriver.Init`` opens the driver under the ``Home`` dockerd sends
   (the driver's own directory is ``Home/<driver name>``) with ``Opts`` as
-  its storage options; user-namespace maps are refused.  With no driver
-  name the driver is chosen as dockerd chooses one (prior state under
-  ``Home``, then Docker's priority order).
-* The plugin remembers ``Home``, ``Opts`` and the driver it opened in
-  ``state_path`` (JSON, written atomically, mode 0600) and re-opens that
+  its storage options; user-namespace maps are refused.
+* The plugin remembers ``Home``, ``Opts`` and its driver's name in
+  ``state_path`` (JSON, written atomically, mode 0600) and re-opens the
   driver from it when it starts again (``restore``), because dockerd never
   repeats ``Init`` to a restarted plugin.  ``Cleanup`` (dockerd shutting down) runs the driver's
   cleanup (everything unmounted) and closes it; a later call re-opens it
@@ -53,7 +51,7 @@ import os
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from ..errors import ThinpoolError
@@ -66,9 +64,9 @@ JSON_TYPE = "application/vnd.docker.plugins.v1+json"
 TAR_TYPE = "application/x-tar"
 STATE_VERSION = 1
 
-DriverOpener = Callable[[str, "str | None", list[str]], GraphDriver]
-"""(root, driver name or None to choose one as dockerd would, storage options) -> an open
-driver whose home is ``root/<its name>`` (``thinpool.graph.registry.new_driver``)."""
+DriverOpener = Callable[[str, str, list[str]], GraphDriver]
+"""(root, driver name, storage options) -> an open driver whose home is ``root/<name>``
+(``thinpool.graph.registry.new_driver``)."""
 
 
 class PluginError(ThinpoolError):
@@ -183,8 +181,7 @@ def _drain(body: BodyReader) -> None:
 class GraphPlugin:
     """The graphdriver plugin: dockerd's calls -> one thinpool ``GraphDriver``."""
 
-    def __init__(self, driver_name: str | None, opener: DriverOpener,
-                 state_path: str | None) -> None:
+    def __init__(self, driver_name: str, opener: DriverOpener, state_path: str | None) -> None:
         self.driver_name = driver_name
         self._opener = opener
         self.state_path = state_path
@@ -208,7 +205,7 @@ class GraphPlugin:
             return None
         except (OSError, PluginError) as e:
             return f"ignoring {self.state_path}: {e}; waiting for dockerd's Init"
-        if self.driver_name is not None and state.driver != self.driver_name:
+        if state.driver != self.driver_name:
             return (f"ignoring {self.state_path}: it was written for driver {state.driver}, this "
                     f"plugin runs {self.driver_name}; waiting for dockerd's Init")
         with self._lock:
@@ -239,13 +236,13 @@ class GraphPlugin:
             old = self._state
             if (self._driver is not None and old is not None and old.home == home
                     and old.opts == tuple(opts)
-                    and self.driver_name in (None, old.driver)):
+                    and old.driver == self.driver_name):
                 return
             if self._driver is not None:
                 self._driver.cleanup()
                 self._driver = None
             self._driver = self._opener(home, self.driver_name, opts)
-            self._state = PluginState(home, tuple(opts), self._driver.name)
+            self._state = PluginState(home, tuple(opts), self.driver_name)
             if self.state_path is not None:
                 write_state(self.state_path, self._state)
 
