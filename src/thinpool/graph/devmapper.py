@@ -619,7 +619,7 @@ class DevmapperDriver(NaiveDiff):
                     return
                 if self._mounts.count(mp) or is_mountpoint(mp):
                     raise LayerBusy(f"devmapper: Error running DeleteDevice: device {id} is "
-                                    "mounted (put it first)")
+                                    "in use (mounted: put it first)")
                 children = self._children(self.devices[id].device_id)
                 if children:
                     raise LayerBusy(f"devmapper: layer {id} has child layers "
@@ -909,4 +909,4 @@ class DevmapperDriver(NaiveDiff):
             time.sleep(0.05)
 
 
-register("devicemapper", DevmapperDriver)
+register("devicemapper", DevmapperDriver, automatic=False)
