@@ -1230,6 +1230,78 @@ def umount_cmd(mountpoint: str) -> None:
     control.request(control_path(os.path.dirname(fuse_dir)), "umount", {"mountpoint": real})
 
 
+# -- Docker graphdriver plugin ----------------------------------------------------------------------
+DEFAULT_PLUGIN_SOCKET = "/run/docker/plugins/thinpool.sock"
+DEFAULT_PLUGIN_DRIVER = "devicemapper"
+
+
+def _key_value(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str]:
+    for value in values:
+        key, sep, _ = value.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{value!r} is not KEY=VALUE", param=param)
+    return list(values)
+
+
+@cli.command("docker-plugin")
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False),
+              default=DEFAULT_PLUGIN_SOCKET, show_default=True,
+              help="Unix socket to serve (mode 0600). dockerd finds /run/docker/plugins/NAME.sock "
+                   "as --storage-driver NAME.")
+@click.option("--driver", default=DEFAULT_PLUGIN_DRIVER, show_default=True,
+              help="Graph driver behind the plugin: devicemapper (on a thinpool pool), overlay2, "
+                   "btrfs or vfs.")
+@click.option("--storage-opt", "storage_opts", multiple=True, metavar="KEY=VALUE",
+              callback=_key_value,
+              help="Driver option (repeatable), before those dockerd's own --storage-opt sends.")
+@click.option("--state", "state_path", type=click.Path(dir_okay=False),
+              help="Where the plugin remembers dockerd's Init across restarts "
+                   "(default: SOCKET.state.json).")
+@click.option("-v", "--verbose", is_flag=True, help="Log every call on stderr.")
+@_clean_errors
+def docker_plugin(socket_path: str, driver: str, storage_opts: list[str],
+                  state_path: str | None, verbose: bool) -> None:
+    """Serve Docker's graphdriver plugin protocol, backed by a thinpool graph driver.
+
+    Start it before 'dockerd --experimental --storage-driver thinpool' (the
+    socket's name is the driver's name). Layers are stored under the Home
+    dockerd sends (<data-root>/thinpool/<driver>). Stop it with SIGTERM or
+    Ctrl-C: the socket is removed, mounts stay for running containers, and
+    a restarted plugin re-opens the same driver.
+    """
+    from . import graph  # noqa: F401  (registers the built-in drivers)
+    from .graph.driver import GraphDriver
+    from .graph.registry import new_driver, registered
+    from .plugin.api import GraphPlugin
+    from .plugin.server import PluginServer
+
+    known = registered()
+    if driver not in known:
+        raise click.UsageError(f"unknown graph driver {driver!r} (this build has: "
+                               f"{', '.join(known)})")
+    if verbose:
+        logging.getLogger("thinpool.plugin").setLevel(logging.INFO)
+
+    def opener(root: str, name: str, opts: list[str]) -> GraphDriver:
+        return new_driver(root, name, storage_opts + opts)
+
+    socket_path = os.path.abspath(socket_path)
+    plugin = GraphPlugin(driver, opener, os.path.abspath(state_path or socket_path + ".state.json"))
+    note = plugin.restore()
+    if note:
+        click.echo(f"thinpool docker-plugin: {note}", err=True)
+    server = PluginServer(plugin, socket_path)
+    server.start()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: server.request_stop())
+    click.echo(f"thinpool docker-plugin: serving {socket_path} (driver {driver}); "
+               f"pid {os.getpid()}", err=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.stop()
+
+
 @cli.command()
 @click.argument("directory", required=False, type=click.Path(file_okay=False))
 @click.option("--dir", "workdir", type=click.Path(file_okay=False),
