@@ -742,195 +742,6 @@ def _wait_gone(directory: str, pid: int, timeout: float) -> None:
     raise click.ClickException(f"the server (pid {pid}) did not stop within {timeout:g} s")
 
 
-@cli.command()
-@click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--force", is_flag=True,
-              help="Also unmount what thinpool did not mount; with no server running, clean "
-                   "up what a dead server left (its mounts, loop devices, FUSE mount).")
-@click.option("--timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
-              help="Seconds to wait for the server to finish.")
-@_clean_errors
-def stop(directory: str, force: bool, timeout: float) -> None:
-    """Stop the pool's server cleanly: unmount, detach, commit, close.
-
-    It refuses while an attached volume is mounted by something other than
-    'thinpool mount' (unmount it, or use --force).
-    """
-    from .server import control
-    from .server.daemon import STATE_FILE, control_path, read_state
-    from .server.kernel import clean_up_leftovers
-
-    path = control_path(directory)
-    try:
-        pid = control.request(path, "stop", {"force": force})["pid"]
-    except (ConnectionRefusedError, FileNotFoundError):
-        state = read_state(directory)
-        if not force:
-            raise click.ClickException(
-                f"no pool server runs for {directory}"
-                + (f" (server.json names pid {state['pid']}, which is not serving; 'thinpool "
-                   "stop --force' cleans up what it left)" if state else "")) from None
-        for line in clean_up_leftovers(directory, state):
-            click.echo(line, err=True)
-        for name in ("control.sock", "nbd.sock", STATE_FILE):
-            try:
-                os.unlink(os.path.join(directory, name))
-            except FileNotFoundError:
-                pass
-        return
-    _wait_gone(directory, pid, timeout)
-
-
-def _ensure_server(directory: str) -> None:
-    """Start the pool's server in the background (logging to DIR/server.log) unless one runs."""
-    import subprocess
-    import time
-
-    from .unixsock import connect
-    from .server.daemon import control_path
-
-    path = control_path(directory)
-    try:
-        connect(path).close()
-        return
-    except OSError:
-        pass
-    if not os.path.isfile(os.path.join(directory, "pool.json")):
-        raise click.ClickException(f"{directory} is not a thinpool pool directory (no pool.json)")
-    log_path = os.path.join(directory, "server.log")
-    with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "thinpool.cli", "serve", directory],
-                                stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                                start_new_session=True, close_fds=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            with open(log_path, "rb") as f:
-                tail = f.read()[-2000:].decode(errors="replace").strip().splitlines()
-            raise click.ClickException("the pool server did not start: "
-                                       + (tail[-1] if tail else f"exit {proc.returncode}"))
-        try:
-            connect(path).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise click.ClickException(f"the pool server did not come up within 30 s (see {log_path})")
-
-
-def _server_call(directory: str, command: str, args: dict[str, Any]) -> dict[str, Any]:
-    from .server import control
-    from .server.daemon import control_path
-
-    _ensure_server(directory)
-    return control.request(control_path(directory), command, args)
-
-
-@cli.command()
-@click.argument("directory", type=click.Path(file_okay=False))
-@click.argument("dev_id", type=DEV_ID, required=False)
-@click.option("--recover", is_flag=True,
-              help="After the pool's server died: clean up what it left, start a new one and "
-                   "attach and mount again what it had attached and mounted.")
-@_clean_errors
-def attach(directory: str, dev_id: int | None, recover: bool) -> None:
-    """Attach a volume as a kernel block device (/dev/loopN) and print its path.
-
-    Starts the pool's server in the background if none runs.
-    """
-    if recover:
-        _recover(directory)
-        if dev_id is None:
-            return
-    if dev_id is None:
-        raise click.UsageError("give a volume id (or --recover)")
-    click.echo(_server_call(directory, "attach", {"id": dev_id})["device"])
-
-
-def _recover(directory: str) -> None:
-    from .unixsock import connect
-    from .server.daemon import control_path, read_state
-    from .server.kernel import clean_up_leftovers
-
-    try:
-        connect(control_path(directory)).close()
-        raise click.ClickException(f"the server of {directory} is running: nothing to recover")
-    except OSError:
-        pass
-    state = read_state(directory) or {}
-    for line in clean_up_leftovers(directory, state):
-        click.echo(line, err=True)
-    for name in ("control.sock", "server.json"):
-        try:
-            os.unlink(os.path.join(directory, name))
-        except FileNotFoundError:
-            pass
-    mounts = state.get("mounts", {})
-    remounted = {int(m["id"]) for m in mounts.values()}
-    for mp, m in mounts.items():
-        out = _server_call(directory, "mount", {"id": int(m["id"]), "mountpoint": mp,
-                                                "options": m.get("options") or None})
-        click.echo(f"mounted volume {m['id']} ({out['device']}) at {mp}")
-    for dev in state.get("attached", {}):
-        if int(dev) not in remounted:
-            click.echo(f"attached volume {dev} as "
-                       f"{_server_call(directory, 'attach', {'id': int(dev)})['device']}")
-
-
-@cli.command()
-@click.argument("directory", type=click.Path(file_okay=False))
-@click.argument("target")
-@_clean_errors
-def detach(directory: str, target: str) -> None:
-    """Detach an attached volume (by id or by its /dev/loopN); refuses while it is mounted."""
-    from .server import control
-    from .server.daemon import control_path
-
-    try:
-        control.request(control_path(directory), "detach", {"target": target})
-    except (ConnectionRefusedError, FileNotFoundError):
-        raise click.ClickException(f"no pool server runs for {directory}: nothing is "
-                                   "attached") from None
-
-
-@cli.command("mount")
-@click.argument("directory", type=click.Path(file_okay=False))
-@click.argument("dev_id", type=DEV_ID)
-@click.argument("mountpoint", type=click.Path(file_okay=False))
-@click.option("--mkfs", type=click.Choice(["ext4", "xfs"]),
-              help="Make this filesystem first (refused if one is there, unless --force).")
-@click.option("--force", is_flag=True, help="With --mkfs: format over an existing filesystem.")
-@click.option("-o", "options", help="Mount options, as for mount -o (xfs gets nouuid).")
-@_clean_errors
-def mount_cmd(directory: str, dev_id: int, mountpoint: str, mkfs: str | None, force: bool,
-              options: str | None) -> None:
-    """Attach a volume (if needed) and mount its filesystem at MOUNTPOINT."""
-    out = _server_call(directory, "mount", {"id": dev_id, "mountpoint": os.path.abspath(mountpoint),
-                                            "mkfs": mkfs, "options": options, "force": force})
-    click.echo(f"mounted volume {dev_id} ({out['device']}, {out['fstype']}) at {out['mountpoint']}")
-
-
-@cli.command("umount")
-@click.argument("mountpoint", type=click.Path(file_okay=False))
-@_clean_errors
-def umount_cmd(mountpoint: str) -> None:
-    """Unmount a filesystem 'thinpool mount' mounted, and detach its volume."""
-    from .server import control
-    from .server.daemon import control_path
-    from .server.kernel import FUSE_DIR, mounts
-
-    real = os.path.realpath(mountpoint)
-    sources = [src for _, mp, _, src in mounts() if mp == real]
-    if not sources:
-        raise click.ClickException(f"{mountpoint} is not a mount point")
-    from .fuse import loop
-
-    backing = loop.backing_file(sources[-1]) if sources[-1].startswith("/dev/loop") else None
-    fuse_dir = os.path.dirname(backing) if backing else ""
-    if os.path.basename(fuse_dir) != FUSE_DIR:
-        raise click.ClickException(f"{mountpoint} is not a thinpool volume")
-    control.request(control_path(os.path.dirname(fuse_dir)), "umount", {"mountpoint": real})
-
-
 # -- graph drivers (Docker's storage-driver contract) ---------------------------------------------
 GRAPH_ROOT = "/var/lib/thinpool/graph"
 
@@ -1759,6 +1570,195 @@ def docker_migrate(docker_root: str, driver_name: str | None, data_path: str | N
                               log=lambda line: click.echo(f"migrated {line}", err=True))
     click.echo(f"{counts['images']} images, {counts['layers']} layers, {counts['containers']} containers "
                f"migrated to {dest} ({to_driver})")
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True,
+              help="Also unmount what thinpool did not mount; with no server running, clean "
+                   "up what a dead server left (its mounts, loop devices, FUSE mount).")
+@click.option("--timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Seconds to wait for the server to finish.")
+@_clean_errors
+def stop(directory: str, force: bool, timeout: float) -> None:
+    """Stop the pool's server cleanly: unmount, detach, commit, close.
+
+    It refuses while an attached volume is mounted by something other than
+    'thinpool mount' (unmount it, or use --force).
+    """
+    from .server import control
+    from .server.daemon import STATE_FILE, control_path, read_state
+    from .server.kernel import clean_up_leftovers
+
+    path = control_path(directory)
+    try:
+        pid = control.request(path, "stop", {"force": force})["pid"]
+    except (ConnectionRefusedError, FileNotFoundError):
+        state = read_state(directory)
+        if not force:
+            raise click.ClickException(
+                f"no pool server runs for {directory}"
+                + (f" (server.json names pid {state['pid']}, which is not serving; 'thinpool "
+                   "stop --force' cleans up what it left)" if state else "")) from None
+        for line in clean_up_leftovers(directory, state):
+            click.echo(line, err=True)
+        for name in ("control.sock", "nbd.sock", STATE_FILE):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
+        return
+    _wait_gone(directory, pid, timeout)
+
+
+def _ensure_server(directory: str) -> None:
+    """Start the pool's server in the background (logging to DIR/server.log) unless one runs."""
+    import subprocess
+    import time
+
+    from .unixsock import connect
+    from .server.daemon import control_path
+
+    path = control_path(directory)
+    try:
+        connect(path).close()
+        return
+    except OSError:
+        pass
+    if not os.path.isfile(os.path.join(directory, "pool.json")):
+        raise click.ClickException(f"{directory} is not a thinpool pool directory (no pool.json)")
+    log_path = os.path.join(directory, "server.log")
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "thinpool.cli", "serve", directory],
+                                stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            with open(log_path, "rb") as f:
+                tail = f.read()[-2000:].decode(errors="replace").strip().splitlines()
+            raise click.ClickException("the pool server did not start: "
+                                       + (tail[-1] if tail else f"exit {proc.returncode}"))
+        try:
+            connect(path).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise click.ClickException(f"the pool server did not come up within 30 s (see {log_path})")
+
+
+def _server_call(directory: str, command: str, args: dict[str, Any]) -> dict[str, Any]:
+    from .server import control
+    from .server.daemon import control_path
+
+    _ensure_server(directory)
+    return control.request(control_path(directory), command, args)
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("dev_id", type=DEV_ID, required=False)
+@click.option("--recover", is_flag=True,
+              help="After the pool's server died: clean up what it left, start a new one and "
+                   "attach and mount again what it had attached and mounted.")
+@_clean_errors
+def attach(directory: str, dev_id: int | None, recover: bool) -> None:
+    """Attach a volume as a kernel block device (/dev/loopN) and print its path.
+
+    Starts the pool's server in the background if none runs.
+    """
+    if recover:
+        _recover(directory)
+        if dev_id is None:
+            return
+    if dev_id is None:
+        raise click.UsageError("give a volume id (or --recover)")
+    click.echo(_server_call(directory, "attach", {"id": dev_id})["device"])
+
+
+def _recover(directory: str) -> None:
+    from .unixsock import connect
+    from .server.daemon import control_path, read_state
+    from .server.kernel import clean_up_leftovers
+
+    try:
+        connect(control_path(directory)).close()
+        raise click.ClickException(f"the server of {directory} is running: nothing to recover")
+    except OSError:
+        pass
+    state = read_state(directory) or {}
+    for line in clean_up_leftovers(directory, state):
+        click.echo(line, err=True)
+    for name in ("control.sock", "server.json"):
+        try:
+            os.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+            pass
+    mounts = state.get("mounts", {})
+    remounted = {int(m["id"]) for m in mounts.values()}
+    for mp, m in mounts.items():
+        out = _server_call(directory, "mount", {"id": int(m["id"]), "mountpoint": mp,
+                                                "options": m.get("options") or None})
+        click.echo(f"mounted volume {m['id']} ({out['device']}) at {mp}")
+    for dev in state.get("attached", {}):
+        if int(dev) not in remounted:
+            click.echo(f"attached volume {dev} as "
+                       f"{_server_call(directory, 'attach', {'id': int(dev)})['device']}")
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("target")
+@_clean_errors
+def detach(directory: str, target: str) -> None:
+    """Detach an attached volume (by id or by its /dev/loopN); refuses while it is mounted."""
+    from .server import control
+    from .server.daemon import control_path
+
+    try:
+        control.request(control_path(directory), "detach", {"target": target})
+    except (ConnectionRefusedError, FileNotFoundError):
+        raise click.ClickException(f"no pool server runs for {directory}: nothing is "
+                                   "attached") from None
+
+
+@cli.command("mount")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("dev_id", type=DEV_ID)
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--mkfs", type=click.Choice(["ext4", "xfs"]),
+              help="Make this filesystem first (refused if one is there, unless --force).")
+@click.option("--force", is_flag=True, help="With --mkfs: format over an existing filesystem.")
+@click.option("-o", "options", help="Mount options, as for mount -o (xfs gets nouuid).")
+@_clean_errors
+def mount_cmd(directory: str, dev_id: int, mountpoint: str, mkfs: str | None, force: bool,
+              options: str | None) -> None:
+    """Attach a volume (if needed) and mount its filesystem at MOUNTPOINT."""
+    out = _server_call(directory, "mount", {"id": dev_id, "mountpoint": os.path.abspath(mountpoint),
+                                            "mkfs": mkfs, "options": options, "force": force})
+    click.echo(f"mounted volume {dev_id} ({out['device']}, {out['fstype']}) at {out['mountpoint']}")
+
+
+@cli.command("umount")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@_clean_errors
+def umount_cmd(mountpoint: str) -> None:
+    """Unmount a filesystem 'thinpool mount' mounted, and detach its volume."""
+    from .server import control
+    from .server.daemon import control_path
+    from .server.kernel import FUSE_DIR, mounts
+
+    real = os.path.realpath(mountpoint)
+    sources = [src for _, mp, _, src in mounts() if mp == real]
+    if not sources:
+        raise click.ClickException(f"{mountpoint} is not a mount point")
+    from .fuse import loop
+
+    backing = loop.backing_file(sources[-1]) if sources[-1].startswith("/dev/loop") else None
+    fuse_dir = os.path.dirname(backing) if backing else ""
+    if os.path.basename(fuse_dir) != FUSE_DIR:
+        raise click.ClickException(f"{mountpoint} is not a thinpool volume")
+    control.request(control_path(os.path.dirname(fuse_dir)), "umount", {"mountpoint": real})
 
 
 # -- Docker graphdriver plugin ----------------------------------------------------------------------
