@@ -98,6 +98,15 @@ def setup_init_layer(path: str) -> None:
         os.close(root)
 
 
+def check_name(name: str) -> str:
+    """``name`` if Docker accepts it as a container name (two or more of [a-zA-Z0-9_.-], not
+    starting with ``_.-``), else ``ImageError``."""
+    if not _NAME.fullmatch(name):
+        raise ImageError(f"invalid container name {name!r}: only [a-zA-Z0-9][a-zA-Z0-9_.-] are "
+                         "allowed (at least two characters)")
+    return name
+
+
 @dataclass
 class Container:
     """A container as Docker records it (the fields thinpool reads and writes)."""
@@ -120,7 +129,9 @@ class ContainerStore:
         if create:
             os.makedirs(self.dir, mode=0o710, exist_ok=True)
 
-    def all(self) -> list[Container]:
+    def all(self, problems: list[str] | None = None) -> list[Container]:
+        """Every container record.  An unreadable one is an ``ImageError``, or, with
+        ``problems``, noted there (one line) and left out."""
         out = []
         try:
             names = os.listdir(self.dir)
@@ -129,7 +140,14 @@ class ContainerStore:
         for cid in sorted(names):
             if not re.fullmatch(r"[0-9a-f]{64}", cid):
                 continue
-            c = self.load(cid)
+            try:
+                c = self.load(cid)
+            except ImageError as e:
+                if problems is None:
+                    raise
+                if str(e) not in problems:
+                    problems.append(str(e))
+                continue
             if c is not None:
                 out.append(c)
         return out
@@ -142,13 +160,15 @@ class ContainerStore:
             return None
         except (OSError, ValueError) as e:
             raise ImageError(f"container {cid}: config.v2.json is unreadable: {e}") from None
+        if not isinstance(raw, dict):
+            raise ImageError(f"container {cid}: config.v2.json is not a JSON object")
         return Container(cid, str(raw.get("Name", "")).lstrip("/"), str(raw.get("Image", "")),
                          str((raw.get("Config") or {}).get("Image", "")), str(raw.get("Created", "")),
                          str(raw.get("Driver", "")), raw)
 
-    def resolve(self, ref: str) -> Container:
-        """A container by name, full id or unique id prefix."""
-        everything = self.all()
+    def resolve(self, ref: str, problems: list[str] | None = None) -> Container:
+        """A container by name, full id or unique id prefix (``problems``: as for ``all``)."""
+        everything = self.all(problems)
         for c in everything:
             if c.name == ref.lstrip("/") or c.id == ref:
                 return c
@@ -161,9 +181,7 @@ class ContainerStore:
         raise NotFound(f"No such container: {ref}")
 
     def create(self, cid: str, name: str, image_id: str, image_ref: str, driver: str) -> Container:
-        if not _NAME.fullmatch(name):
-            raise ImageError(f"invalid container name {name!r}: only [a-zA-Z0-9][a-zA-Z0-9_.-] are "
-                             "allowed")
+        check_name(name)
         if any(c.name == name for c in self.all()):
             raise ImageError(f"the container name {name!r} is already in use")
         created = time.strftime("%Y-%m-%dT%H:%M:%S.000000000Z", time.gmtime())

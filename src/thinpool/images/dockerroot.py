@@ -290,7 +290,7 @@ class DockerRoot:
             try:
                 with open(os.path.join(meta, name), encoding="utf-8") as f:
                     out[hash] = self._device(hash, json.load(f))
-            except (OSError, ValueError, KeyError, TypeError) as e:
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 self.problems.append(f"device record metadata/{name} is unreadable: {e}")
         try:
             with open(os.path.join(meta, "transaction-metadata"), encoding="utf-8") as f:
@@ -404,22 +404,34 @@ class DockerRoot:
             os.close(fd)
 
     # -- what is there ---------------------------------------------------------------------------
-    def image_list(self) -> list[tuple[Image, list[str]]]:
+    def _problem(self, line: str, into: list[str] | None = None) -> None:
+        problems = self.problems if into is None else into
+        if line not in problems:
+            problems.append(line)
+
+    def image_list(self, problems: list[str] | None = None) -> list[tuple[Image, list[str]]]:
+        """Every readable image with its tags; what is unreadable (configs, tags) is noted in
+        ``problems`` (default: the root's)."""
         tags: dict[str, list[str]] = {}
-        for ref, image_id in sorted(self.images.tags().items()):
+        try:
+            tag_map = self.images.tags()
+        except ImageError as e:
+            self._problem(f"{e} (images are listed without tags)", problems)
+            tag_map = {}
+        for ref, image_id in sorted(tag_map.items()):
             tags.setdefault(image_id, []).append(ref)
         out = []
         for image_id in self.images.ids():
             try:
                 out.append((self.images.get(image_id), tags.get(image_id, [])))
             except ImageError as e:
-                self.problems.append(str(e))
+                self._problem(str(e), problems)
         return out
 
     def resolve(self, ref: str) -> tuple[str, Container | Image]:
         """("container", c) or ("image", i) for a container name/id or an image reference."""
         try:
-            return "container", self.containers.resolve(ref)
+            return "container", self.containers.resolve(ref, self.problems)
         except NotFound:
             pass
         try:
@@ -430,10 +442,11 @@ class DockerRoot:
     def report(self) -> RootReport:
         """Everything listed, every device in use verified (its mapping tree walked whole)."""
         rep = RootReport(self.root, self.layout.name, self.block_bytes, self.transaction_id)
-        for layer in self.layerdb.all().values():
+        layers = self.layerdb.all(self.problems)
+        for layer in layers.values():
             if layer.cache_id in self.devices:
                 self.verify(self.devices[layer.cache_id])
-        for m in self.layerdb.mounts().values():
+        for m in self.layerdb.mounts(self.problems).values():
             for hash in (m.mount_id, m.init_id):
                 if hash in self.devices:
                     self.verify(self.devices[hash])
@@ -441,21 +454,21 @@ class DockerRoot:
         for image, tags in self.image_list():
             size, status = 0, "ok"
             for chain in chain_ids(image.diff_ids):
-                try:
-                    layer = self.layerdb.get(chain)
-                    size += layer.size
-                    dev = self.devices.get(layer.cache_id)
-                    if dev is None or not dev.intact:
-                        status = "damaged"
-                except NotFound:
+                layer = layers.get(chain)
+                if layer is None:
                     status = "missing layers"
+                    continue
+                size += layer.size
+                dev = self.devices.get(layer.cache_id)
+                if dev is None or not dev.intact:
+                    status = "damaged"
             rep.images.append({"Id": image.id, "RepoTags": tags, "Layers": len(image.diff_ids),
                                "Size": size, "Status": status})
-        for layer in self.layerdb.all().values():
+        for layer in layers.values():
             rep.layers.append(self._layer_info(layer))
             if layer.cache_id in self.devices:
                 used[layer.cache_id] = self.devices[layer.cache_id]
-        for c in self.containers.all():
+        for c in self.containers.all(self.problems):
             info: dict[str, Any] = {"Id": c.id, "Name": c.name, "Image": c.image_ref, "ImageID": c.image}
             try:
                 m = self.layerdb.get_mount(c.id)
@@ -465,9 +478,10 @@ class DockerRoot:
                     info[key] = self._device_info(dev) if dev is not None else None
                     if dev is not None:
                         used[hash] = dev
-            except NotFound:
+            except ImageError as e:
                 info["MountID"] = None
-                self.problems.append(f"container {c.id[:12]} has no layer record")
+                self._problem(str(e) if not isinstance(e, NotFound)
+                              else f"container {c.id[:12]} has no layer record")
             rep.containers.append(info)
         rep.problems = list(self.problems)
         for d in self.devices.values():
@@ -523,7 +537,14 @@ class DockerRoot:
         touched (``make_driver`` makes the new root's driver only then).
         A failure later says the new root is incomplete.
         """
-        images = self.image_list()
+        unreadable: list[str] = []
+        images = self.image_list(unreadable)
+        self.layerdb.all(unreadable)
+        self.layerdb.mounts(unreadable)
+        self.containers.all(unreadable)
+        if unreadable:  # a copy without them would lose data silently
+            raise ImageError(f"{self.root}: refusing to migrate, Docker's records are damaged: "
+                             f"{'; '.join(unreadable)}")
         plan: list[Layer] = []
         seen: set[str] = set()
         for image, _ in images:

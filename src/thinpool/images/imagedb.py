@@ -177,8 +177,16 @@ class ImageStore:
         return image_id
 
     def resolve(self, ref: str) -> str:
-        """The image id ``ref`` names: a tag, a full id, or a unique prefix of an id."""
-        tags = self.tags()
+        """The image id ``ref`` names: a tag, a full id, or a unique prefix of an id.
+
+        An id is found even when the tags are unreadable (their error is raised
+        only for a name that is not an id).
+        """
+        unreadable: ImageError | None = None
+        try:
+            tags = self.tags()
+        except ImageError as e:
+            tags, unreadable = {}, e
         try:
             repo, tag = parse_reference(ref)
             if f"{repo}:{tag}" in tags:
@@ -192,4 +200,6 @@ class ImageStore:
                 return found[0]
             if len(found) > 1:
                 raise ImageError(f"image id prefix {ref!r} is ambiguous ({len(found)} images)")
+        if unreadable is not None:
+            raise unreadable
         raise NotFound(f"No such image: {ref}")

@@ -113,25 +113,38 @@ class LayerDB:
         self.tmp_dir = os.path.join(self.dir, "tmp")
 
     def get(self, chain: str) -> Layer:
-        """The committed layer ``chain`` (``NotFound`` when there is none)."""
+        """The committed layer ``chain`` (``NotFound`` when there is none, ``ImageError`` when
+        its record is incomplete or unreadable)."""
         path = os.path.join(self.sha_dir, hex_of(check_digest(chain, "chain id")))
+        if not os.path.isdir(path):
+            raise NotFound(f"layer {chain} does not exist")
         try:
             parent_file = os.path.join(path, "parent")
             return Layer(chain, _read(os.path.join(path, "diff")), _read(os.path.join(path, "cache-id")),
                          int(_read(os.path.join(path, "size")) or 0),
                          _read(parent_file) if os.path.exists(parent_file) else None)
-        except FileNotFoundError:
-            raise NotFound(f"layer {chain} does not exist") from None
+        except FileNotFoundError as e:
+            raise ImageError(f"layer {chain}: incomplete record (no {os.path.basename(e.filename)})") \
+                from None
         except (OSError, ValueError) as e:
             raise ImageError(f"layer {chain}: unreadable record: {e}") from None
 
     def exists(self, chain: str) -> bool:
         return os.path.isdir(os.path.join(self.sha_dir, hex_of(chain)))
 
-    def all(self) -> dict[str, Layer]:
+    def all(self, problems: list[str] | None = None) -> dict[str, Layer]:
+        """Every layer by chain id.  An unreadable record is an ``ImageError``, or, with
+        ``problems``, noted there (one line) and left out."""
         out = {}
         for name in sorted(_listdir(self.sha_dir)):
-            layer = self.get("sha256:" + name)
+            try:
+                layer = self.get("sha256:" + name)
+            except ImageError as e:
+                if problems is None:
+                    raise
+                if str(e) not in problems:
+                    problems.append(str(e))
+                continue
             out[layer.chain_id] = layer
         return out
 
@@ -155,14 +168,25 @@ class LayerDB:
         except FileNotFoundError:
             return None
 
-    def mounts(self) -> dict[str, RWLayer]:
+    def mounts(self, problems: list[str] | None = None) -> dict[str, RWLayer]:
+        """Every container's layers by container id (``problems``: as for ``all``)."""
         out = {}
         for cid in sorted(_listdir(self.mounts_dir)):
-            out[cid] = self.get_mount(cid)
+            try:
+                out[cid] = self.get_mount(cid)
+            except ImageError as e:
+                if problems is None:
+                    raise
+                if str(e) not in problems:
+                    problems.append(str(e))
         return out
 
     def get_mount(self, container_id: str) -> RWLayer:
+        """A container's layers (``NotFound`` when it has none, ``ImageError`` when the
+        record is incomplete or unreadable)."""
         path = os.path.join(self.mounts_dir, container_id)
+        if not os.path.isdir(path):
+            raise NotFound(f"no read-write layer for container {container_id}")
         try:
             parent_file = os.path.join(path, "parent")
             mount_id = _read(os.path.join(path, "mount-id"))
@@ -171,7 +195,9 @@ class LayerDB:
                            _read(init_file) if os.path.exists(init_file) else "",
                            _read(parent_file) if os.path.exists(parent_file) else None)
         except FileNotFoundError:
-            raise NotFound(f"no read-write layer for container {container_id}") from None
+            raise ImageError(f"container {container_id}: incomplete layer record (no mount-id)") from None
+        except (OSError, ValueError) as e:
+            raise ImageError(f"container {container_id}: unreadable layer record: {e}") from None
 
 
 

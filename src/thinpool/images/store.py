@@ -34,7 +34,7 @@ from ..graph.driver import GraphDriver
 from ..graph.naive import LayerStream
 from . import tarsplit
 from .archives import (ImageArchive, SaveImage, SaveLayer, docker_save_stream, write_atomically)
-from .containers import Container, ContainerStore, setup_init_layer
+from .containers import Container, ContainerStore, check_name, setup_init_layer
 from .digest import chain_ids, hex_of, sha256_of
 from .errors import Conflict, ImageError, NotFound
 from .imagedb import Image, ImageStore, parse_reference
@@ -412,7 +412,7 @@ class ImageRoot:
                 if not self.layers.exists(chain):
                     raise NotFound(f"image {image_ref}: layer {chain} is missing from the layer store")
             cid = new_id()
-            name = name or f"thinpool_{cid[:12]}"
+            name = check_name(name or f"thinpool_{cid[:12]}")  # before any layer is made
             if any(c.name == name for c in self.containers.all()):
                 raise Conflict(f"the container name {name!r} is already in use")
             self.layers.create_rw(cid, chains[-1] if chains else None, storage_opt or {},
