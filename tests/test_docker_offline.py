@@ -10,6 +10,7 @@ that the root's files (contents, sizes, modes, mtimes) are unchanged afterwards.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ import pytest
 
 import dockerkit as K
 from archivetools import needs_root
-from conftest import require_tool
+from conftest import KERNEL_FIXTURES, require_tool
 from graphkit import base_layer, child_layer, unmount_tree
 from imagekit import docker_save, sha, tree_digest
 from thinpool.fuse import loop
@@ -58,12 +59,7 @@ def build_root(base: Path, fs: str) -> Built:
     archive = base / "app.tar"
     docker_save(archive, layers, TAG)
     opts = [f"dm.basesize={'512M' if fs == 'xfs' else '256M'}", "dm.loopdatasize=4G", "dm.loopmetadatasize=64M", f"dm.fs={fs}"]
-    try:
-        driver = registry.new_driver(str(root), "devicemapper", opts)
-    except BaseException:  # a driver that failed to start may leave its pool server running
-        pool = root / "devicemapper" / "devicemapper"
-        subprocess.run([sys.executable, "-m", "thinpool.cli", "stop", "--force", str(pool)], capture_output=True)
-        raise
+    driver = registry.new_driver(str(root), "devicemapper", opts)
     with ImageRoot(str(root), driver) as r:
         r.load(str(archive))
         r.create_container(TAG, "web")
@@ -83,10 +79,10 @@ def build_root(base: Path, fs: str) -> Built:
 @pytest.fixture(scope="module", params=["ext4", "xfs"])
 def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     base = tmp_path_factory.mktemp(f"dockerroot-{request.param}")
-    b = build_root(base, request.param)
     try:
-        yield b
-    finally:
+        yield build_root(base, request.param)
+    finally:  # also when building failed half-way (a pool server, mounts)
+        K.stop_pool_servers(base)
         unmount_tree(base)
 
 
@@ -158,7 +154,11 @@ def test_mount_is_read_only_and_goes_away(untouched: Built, tmp_path: Path) -> N
         assert "already a mount point" in run("docker", "mount", str(untouched.root), "web", str(mp),
                                               ok=False).stderr
     finally:
-        run("docker", "umount", str(mp))
+        umounted = subprocess.run([sys.executable, "-m", "thinpool.cli", "docker", "umount", str(mp)],
+                                  capture_output=True, text=True)
+        if mounts.is_mountpoint(str(mp)):  # its server tears down once the mount point is gone
+            subprocess.run(["umount", "-l", str(mp)])
+    assert umounted.returncode == 0, umounted.stderr
     assert not mounts.is_mountpoint(str(mp))
     assert leftovers() == ([], [])
     assert "is not mounted" in run("docker", "umount", str(mp), ok=False).stderr
@@ -184,6 +184,7 @@ def test_migrate_keeps_diff_ids_images_and_containers(untouched: Built, to: str,
     assert leftovers() == ([], [])
 
 
+@pytest.mark.parametrize("built", ["ext4"], indirect=True)  # the filesystem does not matter here
 def test_bad_input(untouched: Built, tmp_path: Path) -> None:
     for args, message in [
         (["ls", str(tmp_path / "nowhere")], "not a directory"),
@@ -198,6 +199,7 @@ def test_bad_input(untouched: Built, tmp_path: Path) -> None:
 
 
 # -- other ways the same root can look ----------------------------------------------------------------
+@pytest.mark.parametrize("built", ["ext4"], indirect=True)  # the filesystem does not matter here
 def test_pre_012_json_records(built: Built, tmp_path: Path) -> None:
     """Docker before 0.12 kept every device in devicemapper/json."""
     root = copy_root(built.root, tmp_path / "old")
@@ -211,12 +213,15 @@ def test_pre_012_json_records(built: Built, tmp_path: Path) -> None:
                                                                          "initialized")}
         (meta / name).unlink()
     (root / "devicemapper" / "devicemapper" / "json").write_text(json.dumps({"Devices": devices}))
+    before = tree_digest(root)
     dr = DockerRoot(str(root))
     assert {h: d.device_id for h, d in dr.devices.items()} == built.devices
     assert K.tar_listing(b"".join(dr.export("web"))) == built.export
     assert DockerRoot(str(root)).report().problems == []
+    assert tree_digest(root) == before  # not migrated to per-device files as Docker would
 
 
+@pytest.mark.parametrize("built", ["ext4"], indirect=True)  # the filesystem does not matter here
 def test_metadata_rebuilt_by_thin_restore(built: Built, tmp_path: Path) -> None:
     """A pool whose metadata the real thin-provisioning-tools wrote (thin_dump | thin_restore)."""
     root = copy_root(built.root, tmp_path / "restored")
@@ -234,6 +239,7 @@ def test_metadata_rebuilt_by_thin_restore(built: Built, tmp_path: Path) -> None:
     assert K.tar_listing(b"".join(dr.export(TAG))) == built.image_export
 
 
+@pytest.mark.parametrize("built", ["ext4"], indirect=True)  # the filesystem does not matter here
 def test_damaged_mapping_tree(built: Built, tmp_path: Path) -> None:
     """The container's mapping tree is damaged: reported, refused; the image still exports whole."""
     root = copy_root(built.root, tmp_path / "damaged")
@@ -263,6 +269,7 @@ def test_damaged_mapping_tree(built: Built, tmp_path: Path) -> None:
     assert leftovers() == ([], [])
 
 
+@pytest.mark.parametrize("built", ["ext4"], indirect=True)  # the filesystem does not matter here
 def test_damaged_superblock(built: Built, tmp_path: Path) -> None:
     root = copy_root(built.root, tmp_path / "nosb")
     meta = root / "devicemapper" / "devicemapper" / "metadata"
@@ -275,6 +282,7 @@ def test_damaged_superblock(built: Built, tmp_path: Path) -> None:
     assert "cannot be read" in err
 
 
+@pytest.mark.parametrize("built", ["ext4"], indirect=True)  # the filesystem does not matter here
 def test_plugin_naming(built: Built, tmp_path: Path) -> None:
     """A graphdriver plugin's root: <root>/NAME/devicemapper/ and image/NAME/."""
     root = copy_root(built.root, tmp_path / "plug")
@@ -289,3 +297,134 @@ def test_plugin_naming(built: Built, tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="no devicemapper storage"):
         DockerRoot(str(root), driver_name="devicemapper")
     shutil.rmtree(root)
+
+
+@pytest.mark.parametrize("built", ["ext4"], indirect=True)  # the filesystem does not matter here
+def test_damaged_docker_records(built: Built, tmp_path: Path) -> None:
+    """Docker's own JSON damaged (a device record, the tags, a container's config): what can still be
+    read is listed and exported, each damage is named, migrate refuses rather than copy part of it."""
+    root = copy_root(built.root, tmp_path / "records")
+    dr = DockerRoot(str(root))
+    web = dr.containers.resolve("web")
+    init_hash = dr.layerdb.get_mount(web.id).init_id
+    (root / "devicemapper" / "metadata" / init_hash).write_text('{"device_id": ')
+    (root / "image" / "devicemapper" / "repositories.json").write_text("[not json")
+    ghost = "f" * 64
+    (root / "containers" / ghost).mkdir()
+    (root / "containers" / ghost / "config.v2.json").write_text("\0garbage")
+    before = tree_digest(root)
+    rep = json.loads(run("docker", "ls", str(root), "--json").stdout)
+    problems = "\n".join(rep["Problems"])
+    for needle in (f"metadata/{init_hash} is unreadable", "repositories.json is unreadable",
+                   f"container {ghost}: config.v2.json is unreadable"):
+        assert needle in problems, (needle, problems)
+    [image] = rep["Images"]
+    assert image["RepoTags"] == [] and image["Status"] == "ok"
+    [c] = rep["Containers"]
+    assert c["Name"] == "web" and c["InitDevice"] is None and c["Device"]["Status"] == "ok"
+    run("docker", "export", str(root), "web", "-o", str(tmp_path / "web.tar"))
+    assert K.tar_listing((tmp_path / "web.tar").read_bytes()) == built.export
+    run("docker", "export", str(root), image["Id"][7:19], "-o", str(tmp_path / "image.tar"))
+    assert K.tar_listing((tmp_path / "image.tar").read_bytes()) == built.image_export
+    err = run("docker", "migrate", str(root), "--to", "vfs", "--dest", str(tmp_path / "mig"), ok=False).stderr
+    assert "refusing to migrate" in err and "repositories.json" in err and err.count("\n") == 1
+    assert not (tmp_path / "mig").exists()
+    assert tree_digest(root) == before
+    assert leftovers() == ([], [])
+
+
+def test_root_on_kernel_written_pool_metadata(kernel_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Docker's records over pool metadata the real dm-thin kernel target wrote (the vendored ``tmeta``
+    sample: 11 thin devices, snapshots sharing blocks and subtrees).  Device 1 is an image layer whose
+    ext4 we place where the kernel's mapping (as the real ``thin_dump`` reads it) says its blocks live;
+    devices 2-4 are the base device and a container's; the rest are stray devices Docker left."""
+    root = tmp_path / "docker"
+    pool = root / "devicemapper" / "devicemapper"
+    pool.mkdir(parents=True)
+    meta = pool / "metadata"
+    subprocess.run(["cp", "--sparse=always", str(kernel_image("tmeta")), str(meta)], check=True)
+    meta.chmod(0o600)
+    block = 128 * 512
+    with open(pool / "data", "wb") as f:
+        f.truncate(65536 * block)  # nr_data_blocks of the sample
+    # an ext4 holding rootfs/, 18 pool blocks long: device 1 maps virtual blocks 0-17
+    src = tmp_path / "src"
+    (src / "rootfs/etc").mkdir(parents=True)
+    (src / "rootfs/etc/hostname").write_text("kernel-made pool\n")
+    (src / "rootfs/bin").mkdir()
+    tool = os.urandom(200_000)
+    (src / "rootfs/bin/tool").write_bytes(tool)
+    (src / "rootfs/bin/tool").chmod(0o755)
+    (src / "rootfs/link").symlink_to("etc/hostname")
+    fs = tmp_path / "fs.img"
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-O", "^has_journal", "-d", str(src), str(fs),
+                    str(18 * block // 1024) + "K"], check=True)
+    image = fs.read_bytes()
+    xml = subprocess.run([require_tool("thin_dump"), "--dev-id", "1", str(meta)], check=True,
+                         capture_output=True, text=True).stdout
+    where: dict[int, int] = {}
+    for line in xml.splitlines():
+        attrs = dict(part.split("=", 1) for part in line.strip(" <>/").split()[1:])
+        attrs = {k: int(v.strip('"')) for k, v in attrs.items() if k in ("origin_begin", "data_begin", "length",
+                                                                         "origin_block", "data_block")}
+        if "origin_begin" in attrs:
+            where.update({attrs["origin_begin"] + i: attrs["data_begin"] + i for i in range(attrs["length"])})
+        elif "origin_block" in attrs:
+            where[attrs["origin_block"]] = attrs["data_block"]
+    with open(pool / "data", "r+b") as f:
+        for v in range(len(image) // block):
+            f.seek(where[v] * block)
+            f.write(image[v * block:(v + 1) * block])
+    # Docker's records: devices, a one-layer image, a container on it
+    hashes = {1: "1" * 64, 3: "3" * 64, 4: "3" * 64 + "-init"}
+    records = root / "devicemapper" / "metadata"
+    records.mkdir()
+    # thin-provisioning-tools' thin_ls of the sample: device, mapped blocks, ...
+    thin_ls = {int(line.split()[0]): int(line.split()[1]) for line in
+               (KERNEL_FIXTURES / "tmeta.thin_ls.txt").read_text().splitlines()}
+    for dev in thin_ls:
+        name = "base" if dev == 2 else hashes.get(dev, f"{dev:064x}")
+        size = len(image) if dev == 1 else 16384 * block
+        (records / name).write_text(json.dumps({"device_id": dev, "size": size, "transaction_id": dev,
+                                                "initialized": False, "deleted": False}))
+    (records / "deviceset-metadata").write_text(json.dumps({"next_device_id": 17, "BaseDeviceUUID": "",
+                                                            "BaseDeviceFilesystem": "ext4"}))
+    diff_id = sha(b"the layer tar, not kept here")
+    layerdb = root / "image/devicemapper/layerdb"
+    (layerdb / "sha256" / diff_id[7:]).mkdir(parents=True)
+    for name, value in (("cache-id", hashes[1]), ("diff", diff_id), ("size", "200000")):
+        (layerdb / "sha256" / diff_id[7:] / name).write_text(value)
+    config = json.dumps({"os": "linux", "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
+    content = root / "image/devicemapper/imagedb/content/sha256"
+    content.mkdir(parents=True)
+    (content / sha(config)[7:]).write_bytes(config)
+    (root / "image/devicemapper/repositories.json").write_text(json.dumps(
+        {"Repositories": {"kernel/pool": {"kernel/pool:1": sha(config)}}}))
+    cid = "c" * 64
+    (layerdb / "mounts" / cid).mkdir(parents=True)
+    for name, value in (("mount-id", hashes[3]), ("init-id", hashes[4]), ("parent", diff_id)):
+        (layerdb / "mounts" / cid / name).write_text(value)
+    (root / "containers" / cid).mkdir(parents=True)
+    (root / "containers" / cid / "config.v2.json").write_text(json.dumps(
+        {"ID": cid, "Name": "/k", "Image": sha(config), "Config": {"Image": "kernel/pool:1"}}))
+    before = tree_digest(root)
+
+    rep = json.loads(run("docker", "ls", str(root), "--json").stdout)
+    assert (rep["BlockSize"], rep["TransactionId"], rep["Problems"]) == (block, 21, [])
+    [layer] = rep["Layers"]
+    assert layer["Device"]["DeviceId"] == 1 and layer["Device"]["Mapped"] == thin_ls[1] * block
+    [c] = rep["Containers"]
+    assert (c["Device"]["DeviceId"], c["Device"]["Mapped"]) == (3, thin_ls[3] * block)
+    assert (c["InitDevice"]["DeviceId"], c["InitDevice"]["Mapped"]) == (4, thin_ls[4] * block)
+    out = tmp_path / "image.tar"
+    run("docker", "export", str(root), "kernel/pool:1", "-o", str(out))
+    listing = K.tar_listing(out.read_bytes())
+    assert sorted(listing) == ["bin", "bin/tool", "etc", "etc/hostname", "link"]
+    assert listing["bin/tool"][1:] == (0o755, 0, 0, len(tool), "", hashlib.sha256(tool).hexdigest())
+    assert listing["link"][5] == "etc/hostname"
+    # the container's device holds what the kernel's test wrote (no filesystem): refused in one line
+    err = run("docker", "export", str(root), "k", "-o", str(tmp_path / "k.tar"), ok=False).stderr
+    assert "holds no ext4 or xfs filesystem" in err and err.count("\n") == 1
+    assert not (tmp_path / "k.tar").exists()
+    assert tree_digest(root) == before
+    assert leftovers() == ([], [])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pty
 import subprocess
 import sys
 import tarfile
@@ -25,6 +26,7 @@ import dockerkit as K
 from archivetools import needs_root
 from graphkit import TEST_OPTIONS, base_layer, btrfs_fs, child_layer, driver_root, header_size_sum, unmount_tree  # noqa: F401
 from imagekit import docker_save, oci_layout, saved_layers, sha
+from thinpool.errors import ThinpoolError
 from thinpool.graph import registry
 from thinpool.images.digest import chain_ids
 from thinpool.images.errors import Conflict, DigestMismatch, ImageError, NotFound
@@ -57,7 +59,8 @@ def root(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, 
     driver.cleanup()
     try:
         yield name, path
-    finally:
+    finally:  # also after a failure that left a container mounted (a devicemapper pool server)
+        K.stop_pool_servers(path)
         unmount_tree(path)
 
 
@@ -129,6 +132,7 @@ def test_container_lifecycle(root: tuple[str, Path], layers: list[bytes], tmp_pa
         assert m.init_id == m.mount_id + "-init" and m.parent == chain_ids([sha(x) for x in layers])[-1]
         mp = Path(r.mount("web"))
         assert r.mount(c.id[:10]) == str(mp)  # mounted once, by name or id prefix
+        default_size = os.statvfs(mp).f_blocks * os.statvfs(mp).f_frsize
         for name in (".dockerenv", "etc/resolv.conf", "etc/hosts", "etc/hostname", "dev/console"):
             st = os.lstat(mp / name)
             assert st.st_size == 0 and st.st_mode & 0o7777 == 0o755, name
@@ -167,6 +171,16 @@ def test_container_lifecycle(root: tuple[str, Path], layers: list[bytes], tmp_pa
         with pytest.raises(NotFound):
             r.remove_container("web")
         assert r.remove_image(image_id)[-1].startswith("Deleted: ")
+        # a per-container option the driver does not know: refused, nothing of the container left
+        layers_before = layer_listing(driver, path)
+        with pytest.raises(ThinpoolError, match="(?i)unknown option|not supported"):
+            r.create_container(TAG, "odd", {"nosuchopt": "1"})
+        assert layer_listing(driver, path) == layers_before and r.list_containers() == []
+        if driver == "devicemapper":  # --storage-opt size=: a device and filesystem bigger than the base
+            r.create_container(TAG, "big", {"size": "300M"})
+            st = os.statvfs(r.mount("big"))
+            assert st.f_blocks * st.f_frsize > default_size + (30 << 20)  # 300M instead of dm.basesize=256M
+            r.remove_container("big", force=True)
         r.remove_image(TAG)
         assert os.listdir(path / "image" / driver / "layerdb" / "sha256") == []
         assert os.listdir(path / "image" / driver / "layerdb" / "mounts") == []
@@ -243,6 +257,9 @@ def test_unknown_names_are_clear_errors(tmp_path: Path, layers: list[bytes]) -> 
         r.create_container(TAG, "web")
         with pytest.raises(Conflict, match="already in use"):
             r.create_container(TAG, "web")
+        with pytest.raises(ImageError, match="invalid container name"):
+            r.create_container(TAG, "w")  # Docker's rule: two characters at least
+        assert len(r.layers.mounts()) == 1 and len(os.listdir(tmp_path / "root" / "vfs" / "dir")) == 4
         with pytest.raises(ImageError, match="inside the data root"):
             r.save([TAG], str(tmp_path / "root" / "x.tar"))
 
@@ -348,3 +365,56 @@ def test_cli_images_and_containers(tmp_path: Path, layers: list[bytes]) -> None:
     run(*ctr, "rm", "web")
     run(*img, "rm", "imgtest/new:1", TAG)
     assert json.loads(run(*img, "ls", "--json").stdout) == []
+
+
+def test_image_and_container_take_graphs_options() -> None:
+    """--root, --driver/-s and --storage-opt: the same options, defaults and help as 'thinpool graph'."""
+    from thinpool.cli import cli
+
+    def options(group: str) -> dict[str | None, tuple]:
+        command = cli.commands[group]  # type: ignore[attr-defined]
+        return {p.name: (tuple(p.opts), p.default, p.multiple, getattr(p, "help", None)) for p in command.params}
+
+    assert set(options("graph")) == {"root", "driver", "storage_opt"}
+    assert options("image") == options("graph") == options("container")
+
+
+def test_progress_bars_on_a_terminal(tmp_path: Path) -> None:
+    """Long work draws progress bars on standard error when it is a terminal, and nothing otherwise."""
+    big = io.BytesIO()
+    with tarfile.open(fileobj=big, mode="w") as tar:
+        info = tarfile.TarInfo("blob")
+        info.size = 16 << 20
+        tar.addfile(info, io.BytesIO(os.urandom(1 << 20) * 16))
+    archive = tmp_path / "big.tar"
+    docker_save(archive, [big.getvalue()], "imgtest/big:1")
+    del big
+    img = ["image", "--root", str(tmp_path / "root"), "-s", "vfs"]
+
+    def on_a_terminal(*args: str) -> str:
+        main, sub = pty.openpty()
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "thinpool.cli", *args], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=sub, env={**os.environ, "TERM": "xterm",
+                                                                                "COLUMNS": "120"})
+        finally:
+            os.close(sub)
+        out = b""
+        try:
+            while True:
+                try:
+                    data = os.read(main, 65536)
+                except OSError:  # EIO: the process closed the terminal
+                    break
+                if not data:
+                    break
+                out += data
+        finally:
+            os.close(main)
+            assert proc.wait(120) == 0, out.decode(errors="replace")
+        return out.decode(errors="replace")
+
+    assert "loading layer 1/1" in on_a_terminal(*img, "load", str(archive))
+    assert "saving imgtest/big:1" in on_a_terminal(*img, "save", "imgtest/big:1", "-o", str(tmp_path / "s.tar"))
+    quiet = run(*img, "save", "imgtest/big:1", "-o", str(tmp_path / "s2.tar"))
+    assert quiet.stderr == ""  # not a terminal: no bars
