@@ -1073,7 +1073,9 @@ class _RichProgress:
                              transient=True)
 
     def task(self, description: str, total: int | None) -> _RichTask:
-        return _RichTask(self.bars, self.bars.add_task(description, total=total))
+        task = _RichTask(self.bars, self.bars.add_task(description, total=total))
+        self.bars.refresh()  # drawn at once, also for work shorter than one refresh period
+        return task
 
 
 @contextlib.contextmanager
