@@ -262,6 +262,18 @@ def test_unknown_names_are_clear_errors(tmp_path: Path, layers: list[bytes]) -> 
         assert len(r.layers.mounts()) == 1 and len(os.listdir(tmp_path / "root" / "vfs" / "dir")) == 4
         with pytest.raises(ImageError, match="inside the data root"):
             r.save([TAG], str(tmp_path / "root" / "x.tar"))
+        # a layer record whose diff id does not give its chain id
+        top = chain_ids([sha(x) for x in layers])[1]
+        diff = tmp_path / "root/image/vfs/layerdb/sha256" / top[7:] / "diff"
+        diff.write_text(sha(b"other"))
+        with pytest.raises(ImageError, match=f"layer {top}: its record .* has chain id"):
+            r.save([TAG], str(tmp_path / "x.tar"))
+        assert not (tmp_path / "x.tar").exists()
+        # tags that are not references fail before any layer is made
+        bad = tmp_path / "badtag.tar"
+        docker_save(bad, [layers[0]], "Not/A:valid:tag")
+        with pytest.raises(ImageError, match="invalid reference"):
+            r.load(str(bad))
 
 
 # -- a process killed mid-load ------------------------------------------------------------------------

@@ -120,14 +120,23 @@ class LayerDB:
             raise NotFound(f"layer {chain} does not exist")
         try:
             parent_file = os.path.join(path, "parent")
-            return Layer(chain, _read(os.path.join(path, "diff")), _read(os.path.join(path, "cache-id")),
-                         int(_read(os.path.join(path, "size")) or 0),
-                         _read(parent_file) if os.path.exists(parent_file) else None)
+            layer = Layer(chain, _read(os.path.join(path, "diff")), _read(os.path.join(path, "cache-id")),
+                          int(_read(os.path.join(path, "size")) or 0),
+                          _read(parent_file) if os.path.exists(parent_file) else None)
         except FileNotFoundError as e:
             raise ImageError(f"layer {chain}: incomplete record (no {os.path.basename(e.filename)})") \
                 from None
         except (OSError, ValueError) as e:
             raise ImageError(f"layer {chain}: unreadable record: {e}") from None
+        try:
+            computed = chain_id(None if layer.parent is None else check_digest(layer.parent, "parent"),
+                                check_digest(layer.diff_id, "diff id"))
+        except ImageError as e:
+            raise ImageError(f"layer {chain}: {e}") from None
+        if computed != chain:
+            raise ImageError(f"layer {chain}: its record (diff id {layer.diff_id} on "
+                             f"{layer.parent or 'no parent'}) has chain id {computed}")
+        return layer
 
     def exists(self, chain: str) -> bool:
         return os.path.isdir(os.path.join(self.sha_dir, hex_of(chain)))

@@ -231,6 +231,9 @@ class ImageRoot:
         """Load every image of an archive; [(image id, tags)].  All or nothing (module docstring)."""
         with ImageArchive(path) as archive:
             found = archive.images()
+            for image in found:  # bad tags fail before anything is made
+                for tag in image.repo_tags:
+                    parse_reference(tag)
             with self._locked():
                 txn = self._txn_path()
                 chains: list[str] = []
