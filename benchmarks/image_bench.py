@@ -6,7 +6,8 @@ root filesystem (layer 1), this Python's standard library under /opt/tree
 (layer 2, no site-packages or __pycache__), and a third layer that adds
 /usr/share/perl under /opt/perl and deletes one stdlib package (a
 whiteout), as a docker-save tarball.  Measured, each as a fresh process
-(the CLI as a user runs it), ``--rounds`` times (median):
+(the CLI as a user runs it), ``--rounds`` times, the contenders of a round
+back to back (medians; ratios are medians of per-round ratios):
 
 * ``thinpool image load`` per driver (vfs, overlay2, devicemapper) against
   ``docker load`` of the same archive on dockerd's built-in overlay2
@@ -21,9 +22,10 @@ whiteout), as a docker-save tarball.  Measured, each as a fresh process
 * ``thinpool docker migrate`` of that root to overlay2: MiB/s of layer data.
 
 Ratios are reference time / thinpool time (higher is better).  No timing
-is asserted.  Needs root, /dev/fuse, docker.io, busybox-static.
+is asserted.  thinpool's modules are byte-compiled first (as pip installs
+them), into a cache under the benchmark's temporary directory.  Needs root, /dev/fuse, docker.io, busybox-static.
 
-Usage: python benchmarks/image_bench.py [--rounds N] [--drivers vfs,overlay2,devicemapper]
+Usage: python benchmarks/image_bench.py [--rounds N (3)] [--drivers vfs,overlay2,devicemapper]
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ import sys
 import tarfile
 import time
 from pathlib import Path
-from typing import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -108,91 +109,97 @@ def timed(argv: list[str], check: bool = True) -> tuple[float, str]:
     return wall, r.stdout
 
 
-def median_of(rounds: int, once: Callable[[int], float]) -> float:
-    return statistics.median(once(i) for i in range(rounds))
+def driver_args(driver: str) -> list[str]:
+    return [a for o in (DM_OPTS if driver == "devicemapper" else []) for a in ("--storage-opt", o)]
 
 
-def bench_driver(driver: str, image: Path, base: Path, rounds: int) -> tuple[float, float, Path | None]:
-    """(load s, create s) for one driver; a devicemapper root is kept for the export and migrate runs."""
-    opts = [a for o in (DM_OPTS if driver == "devicemapper" else []) for a in ("--storage-opt", o)]
+def thinpool_load(driver: str, image: Path, root: Path) -> float:
+    return timed([*THINPOOL, "image", "--root", str(root), "--driver", driver, *driver_args(driver),
+                  "load", str(image)])[0]
 
-    def load(i: int) -> float:
-        root = base / f"{driver}-{i}"
-        wall, _ = timed([*THINPOOL, "image", "--root", str(root), "--driver", driver, *opts, "load", str(image)])
-        K.unmount_under(root)
-        shutil.rmtree(root, ignore_errors=True)
-        return wall
 
-    load_s = median_of(rounds, load)
-    root = base / f"{driver}-create"
-    timed([*THINPOOL, "image", "--root", str(root), "--driver", driver, *opts, "load", str(image)])
-    cmd = [*THINPOOL, "container", "--root", str(root), "--driver", driver, *opts, "create", TAG]
-    create_s = median_of(rounds, lambda i: timed(cmd)[0])
-    if driver == "devicemapper":
-        return load_s, create_s, root
+def drop(root: Path) -> None:
     K.unmount_under(root)
     shutil.rmtree(root, ignore_errors=True)
-    return load_s, create_s, None
 
 
-def bench_docker(image: Path, base: Path, rounds: int) -> tuple[float, float]:
+def tar_x(layers: list[Path], dest: Path) -> float:
+    dest.mkdir()
+    t0 = time.perf_counter()
+    for layer in layers:
+        subprocess.run(["tar", "-xf", str(layer), "-C", str(dest)], check=True)
+    wall = time.perf_counter() - t0
+    shutil.rmtree(dest)
+    return wall
+
+
+def bench_loads_and_creates(image: Path, layers: list[Path], drivers: list[str], base: Path, rounds: int
+                            ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, Path]]:
+    """Seconds per round of every load (docker, tar -x, thinpool per driver) and create.
+
+    The contenders of one round run back to back, so a round's ratios share the
+    machine's state (this host's disk speed moves by 2-4x within minutes).  The
+    roots of the last round are kept (for the creates, the export and migrate).
+    """
+    loads: dict[str, list[float]] = {name: [] for name in ["docker", "tar -x", *drivers]}
+    creates: dict[str, list[float]] = {name: [] for name in ["docker", *drivers]}
+    roots = {driver: base / f"{driver}-root" for driver in drivers}
     d = K.Dockerd(base / "d", "overlay2")
     try:
         d.start()
-        loads = []
         for i in range(rounds):
+            last = i == rounds - 1
             t0 = time.perf_counter()
             d.out("load", "-q", "-i", str(image))
-            loads.append(time.perf_counter() - t0)
-            if i < rounds - 1:
+            loads["docker"].append(time.perf_counter() - t0)
+            if not last:
                 d.out("rmi", TAG)
-        creates = []
+            loads["tar -x"].append(tar_x(layers, base / "tar-x"))
+            for driver in drivers:
+                loads[driver].append(thinpool_load(driver, image, roots[driver]))
+                if not last:
+                    drop(roots[driver])
         for _ in range(rounds):
             t0 = time.perf_counter()
             d.out("create", "--network", "none", TAG)
-            creates.append(time.perf_counter() - t0)
-        return statistics.median(loads), statistics.median(creates)
+            creates["docker"].append(time.perf_counter() - t0)
+            for driver in drivers:
+                creates[driver].append(timed([*THINPOOL, "container", "--root", str(roots[driver]), "--driver",
+                                              driver, *driver_args(driver), "create", TAG])[0])
     finally:
         d.cleanup()
+    return loads, creates, roots
 
 
-def bench_tar_x(layers: list[Path], base: Path, rounds: int) -> float:
-    def once(i: int) -> float:
-        dest = base / f"tar-x-{i}"
-        dest.mkdir()
-        t0 = time.perf_counter()
-        for layer in layers:
-            subprocess.run(["tar", "-xf", str(layer), "-C", str(dest)], check=True)
-        wall = time.perf_counter() - t0
-        shutil.rmtree(dest)
-        return wall
-    return median_of(rounds, once)
+def ratio(reference: list[float], ours: list[float]) -> float:
+    """Median over rounds of reference time / our time (higher is better)."""
+    return statistics.median(r / o for r, o in zip(reference, ours))
 
 
-def bench_export(root: Path, base: Path, rounds: int) -> tuple[float, float, float, int]:
-    """(thinpool docker export -o FILE s, ... > FILE s, tar -c s, bytes) of the root's container.
+def bench_export(root: Path, base: Path, rounds: int) -> tuple[list[float], list[float], list[float], int]:
+    """Per round: thinpool docker export -o FILE s, ... > FILE s, tar -c s; and the tar's bytes.
 
     ``-o FILE`` writes a temporary file, fsyncs and renames it (complete or nothing);
-    ``> FILE`` (standard output) and ``tar -cf`` write without fsync.
+    ``> FILE`` (standard output) and ``tar -cf`` write without fsync.  The plain
+    tree is the export unpacked (so in the page cache, as the reference's best case).
     """
     container = json.loads(timed([*THINPOOL, "docker", "ls", str(root), "--json"])[1])["Containers"][0]["Id"]
     out = base / "export.tar"
-    export_o = median_of(rounds, lambda i: timed([*THINPOOL, "docker", "export", str(root), container,
-                                                   "-o", str(out)])[0])
-
-    def to_stdout(i: int) -> float:
-        with open(base / "export-stdout.tar", "wb") as f:
-            t0 = time.perf_counter()
-            subprocess.run([*THINPOOL, "docker", "export", str(root), container], stdout=f, check=True)
-            return time.perf_counter() - t0
-    export_stdout = median_of(rounds, to_stdout)
+    timed([*THINPOOL, "docker", "export", str(root), container, "-o", str(out)])
     tree = base / "plain-tree"
     tree.mkdir()
     subprocess.run(["tar", "-xf", str(out), "-C", str(tree)], check=True)
     size = out.stat().st_size
-    tar_s = median_of(rounds, lambda i: timed(["tar", "-cf", str(base / "plain.tar"), "-C", str(tree), "."])[0])
+    to_file, to_stdout, tar_c = [], [], []
+    for _ in range(rounds):
+        to_file.append(timed([*THINPOOL, "docker", "export", str(root), container, "-o", str(out)])[0])
+        with open(base / "export-stdout.tar", "wb") as f:
+            t0 = time.perf_counter()
+            subprocess.run([*THINPOOL, "docker", "export", str(root), container], stdout=f, check=True)
+            to_stdout.append(time.perf_counter() - t0)
+        tar_c.append(timed(["tar", "-cf", str(base / "plain.tar"), "-C", str(tree), "."])[0])
     shutil.rmtree(tree)
-    return export_o, export_stdout, tar_s, size
+    return to_file, to_stdout, tar_c, size
 
 
 def bench_migrate(root: Path, base: Path, layer_bytes: int) -> float:
@@ -205,33 +212,47 @@ def bench_migrate(root: Path, base: Path, layer_bytes: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--drivers", default="vfs,overlay2,devicemapper")
     args = ap.parse_args()
+    drivers = args.drivers.split(",")
     base = K.short_tmp("ib")
+    # as installed: byte-compiled modules (this environment may set PYTHONDONTWRITEBYTECODE,
+    # which makes every thinpool process compile its ~100 modules again)
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = str(base / "pycache")
+    subprocess.run([sys.executable, "-c", "import thinpool.cli, thinpool.graph, thinpool.images.dockerroot"],
+                   check=True)
     try:
         image, layers = build_image(base)
         layer_bytes = sum(p.stat().st_size for p in layers)
         files = sum(1 for p in layers for m in tarfile.open(p).getmembers() if m.isfile())
         print(f"image: 3 layers, {files:,} files, {layer_bytes / 2**20:.0f} MiB of layer tars; "
-              f"{args.rounds} round(s) each")
-        docker_load, docker_create = bench_docker(image, base, args.rounds)
-        tar_x = bench_tar_x(layers, base, args.rounds)
-        rows = [["docker load / create (built-in overlay2)", docker_load, 1.0, docker_create, 1.0, tar_x / docker_load]]
-        dm_root = None
-        for driver in args.drivers.split(","):
-            load_s, create_s, kept = bench_driver(driver, image, base, args.rounds)
-            dm_root = kept or dm_root
-            rows.append([f"thinpool image load / container create ({driver})", load_s, docker_load / load_s,
-                         create_s, docker_create / create_s, tar_x / load_s])
-        print(table(["what", "load s", "docker/this", "create s", "docker/this", "tar -x/this"], rows))
-        print(f"plain tar -x of the 3 layer tars into one directory: {tar_x:.2f} s")
-        if dm_root is not None:
-            export_o, export_stdout, tar_s, size = bench_export(dm_root, base, args.rounds)
+              f"{args.rounds} interleaved round(s); medians, ratios are medians of per-round ratios")
+        loads, creates, roots = bench_loads_and_creates(image, layers, drivers, base, args.rounds)
+        med = statistics.median
+        rows = [["docker load (built-in overlay2)", med(loads["docker"]), 1.0, ratio(loads["tar -x"], loads["docker"])],
+                ["plain tar -x of the layer tars", med(loads["tar -x"]), ratio(loads["docker"], loads["tar -x"]), 1.0]]
+        for driver in drivers:
+            rows.append([f"thinpool image load ({driver})", med(loads[driver]),
+                         ratio(loads["docker"], loads[driver]), ratio(loads["tar -x"], loads[driver])])
+        print(table(["load", "s", "docker/this", "tar -x/this"], rows))
+        rows = [["docker create", med(creates["docker"]), 1.0]]
+        for driver in drivers:
+            rows.append([f"thinpool container create ({driver})", med(creates[driver]),
+                         ratio(creates["docker"], creates[driver])])
+        print(table(["create", "s", "docker/this"], rows))
+        for driver in drivers:
+            if driver != "devicemapper":
+                drop(roots[driver])
+        if "devicemapper" in drivers:
+            dm_root = roots["devicemapper"]
+            to_file, to_stdout, tar_c, size = bench_export(dm_root, base, args.rounds)
+            med = statistics.median
             print(f"thinpool docker export of a devicemapper container ({size / 2**20:.0f} MiB tar): "
-                  f"-o FILE (fsync, rename) {export_o:.2f} s, > FILE {export_stdout:.2f} s; tar -cf of "
-                  f"the same tree from a plain directory: {tar_s:.2f} s; ratio tar/export "
-                  f"{tar_s / export_o:.2f}x / {tar_s / export_stdout:.2f}x")
+                  f"-o FILE (fsync, rename) {med(to_file):.2f} s, > FILE {med(to_stdout):.2f} s; tar -cf of "
+                  f"the same tree from a plain directory: {med(tar_c):.2f} s; tar/export "
+                  f"{ratio(tar_c, to_file):.2f}x / {ratio(tar_c, to_stdout):.2f}x")
             print(f"thinpool docker migrate (devicemapper -> overlay2): "
                   f"{bench_migrate(dm_root, base, layer_bytes):.1f} MiB/s of layer data")
     finally:
