@@ -244,11 +244,17 @@ class DevmapperDriver(NaiveDiff):
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._server_proc: subprocess.Popen[bytes] | None = None
+        self._closed = False
         self._ensure_pool()
         self._ensure_server()
-        self._load()
-        self._setup_base()
-        self._delete_marked()
+        try:
+            self._load()
+            self._setup_base()
+            self._delete_marked()
+        except BaseException:
+            if self._server_proc is not None:  # started for this driver: nobody else uses it
+                self._stop_server()
+            raise
         if self.opts.deferred_deletion:
             self._worker = threading.Thread(target=self._deletion_worker, daemon=True,
                                             name="devmapper-deletion")
@@ -875,7 +881,10 @@ class DevmapperDriver(NaiveDiff):
             return {h: i.device_id for h, i in self.devices.items()}
 
     def cleanup(self) -> None:
-        """Daemon shutdown: save, unmount every layer, stop the pool server."""
+        """Daemon shutdown: save, unmount every layer, stop the pool server.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         self._stop.set()
         if self._worker is not None:
             self._worker.join()
@@ -889,8 +898,12 @@ class DevmapperDriver(NaiveDiff):
                 except ThinpoolError as e:
                     log.warning("devmapper: %s", e)
             self._mounts.forget(mp)
+        self._stop_server()
+
+    def _stop_server(self) -> None:
+        """Stop the pool server (never starting one) and wait up to 60 s until it is gone."""
         try:
-            pid = self._call("stop")["pid"]
+            pid = control.request(self.ctl, "stop", {})["pid"]
         except (ThinpoolError, OSError) as e:
             log.warning("devmapper: stopping the pool server: %s", e)
             return
@@ -903,10 +916,16 @@ class DevmapperDriver(NaiveDiff):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:  # a child of this process (another
+                    return                                # driver object started it): reaped
+            except ChildProcessError:
+                pass
+            try:
                 os.kill(pid, 0)
             except ProcessLookupError:
                 return
             time.sleep(0.05)
+        log.warning("devmapper: the pool server (pid %d) did not stop within 60 s", pid)
 
 
 register("devicemapper", DevmapperDriver, automatic=False)
