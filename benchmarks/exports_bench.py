@@ -262,11 +262,11 @@ def nbdcopy(src: str, dst: str, nbytes: int) -> Result:
 class ThinpoolServer:
     """A fresh pool in ``path`` and ``thinpool serve`` on it."""
 
-    def __init__(self, path: Path, data_size: int) -> None:
+    def __init__(self, path: Path, data_size: int, src: Path = ROOT / "src") -> None:
         self.path = path
         Pool.create(str(path), data_size, 512 * MiB, PoolConfig(data_block_sectors=BLOCK // 512))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [str(ROOT / "src")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+            [str(src)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
         self.proc = spawn([sys.executable, "-m", "thinpool.cli", "serve", str(path)],
                           log=path / "serve.log", env=env)
         self._undo = CLEANUP.push(f"thinpool server {path}", self._shutdown)
@@ -424,7 +424,45 @@ def measured(book: Book, part: str, workload: str, target: str, pids: list[int],
     return r
 
 
+class Targets:
+    """The ``--targets`` filter (all by default), and the optional ``baseline``: thinpool
+    served from another source tree (``--baseline-src``), to measure a change in one run."""
+
+    chosen: set[str] | None = None
+    baseline: Path | None = None
+
+    def select(self, names: list[str]) -> list[str]:
+        if self.baseline is not None and names[0] == "thinpool":
+            names = names[:1] + ["baseline"] + names[1:]
+        return [n for n in names if self.chosen is None or n in self.chosen or n == "baseline"]
+
+    def src(self, target: str) -> Path:
+        return self.baseline if target == "baseline" and self.baseline else ROOT / "src"
+
+
+TARGETS = Targets()
+ALL_TARGETS = ("thinpool", "qcow2", "nbdkit", "raw", "overlay", "qemu-nbdfuse", "raw-loop")
+
+
+def baseline_report(book: Book) -> str:
+    """thinpool against the baseline source tree, where both ran."""
+    rows = []
+    for part, jobs in (("nbd", NBD_FRESH + NBD_SNAP), ("kernel", KERNEL)):
+        for w, unit in jobs:
+            if book.get(part, w, "baseline") and book.get(part, w, "thinpool"):
+                per = "s/GiB" if unit == "MiB/s" else "µs/req"
+                ca, cb = book.cpu_median(part, w, "thinpool"), book.cpu_median(part, w, "baseline")
+                rows.append([part, w, unit, median(book.get(part, w, "thinpool")),
+                             median(book.get(part, w, "baseline")),
+                             fmt_ratio(book.ratio(part, w, "thinpool", "baseline")), per, ca, cb,
+                             fmt_ratio(cb / ca if ca else float("nan"))])
+    return table(["part", "job", "unit", "thinpool", "baseline", "ratio", "CPU", "thinpool",
+                  "baseline", "CPU base/ours"], rows)
+
+
 def rotate(xs: list[str], r: int) -> list[str]:
+    if not xs:
+        return xs
     k = r % len(xs)
     return xs[k:] + xs[:k]
 
@@ -480,10 +518,10 @@ def part_nbd(book: Book, p: Params, work: Path, src: Path, r: int) -> None:
     d = work / f"nbd-{r}"
     d.mkdir()
     try:
-        for target in rotate(["thinpool", "qcow2", "nbdkit", "raw"], r):
+        for target in rotate(TARGETS.select(["thinpool", "qcow2", "nbdkit", "raw"]), r):
             t0 = time.monotonic()
-            if target == "thinpool":
-                srv = ThinpoolServer(d / "pool", 6 * p.copy + 4 * GiB)
+            if target in ("thinpool", "baseline"):
+                srv = ThinpoolServer(d / "pool", 6 * p.copy + 4 * GiB, TARGETS.src(target))
                 try:
                     nbd_fresh_jobs(book, target, lambda: srv.pids,
                                    lambda: srv.uri(srv.create_thin(p.copy)), p, src)
@@ -521,10 +559,10 @@ def part_nbd(book: Book, p: Params, work: Path, src: Path, r: int) -> None:
             print(f"  nbd round {r + 1} {target:8s} {time.monotonic() - t0:5.0f} s: "
                   + ", ".join(f"{w} {book.get('nbd', w, target)[-1]:,.0f}" for w, _ in NBD_FRESH),
                   flush=True)
-        for target in rotate(["thinpool", "overlay"], r):
+        for target in rotate(TARGETS.select(["thinpool", "overlay"]), r):
             t0 = time.monotonic()
-            if target == "thinpool":
-                srv = ThinpoolServer(d / "pool", 6 * p.copy + 4 * GiB)
+            if target in ("thinpool", "baseline"):
+                srv = ThinpoolServer(d / "pool", 6 * p.copy + 4 * GiB, TARGETS.src(target))
                 try:
                     origin = srv.create_thin(p.copy)
                     nbdcopy(str(src), srv.uri(origin), p.copy)
@@ -599,10 +637,10 @@ def part_kernel(book: Book, p: Params, work: Path, r: int) -> None:
     mnt = d / "mnt"
     mnt.mkdir()
     try:
-        for target in rotate(["thinpool", "qemu-nbdfuse", "raw-loop"], r):
+        for target in rotate(TARGETS.select(["thinpool", "qemu-nbdfuse", "raw-loop"]), r):
             t0 = time.monotonic()
-            if target == "thinpool":
-                srv = ThinpoolServer(d / "pool", 2 * p.kvol + 4 * GiB)
+            if target in ("thinpool", "baseline"):
+                srv = ThinpoolServer(d / "pool", 2 * p.kvol + 4 * GiB, TARGETS.src(target))
                 try:
                     vid = srv.create_thin(p.kvol)
                     device = srv.call("attach", id=vid)["device"]
@@ -925,6 +963,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--seconds", type=float)
     ap.add_argument("--parts", default=",".join(PARTS))
+    ap.add_argument("--targets", default=None,
+                    help=f"only these targets of the nbd and kernel parts ({','.join(ALL_TARGETS)})")
+    ap.add_argument("--baseline-src", default=None, type=Path,
+                    help="also run thinpool from this source tree as target 'baseline' (A/B)")
     ap.add_argument("--tmp", default=None, help="work directory parent (default /tmp)")
     ap.add_argument("--json", default=None, help="also write every per-round value here")
     a = ap.parse_args()
@@ -934,6 +976,12 @@ def main() -> None:
     if a.seconds:
         p.seconds = a.seconds
     parts = [x for x in a.parts.split(",") if x]
+    TARGETS.baseline = a.baseline_src.resolve() if a.baseline_src else None
+    if a.targets:
+        TARGETS.chosen = set(a.targets.split(","))
+        for x in TARGETS.chosen:
+            if x not in ALL_TARGETS:
+                sys.exit(f"unknown target {x!r} (choose from {', '.join(ALL_TARGETS)})")
     for x in parts:
         if x not in PARTS:
             sys.exit(f"unknown part {x!r} (choose from {', '.join(PARTS)})")
@@ -978,6 +1026,9 @@ def main() -> None:
         print(f"\n{p.rounds} round(s) in {book.extra['minutes']:.1f} min; load average during the "
               f"run {min(loads):.1f}-{max(loads):.1f}\n")
         print(report(book, p))
+        if TARGETS.baseline is not None:
+            print(f"\nthinpool ({ROOT / 'src'}) against baseline ({TARGETS.baseline})\n")
+            print(baseline_report(book))
         if a.json:
             Path(a.json).write_text(json.dumps({"params": p.__dict__, "values": book.values,
                                                 "cpu": book.cpu, "extra": book.extra}, indent=1))
