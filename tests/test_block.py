@@ -408,3 +408,26 @@ def test_mapping_cache_bound_keeps_volumes_correct(tmp_path: Path,
             for i, vol in vols.items():
                 assert vol.read(0, 32 * BS) == model[i]
 
+
+def test_new_blocks_read_as_zeros_when_reused_with_old_data(tmp_path: Path) -> None:
+    """Without passdown a freed block keeps its bytes in the data file; a partial
+    write (or write-zeroes that keeps blocks provisioned) to a block allocated from
+    those must still zero it."""
+    d = make_pool(tmp_path, data="1M", no_discard_passdown=True)  # 16 blocks: reuse is forced
+    with Pool(d) as pool:
+        pool.create_thin(0, size=1 << 20)
+        with pool.volume(0) as vol:
+            vol.write(0, b"\xff" * (1 << 20))
+            pool.commit()
+            vol.discard(0, 1 << 20)
+            pool.commit()
+            assert os.path.getsize(f"{d}/data") >= 1 << 20
+            vol.write(10, b"abc")
+            got = bytes(vol.read(0, BS))
+            assert got == bytes(10) + b"abc" + bytes(BS - 13)
+            vol.write_zeroes(4 * BS, 2 * BS, may_trim=False)
+            assert bytes(vol.read(4 * BS, 2 * BS)) == bytes(2 * BS)
+            assert pool.thin_status(0).mapped_sectors == 3 * 128
+            vol.write(8 * BS + 7, b"x")  # and in a fresh region of the pool's file
+            assert bytes(vol.read(8 * BS, BS)) == bytes(7) + b"x" + bytes(BS - 8)
+    assert_thin_check_clean(f"{d}/metadata")
