@@ -23,7 +23,10 @@ it waits for data, hands a request to a worker or has held that many), so a
 pipelining client costs fewer system calls per request and a lone request is
 answered at once. The reader stops reading while
 the requests in flight hold more than ``inflight_bytes`` of payload or number
-``max_inflight``, so a client cannot make the server buffer without bound. A
+``max_inflight``, so a client cannot make the server buffer without bound;
+and, while it has requests in flight itself, while those of all connections
+hold more than ``total_inflight_bytes``, so the server's memory does not grow
+with the number of clients. A
 client that vanishes, sends garbage or stops reading its replies (after
 ``send_timeout``) loses only its own connection.
 
@@ -387,6 +390,7 @@ class _Connection:
     def _serve(self, proto: P.ServerConnection) -> None:
         server = self.server
         max_bytes, max_count, inline_max = server.inflight_bytes, server.max_inflight, server.inline_max
+        total_max = server.total_inflight_bytes
         cond = self.cond
         recv_into = self.transport.recv_into
         Request, InvalidRequest, NEED_DATA = P.Request, P.InvalidRequest, P.NEED_DATA
@@ -400,6 +404,8 @@ class _Connection:
                         while self.inflight_bytes > max_bytes or self.inflight >= max_count:
                             self.waiting = True
                             cond.wait()
+                if server.total_inflight > total_max and self.inflight_bytes:
+                    server.wait_for_budget(self)
                 try:
                     n = recv_into(proto.get_buffer())
                 except (OSError, ssl.SSLError) as e:
@@ -427,6 +433,8 @@ class _Connection:
 
     def _dispatch(self, req: P.Request) -> None:
         weight = req.length if req.command in (P.CMD_READ, P.CMD_WRITE) else 0
+        if weight:
+            self.server.take_budget(weight)
         with self.cond:
             self.inflight += 1
             self.inflight_bytes += weight
@@ -454,6 +462,8 @@ class _Connection:
                     if self.waiting:
                         self.waiting = False
                         cond.notify()
+                if weight:
+                    self.server.give_budget(weight)
 
     def _send(self, bufs: Sequence[bytes | memoryview]) -> None:
         with self.send_lock:
@@ -619,6 +629,7 @@ class NBDServer:
                  workers_per_connection: int = 4, max_connections: int = 256,
                  handshake_timeout: float = 10.0, send_timeout: float = 60.0,
                  inflight_bytes: int = 64 << 20, max_inflight: int = 128,
+                 total_inflight_bytes: int = 64 << 20,
                  inline_max: int | None = 128 << 10, sparse_read_min: int | None = 64 << 10) -> None:
         if unix_path is None and tcp is None:
             raise NBDServerError("the NBD server needs a unix socket path or a TCP address")
@@ -634,6 +645,10 @@ class NBDServer:
         self.send_timeout = send_timeout
         self.inflight_bytes = inflight_bytes
         self.max_inflight = max_inflight
+        self.total_inflight_bytes = total_inflight_bytes
+        self.total_inflight = 0  # payload bytes of requests in flight on all connections
+        self._budget = threading.Condition(threading.Lock())
+        self._budget_waiters = 0
         self.inline_max = inline_max
         self.sparse_read_min = sparse_read_min
         self.buffers = _BufferPool()
@@ -820,6 +835,30 @@ class NBDServer:
             conn = _Connection(self, sock, peer)
             self._connections.add(conn)
         conn.thread.start()
+
+    # -- the server-wide in-flight budget ------------------------------------------------
+
+    def take_budget(self, weight: int) -> None:
+        with self._budget:
+            self.total_inflight += weight
+
+    def give_budget(self, weight: int) -> None:
+        with self._budget:
+            self.total_inflight -= weight
+            if self._budget_waiters:
+                self._budget.notify_all()
+
+    def wait_for_budget(self, conn: _Connection) -> None:
+        """Block ``conn``'s reader while all connections' requests in flight exceed
+        ``total_inflight_bytes`` and ``conn`` has some of them (its own finishing
+        always frees it, so it cannot wait forever)."""
+        with self._budget:
+            self._budget_waiters += 1
+            try:
+                while self.total_inflight > self.total_inflight_bytes and conn.inflight_bytes:
+                    self._budget.wait()
+            finally:
+                self._budget_waiters -= 1
 
     def _forget(self, conn: _Connection) -> None:
         with self._lock:
