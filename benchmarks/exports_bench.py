@@ -797,8 +797,8 @@ def part_concurrency(book: Book, p: Params, work: Path, src: Path, r: int) -> No
         srv.stop()
         shutil.rmtree(d, ignore_errors=True)
     print(f"  concurrency round {r + 1} {time.monotonic() - t0:5.0f} s: "
-          + ", ".join(f"{w} {vals['thinpool'][-1]:,.1f}" for w, vals in book.values[part].items()),
-          flush=True)
+          + ", ".join(f"{w} {vals['thinpool'][-1]:,.1f}" for w, vals in book.values[part].items()
+                      if not w.endswith((" p50", " p99"))), flush=True)
 
 
 # ---- part 4: memory ------------------------------------------------------------------------------
