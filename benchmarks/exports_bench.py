@@ -766,39 +766,80 @@ def part_concurrency(book: Book, p: Params, work: Path, src: Path, r: int) -> No
         origin = srv.create_thin(p.origin)
         fio_one(nbd_target(srv.uri(origin)), "write", "1M", 8, p.origin)
         settle()
-        reader = nbd_target(srv.uri(vols[0]))
-        for loaded in ((False, True) if r % 2 == 0 else (True, False)):
-            if not loaded:
-                res = fio_one(reader, "randread", "4k", 1, p.copy, p.seconds)
-                book.add(part, "read p99 idle", "thinpool", res.p99_us)
-                book.add(part, "read p50 idle", "thinpool", res.p50_us)
-                book.add(part, "read IOPS idle", "thinpool", res.value)
-                continue
-            snap = srv.create_snap(origin)
-            argv = ["fio", "--name=cow", *nbd_target(srv.uri(snap)),
-                    *fio_args("write", "4k", 16, p.origin, strided=True),
-                    f"--runtime={p.seconds + 5}"]
-            w = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                 start_new_session=True)
-            undo_w = CLEANUP.push("fio writer", lambda: end_process(w))  # type: ignore[arg-type]
-            try:
-                time.sleep(0.5)
-                res = fio_one(reader, "randread", "4k", 1, p.copy, p.seconds)
-                out, _ = w.communicate()
-            finally:
-                undo_w()
-            wjob = json.loads(out[out.index("{"):])["jobs"][0]["write"]
-            book.add(part, "read p99 cow", "thinpool", res.p99_us)
-            book.add(part, "read p50 cow", "thinpool", res.p50_us)
-            book.add(part, "read IOPS cow", "thinpool", res.value)
-            book.add(part, "cow writer IOPS", "thinpool", wjob["iops"])
-            book.add(part, "cow writer s", "thinpool", wjob["runtime"] / 1000)
+        read_latency(book, "thinpool", srv.uri(vols[0]), lambda: srv.uri(srv.create_snap(origin)),
+                     lambda: None, p, r)
     finally:
         srv.stop()
         shutil.rmtree(d, ignore_errors=True)
+    # the same latency test on qemu-nbd: one process per image, a qcow2 overlay takes the writes
+    d.mkdir()
+    try:
+        a = d / "a.qcow2"
+        sh("qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", src, a)
+        base = qcow2(d / "base.qcow2", p.origin)
+        q = NbdProcess("qemu-nbd", base, d / "b.sock")
+        try:
+            fio_one(nbd_target(q.uri), "write", "1M", 8, p.origin)
+        finally:
+            q.stop()
+        qa = NbdProcess("qemu-nbd", a, d / "a.sock")
+        overlays: list[NbdProcess] = []
+
+        def overlay() -> str:
+            img = qcow2(d / f"ov{len(overlays)}.qcow2", p.origin, backing=base)
+            overlays.append(NbdProcess("qemu-nbd", img, d / "b.sock"))
+            return overlays[-1].uri
+
+        def drop_overlays() -> None:
+            for o in overlays:
+                o.stop()
+            overlays.clear()
+        try:
+            settle()
+            read_latency(book, "qemu-nbd", qa.uri, overlay, drop_overlays, p, r)
+        finally:
+            drop_overlays()
+            qa.stop()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
     print(f"  concurrency round {r + 1} {time.monotonic() - t0:5.0f} s: "
           + ", ".join(f"{w} {vals['thinpool'][-1]:,.1f}" for w, vals in book.values[part].items()
-                      if not w.endswith((" p50", " p99"))), flush=True)
+                      if not w.endswith((" p50", " p99")) and "thinpool" in vals)
+          + f"; qemu-nbd read p99 idle {book.get(part, 'read p99 idle', 'qemu-nbd')[-1]:,.0f}, "
+          f"cow {book.get(part, 'read p99 cow', 'qemu-nbd')[-1]:,.0f}", flush=True)
+
+
+def read_latency(book: Book, target: str, reader_uri: str, cow_uri: Callable[[], str],
+                 done: Callable[[], None], p: Params, r: int) -> None:
+    """4 KiB random reads at queue depth 1 on ``reader_uri`` for p.seconds, idle and while
+    fio writes one 4 KiB block into every 64 KiB block of a fresh snapshot (``cow_uri()``)."""
+    part = "concurrency"
+    reader = nbd_target(reader_uri)
+    for loaded in ((False, True) if r % 2 == 0 else (True, False)):
+        if not loaded:
+            res = fio_one(reader, "randread", "4k", 1, p.copy, p.seconds)
+            book.add(part, "read p99 idle", target, res.p99_us)
+            book.add(part, "read p50 idle", target, res.p50_us)
+            book.add(part, "read IOPS idle", target, res.value)
+            continue
+        argv = ["fio", "--name=cow", *nbd_target(cow_uri()),
+                *fio_args("write", "4k", 16, p.origin, strided=True), f"--runtime={p.seconds + 5}"]
+        w = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             start_new_session=True)
+        undo_w = CLEANUP.push("fio writer", lambda: end_process(w))  # type: ignore[arg-type]
+        try:
+            time.sleep(0.5)
+            res = fio_one(reader, "randread", "4k", 1, p.copy, p.seconds)
+            out, _ = w.communicate()
+        finally:
+            undo_w()
+        done()
+        wjob = json.loads(out[out.index("{"):])["jobs"][0]["write"]
+        book.add(part, "read p99 cow", target, res.p99_us)
+        book.add(part, "read p50 cow", target, res.p50_us)
+        book.add(part, "read IOPS cow", target, res.value)
+        book.add(part, "cow writer IOPS", target, wjob["iops"])
+        book.add(part, "cow writer s", target, wjob["runtime"] / 1000)
 
 
 # ---- part 4: memory ------------------------------------------------------------------------------
@@ -930,18 +971,28 @@ def report(book: Book, p: Params) -> str:
         out.append("\nconcurrency: 8 clients on 8 volumes vs 1 client\n")
         out.append(table(["job", "unit", "1 client", "8 clients", "8 / 1", "goal", "",
                           "CPU 1", "CPU 8"], rows))
-        idle = book.get("concurrency", "read p99 idle", "thinpool")
-        cow = book.get("concurrency", "read p99 cow", "thinpool")
-        x = median([b / a for a, b in zip(idle, cow) if a])
-        rows = [["p50 µs", median(book.get("concurrency", "read p50 idle", "thinpool")),
-                 median(book.get("concurrency", "read p50 cow", "thinpool")), "", "", ""],
-                ["p99 µs", median(idle), median(cow), fmt_ratio(x), "<= 2.0", verdict(x, 2.0, False)],
-                ["IOPS", median(book.get("concurrency", "read IOPS idle", "thinpool")),
-                 median(book.get("concurrency", "read IOPS cow", "thinpool")), "", "", ""]]
-        out.append("\n4 KiB random reads (qd 1) on one volume: idle vs beside copy-on-write "
-                   f"writes (writer: {median(book.get('concurrency', 'cow writer IOPS', 'thinpool')):,.0f}"
-                   f" IOPS for {median(book.get('concurrency', 'cow writer s', 'thinpool')):.1f} s)\n")
-        out.append(table(["", "idle", "with CoW writer", "ratio", "goal", ""], rows))
+        rows = []
+        for t in ("thinpool", "qemu-nbd"):
+            idle = book.get("concurrency", "read p99 idle", t)
+            cow = book.get("concurrency", "read p99 cow", t)
+            if not idle:
+                continue
+            x = median([b / a for a, b in zip(idle, cow) if a])
+            rows.append([t, median(book.get("concurrency", "read p50 idle", t)),
+                         median(book.get("concurrency", "read p50 cow", t)), median(idle),
+                         median(cow), fmt_ratio(x),
+                         "<= 2.0" if t == "thinpool" else "", verdict(x, 2.0, False)
+                         if t == "thinpool" else "",
+                         median(book.get("concurrency", "read IOPS idle", t)),
+                         median(book.get("concurrency", "read IOPS cow", t)),
+                         median(book.get("concurrency", "cow writer IOPS", t)),
+                         median(book.get("concurrency", "cow writer s", t))])
+        out.append("\n4 KiB random reads (queue depth 1) on one volume, idle and beside "
+                   "copy-on-write writes to another (qemu-nbd: one process per image, the writes "
+                   "go to a qcow2 overlay)\n")
+        out.append(table(["server", "p50 idle µs", "p50 CoW µs", "p99 idle µs", "p99 CoW µs",
+                          "p99 CoW/idle", "goal", "", "IOPS idle", "IOPS CoW", "writer IOPS",
+                          "writer s"], rows))
     rss = book.values.get("rss", {})
     if rss:
         rows = []
