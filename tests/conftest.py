@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import leakguard
 from thinpool.tools.pack import unpack
 
 KERNEL_PACKS = Path(__file__).resolve().parent / "fixtures" / "kernel-metadata"
@@ -74,3 +75,39 @@ def kernel_image(tmp_path_factory: pytest.TempPathFactory, kernel_index: dict):
         return out
 
     return get
+
+
+_module_state: dict[str, leakguard.KernelState] = {}
+_leaks: list[str] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """Compare mounts, loop devices and servers before a module's first test and after its
+    last (leakguard.py)."""
+    if leakguard.MODE == "off":
+        yield
+        return
+    module = item.nodeid.split("::")[0]
+    _module_state.setdefault(module, leakguard.KernelState.now())
+    yield
+    if nextitem is not None and nextitem.nodeid.split("::")[0] == module:
+        return
+    leaks = leakguard.KernelState.now().leaked_since(_module_state.pop(module))
+    if not leaks:
+        return
+    _leaks.append(f"{module} left {leaks}")
+    if leakguard.MODE == "fail":
+        leakguard.clear(leaks)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _leaks:
+        terminalreporter.section("leaked mounts, loop devices and servers")
+        for line in _leaks:
+            terminalreporter.write_line(line)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _leaks and leakguard.MODE == "fail" and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

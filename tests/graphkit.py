@@ -24,6 +24,7 @@ import pytest
 
 from archivetools import build_tar, dir_, hard, reg, snapshot, sym, ti
 from conftest import require_tool
+from leakguard import keep_for_session
 from thinpool.graph import mounts
 
 CAP_V2 = bytes([0, 0, 0, 2, 0x00, 0x04, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])  # cap_net_bind_service
@@ -48,7 +49,9 @@ def loop_fs(base: Path, fstype: str, size: str = "1G", mkfs_args: tuple[str, ...
     subprocess.run(["truncate", "-s", size, str(image)], check=True)
     try:
         mkfs = require_tool(f"mkfs.{fstype}")
-        subprocess.run([mkfs, "-q", *mkfs_args, str(image)], check=True, capture_output=True)
+        r = subprocess.run([mkfs, "-q", *mkfs_args, str(image)], capture_output=True, text=True)
+        if r.returncode:
+            pytest.fail(f"mkfs.{fstype} {image}: exit {r.returncode}: {r.stderr.strip()}")
         opts = "loop" + (f",{mount_opts}" if mount_opts else "")
         r = subprocess.run(["mount", "-t", fstype, "-o", opts, str(image), str(mnt)], capture_output=True,
                            text=True)
@@ -70,18 +73,25 @@ def unmount_tree(path: str | Path) -> None:
         mounts.unmount_all_below(str(path))
 
 
+def session_dir(factory: pytest.TempPathFactory, name: str) -> Path:
+    """A temporary directory whose mounts live for the whole session (the leak guard knows)."""
+    path = factory.mktemp(name)
+    keep_for_session(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def btrfs_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One loop-mounted btrfs for the session; each test root is a fresh directory in it."""
     require_tool("btrfs")
-    with loop_fs(tmp_path_factory.mktemp("btrfs"), "btrfs", "1G") as mnt:
+    with loop_fs(session_dir(tmp_path_factory, "btrfs"), "btrfs", "1G") as mnt:
         yield mnt
 
 
 @pytest.fixture(scope="session")
 def xfs_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One loop-mounted xfs without quotas."""
-    with loop_fs(tmp_path_factory.mktemp("xfs"), "xfs", "1G") as mnt:
+    with loop_fs(session_dir(tmp_path_factory, "xfs"), "xfs", "1G") as mnt:
         yield mnt
 
 
@@ -93,7 +103,7 @@ def xfs_pquota_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     CONFIG_XFS_QUOTA: "quota support not available in this kernel").
     """
     try:
-        with loop_fs(tmp_path_factory.mktemp("xfs-pquota"), "xfs", "1G", mount_opts="pquota") as mnt:
+        with loop_fs(session_dir(tmp_path_factory, "xfs-pquota"), "xfs", "1G", mount_opts="pquota") as mnt:
             yield mnt
     except MountFailed as e:
         pytest.skip(f"this kernel cannot mount xfs with project quotas: {e}")

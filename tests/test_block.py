@@ -347,3 +347,87 @@ def test_snapshot_holds_whole_writes_only(tmp_path: Path) -> None:
             assert len(set(data)) == 1, f"snapshot {n} is torn"
             assert data == seen[n], f"snapshot {n} changed after it was taken"
     assert_thin_check_clean(f"{d}/metadata")
+
+
+# -- the mapping cache ----------------------------------------------------------------------------
+
+def test_mapping_cache_follows_snapshots_discards_and_aborts(tmp_path: Path) -> None:
+    with Pool(make_pool(tmp_path)) as pool:
+        pool.create_thin(1, size=16 * BS)
+        with pool.volume(1) as vol:
+            vol.write(0, b"a" * BS)
+            assert vol.read(0, BS) == b"a" * BS  # known now: mapped, not shared
+            vol.write(0, b"b" * 4096)  # in place
+            pool.create_snap(2, 1)  # every block of volume 1 is shared from here on
+            vol.write(0, b"c" * 4096)  # so this copies the block first
+            with pool.volume(2) as snap:
+                assert snap.read(0, BS) == b"b" * 4096 + b"a" * (BS - 4096)
+            assert vol.read(0, BS) == b"c" * 4096 + b"a" * (BS - 4096)
+            vol.trim(0, BS)
+            assert vol.read(0, BS) == bytes(BS)
+            vol.write(0, b"e" * 512)  # provisions again: zeroed around the write
+            assert vol.read(0, BS) == b"e" * 512 + bytes(BS - 512)
+            pool.commit()
+            assert vol.read(BS, BS) == bytes(BS)  # known unmapped
+            vol.write(BS, b"d" * BS)
+            assert vol.read(BS, BS) == b"d" * BS
+            with pool.dp.md_lock:
+                pool.dp.abort()  # the open transaction (block 1's mapping) is forgotten
+            assert vol.read(BS, BS) == bytes(BS)
+            assert vol.read(0, BS) == b"e" * 512 + bytes(BS - 512)
+    assert_thin_check_clean(os.path.join(str(tmp_path / "pool"), "metadata"))
+
+
+def test_mapping_cache_bound_keeps_volumes_correct(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import thinpool.block.core as core
+
+    monkeypatch.setattr(core, "MAP_CACHE_LIMIT", 5)
+    rng = random.Random(7)
+    model = {1: bytearray(32 * BS), 2: bytearray(32 * BS)}
+    with Pool(make_pool(tmp_path)) as pool:
+        pool.create_thin(1, size=32 * BS)
+        pool.create_thin(2, size=32 * BS)
+        with pool.volume(1) as v1, pool.volume(2) as v2:
+            vols = {1: v1, 2: v2}
+            for _ in range(400):
+                i = rng.choice((1, 2))
+                off = rng.randrange(0, 31 * BS)
+                n = rng.randrange(1, 3 * BS) if off + 3 * BS <= 32 * BS else 512
+                if rng.random() < 0.5:
+                    data = rng.randbytes(n)
+                    vols[i].write(off, data)
+                    model[i][off:off + n] = data
+                elif rng.random() < 0.1:
+                    vols[i].trim(off, n)
+                    lo, hi = -(-off // BS) * BS, (off + n) // BS * BS
+                    if hi > lo:
+                        model[i][lo:hi] = bytes(hi - lo)
+                else:
+                    assert vols[i].read(off, n) == model[i][off:off + n]
+            for i, vol in vols.items():
+                assert vol.read(0, 32 * BS) == model[i]
+
+
+def test_new_blocks_read_as_zeros_when_reused_with_old_data(tmp_path: Path) -> None:
+    """Without passdown a freed block keeps its bytes in the data file; a partial
+    write (or write-zeroes that keeps blocks provisioned) to a block allocated from
+    those must still zero it."""
+    d = make_pool(tmp_path, data="1M", no_discard_passdown=True)  # 16 blocks: reuse is forced
+    with Pool(d) as pool:
+        pool.create_thin(0, size=1 << 20)
+        with pool.volume(0) as vol:
+            vol.write(0, b"\xff" * (1 << 20))
+            pool.commit()
+            vol.discard(0, 1 << 20)
+            pool.commit()
+            assert os.path.getsize(f"{d}/data") >= 1 << 20
+            vol.write(10, b"abc")
+            got = bytes(vol.read(0, BS))
+            assert got == bytes(10) + b"abc" + bytes(BS - 13)
+            vol.write_zeroes(4 * BS, 2 * BS, may_trim=False)
+            assert bytes(vol.read(4 * BS, 2 * BS)) == bytes(2 * BS)
+            assert pool.thin_status(0).mapped_sectors == 3 * 128
+            vol.write(8 * BS + 7, b"x")  # and in a fresh region of the pool's file
+            assert bytes(vol.read(8 * BS, BS)) == bytes(7) + b"x" + bytes(BS - 8)
+    assert_thin_check_clean(f"{d}/metadata")

@@ -678,6 +678,54 @@ def test_raw_read_only_export_and_unknown_command(srv: ServerFixture) -> None:
     assert file_bytes(srv.ro, 0, 10) == b"read only!"
 
 
+def test_requests_in_flight_are_bounded_across_connections(tmp_path: Path, sockdir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large writes of two clients wait in the server while the server-wide budget is
+    used up (each connection may still start one), and all complete once it frees."""
+    import nbd_file_export
+
+    gate = threading.Event()
+    entered: list[int] = []
+    real_write = nbd_file_export.FileExport.write
+
+    def blocked_write(self: nbd_file_export.FileExport, offset: int, data: memoryview,
+                      fua: bool) -> None:
+        entered.append(offset)
+        gate.wait(30)
+        real_write(self, offset, data, fua)
+
+    monkeypatch.setattr(nbd_file_export.FileExport, "write", blocked_write)
+    fx = ServerFixture(tmp_path, sockdir)
+    server = fx.start(total_inflight_bytes=MiB)
+    n = 256 << 10  # above inline_max: each write goes to a worker
+    try:
+        with RawClient(fx.sock) as a, RawClient(fx.sock) as b:
+            a.go()
+            b.go()
+            senders = [threading.Thread(target=lambda c=c, base=base: [
+                c.request(P.CMD_WRITE, base + i * n, n, cookie=i, payload=bytes([i + 1 + base // n]) * n)
+                for i in range(8)], daemon=True) for c, base in ((a, 0), (b, 8 * n))]
+            for t in senders:
+                t.start()
+            deadline = time.monotonic() + 10
+            while not (any(o < 8 * n for o in entered) and any(o >= 8 * n for o in entered)):
+                assert time.monotonic() < deadline, f"writes entered: {entered}"
+                time.sleep(0.02)
+            time.sleep(0.5)
+            assert MiB <= server.total_inflight <= MiB + 2 * n
+            gate.set()
+            for c in (a, b):
+                assert sorted(c.reply()[:2] for _ in range(8)) == [(i, 0) for i in range(8)]
+            for t in senders:
+                t.join(10)
+    finally:
+        gate.set()
+        fx.stop()
+    assert server.total_inflight == 0
+    for i in range(16):
+        assert file_bytes(fx.disk, i * n, n) == bytes([i + 1]) * n
+
+
 def test_eof_inside_a_write_applies_nothing(srv: ServerFixture) -> None:
     with RawClient(srv.sock) as c:
         c.go()

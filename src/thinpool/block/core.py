@@ -9,7 +9,12 @@ above owns directories, configuration, the volume registry and messages.
 Locks (see ``locks``): the provision gate (shared by everything that
 changes mappings, exclusive for commits and device changes), one range lock
 per open device, and ``md_lock`` around every use of the metadata (held
-briefly, never across a data copy or a data sync).
+briefly, never across a data copy or a data sync).  The open devices' table
+has a lock of its own, taken last (never held while taking another).
+
+Open devices keep a cache of their mappings (``device`` module docstring),
+at most ``MAP_CACHE_LIMIT`` entries for the whole pool; the data path keeps
+the count and drops every cache when it would grow beyond that.
 
 Commit and crash story: a commit first syncs the data device without any
 lock (reads and writes go on), then closes the gate (in-flight provisioning
@@ -33,17 +38,19 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from ..errors import DataPathError, MetadataError, NoDataSpaceError, NoMetadataSpaceError
 from ..thin.metadata import PoolMetadata
 from .locks import RangeLock, SharedExclusiveLock
 
 if TYPE_CHECKING:
+    from ..thin.metadata import Mapping
     from .device import DeviceState, ThinDevice
 
 log = logging.getLogger("thinpool.block")
 
+MAP_CACHE_LIMIT = 1 << 16  # cached mappings (of all open devices together), ~11 MiB
 COMMIT_HEADROOM = 32  # metadata blocks a commit may need (bitmaps, index, details paths)
 FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 
@@ -88,6 +95,7 @@ class DataPath:
         self._states: dict[int, DeviceState] = {}  # open devices
         self._ranges: dict[int, tuple[RangeLock, int]] = {}  # dev id -> (lock, references)
         self._devices_lock = threading.Lock()
+        self._cached_maps = 0  # entries of every open device's mapping cache (md_lock)
 
     # -- devices ---------------------------------------------------------------------------
     def open_device(self, dev_id: int, size: int, origin: str | None) -> ThinDevice:
@@ -115,6 +123,8 @@ class DataPath:
                 return
             del self._states[state.dev_id]
             self._unref_range(state.dev_id)
+        with self.md_lock:
+            self._drop_mappings(state)
         state.close()
 
     def is_open(self, dev_id: int) -> bool:
@@ -142,6 +152,45 @@ class DataPath:
             del self._ranges[dev_id]
         else:
             self._ranges[dev_id] = (lock, refs - 1)
+
+    # -- the mapping caches (md_lock held) ----------------------------------------------------
+    def remember_mappings(self, state: DeviceState, first: int, last: int,
+                          mapped: dict[int, Mapping]) -> None:
+        """Cache what the metadata just said about blocks [first, last] of an open device.
+
+        The caller holds md_lock and the blocks' range (so the answer stays
+        true until it releases the range or changes a mapping).
+        """
+        if state.maps_generation != self.generation:
+            self._drop_mappings(state)
+            state.maps_generation = self.generation
+        count = last - first + 1
+        if self._cached_maps + count > MAP_CACHE_LIMIT:
+            with self._devices_lock:
+                states = list(self._states.values())
+            for st in states:
+                self._drop_mappings(st)
+            if count > MAP_CACHE_LIMIT:
+                return
+        maps = state.maps
+        before = len(maps)
+        for v in range(first, last + 1):
+            maps[v] = mapped.get(v)
+        self._cached_maps += len(maps) - before
+
+    def forget_mappings(self, state: DeviceState, vblocks: Iterable[int]) -> None:
+        """Blocks whose mapping is about to change (md_lock and their range exclusive held)."""
+        maps = state.maps
+        for v in vblocks:
+            if v in maps:
+                del maps[v]
+                self._cached_maps -= 1
+
+    def _drop_mappings(self, state: DeviceState) -> None:
+        """Forget a device's whole cache.  The dict is replaced, never emptied in place:
+        a reader may be looking at it without md_lock."""
+        self._cached_maps -= len(state.maps)
+        state.maps = {}
 
     # -- modes -----------------------------------------------------------------------------
     def require_writable(self) -> None:
@@ -297,7 +346,8 @@ class DataPath:
         For device changes, resizes and metadata snapshots: the gate is held
         exclusive and, for ``dev_id``, the device's whole range (the kernel's
         "suspend the origin before a snapshot").  Inside, use ``md_lock``
-        around metadata calls and ``commit_gated`` to commit.
+        around metadata calls and ``commit_gated`` to commit.  Leaving drops
+        ``dev_id``'s mapping cache (a snapshot changed which blocks it shares).
         """
         with self.gate.exclusive():
             if dev_id is None:
@@ -310,6 +360,11 @@ class DataPath:
                 try:
                     yield
                 finally:
+                    with self.md_lock:  # a snapshot changed what its blocks share
+                        with self._devices_lock:
+                            state = self._states.get(dev_id)
+                        if state is not None:
+                            self._drop_mappings(state)
                     lock.release(hold)
             finally:
                 with self._devices_lock:

@@ -20,6 +20,16 @@ block range shared and the metadata lock only for the lookup; everything
 that changes a mapping holds the range exclusive plus the provision gate
 (``locks``).  Unrelated blocks and devices run in parallel.
 
+Mapping cache: what the metadata said about a device's blocks (mapped, with
+sharing, or unmapped) is kept in its ``DeviceState.maps``, so most lookups
+are a dict get with no metadata lock (and do not wait for a commit that
+holds it).  Every mapping of a device changes only through its own handles
+with the block range held exclusive, which drop the blocks' entries; entries
+are added with the metadata lock held by a thread that holds the blocks'
+range, so nobody can change those mappings meanwhile.  An aborted
+transaction (``DataPath.generation``) and a snapshot of the device (its
+sharing changes; ``DataPath.quiesced``) drop the whole cache.
+
 A ``ThinDevice`` is one opener's handle; every handle of a device in the
 process shares its range lock and external origin, so a flush on one
 handle covers writes acknowledged on all (NBD's multi-conn).  Handles are
@@ -54,13 +64,22 @@ class RangeError(DataPathError):
 
 
 class DeviceState:
-    """What all handles of one open device share."""
+    """What all handles of one open device share.
+
+    ``maps`` is the mapping cache (module docstring): virtual block -> the
+    ``Mapping`` the metadata holds, or None for an unmapped block; valid
+    while ``maps_generation`` equals the data path's generation.  It is
+    changed only through ``DataPath.remember_mappings`` / ``forget_mappings``
+    (metadata lock held).
+    """
 
     def __init__(self, dev_id: int, size: int, origin: str | None, ranges: RangeLock) -> None:
         self.dev_id = dev_id
         self.size = size
         self.ranges = ranges
         self.opens = 0
+        self.maps: dict[int, Mapping | None] = {}
+        self.maps_generation = 0
         self.origin_fd = -1
         self.origin_size = 0
         if origin:
@@ -158,11 +177,10 @@ class ThinDevice:
         first, last = offset // bs, (offset + length - 1) // bs
         hold = ranges.acquire(first, last, False)
         try:
-            with dp.md_lock:
-                mapped = dp.md.data_blocks(self.dev_id, first, last + 1)
+            mapped = self._mappings(first, last)
             if len(mapped) == last - first + 1:  # fully provisioned: one pread if contiguous
-                d0 = mapped[first]
-                if all(mapped[first + i] == d0 + i for i in range(1, last - first + 1)):
+                d0 = mapped[first].data_block
+                if all(mapped[first + i].data_block == d0 + i for i in range(1, last - first + 1)):
                     data = os.pread(dp.data_fd, length, d0 * bs + offset % bs)
                     if len(data) == length:
                         return data
@@ -182,13 +200,12 @@ class ThinDevice:
         first, last = offset // bs, (offset + length - 1) // bs
         hold = ranges.acquire(first, last, False)
         try:
-            with dp.md_lock:
-                mapped = dp.md.data_blocks(self.dev_id, first, last + 1)
-            self._fill(offset, buf, mapped, zeroed=False)
+            self._fill(offset, buf, self._mappings(first, last), zeroed=False)
         finally:
             ranges.release(hold)
 
-    def _fill(self, offset: int, buf: memoryview, mapped: dict[int, int], zeroed: bool) -> None:
+    def _fill(self, offset: int, buf: memoryview, mapped: dict[int, Mapping],
+              zeroed: bool) -> None:
         """Copy [offset, offset + len(buf)) into ``buf``: runs of contiguous blocks, holes, origin."""
         bs, fd = self.bs, self.dp.data_fd
         length = len(buf)
@@ -198,9 +215,9 @@ class ThinDevice:
         for v in range(first, last + 1):
             boff = (offset + pos) % bs
             seg = min(bs - boff, length - pos)
-            d = mapped.get(v)
-            if d is not None:
-                file_off = d * bs + boff
+            m = mapped.get(v)
+            if m is not None:
+                file_off = m.data_block * bs + boff
                 if run_len and run_file + run_len == file_off:
                     run_len += seg
                 else:
@@ -226,6 +243,41 @@ class ThinDevice:
         elif not zeroed:
             out[:] = bytes(len(out))
 
+    # -- mapping lookups (the caller holds the blocks' range) --------------------------------
+    def _cached(self, first: int, last: int) -> dict[int, Mapping] | None:
+        """The mapped blocks of [first, last] from the cache, or None unless it knows all."""
+        st = self.state
+        if st.maps_generation != self.dp.generation:
+            return None
+        maps = st.maps
+        if first == last:
+            if first not in maps:
+                return None
+            m = maps[first]
+            return {} if m is None else {first: m}
+        out: dict[int, Mapping] = {}
+        for v in range(first, last + 1):
+            if v not in maps:
+                return None
+            m = maps[v]
+            if m is not None:
+                out[v] = m
+        return out
+
+    def _lookup(self, first: int, last: int) -> dict[int, Mapping]:
+        """The mapped blocks of [first, last] from the metadata, remembered (md_lock held)."""
+        mapped = self.dp.md.lookup_range(self.dev_id, first, last + 1)
+        self.dp.remember_mappings(self.state, first, last, mapped)
+        return mapped
+
+    def _mappings(self, first: int, last: int) -> dict[int, Mapping]:
+        """virtual block -> Mapping for the mapped blocks of [first, last]."""
+        mapped = self._cached(first, last)
+        if mapped is None:
+            with self.dp.md_lock:
+                mapped = self._lookup(first, last)
+        return mapped
+
     # -- writes -------------------------------------------------------------------------------
     def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         """Write ``data`` at ``offset``; with ``fua`` it is durable when this returns."""
@@ -240,8 +292,7 @@ class ThinDevice:
         first, last = offset // bs, (offset + length - 1) // bs
         hold = ranges.acquire(first, last, False)
         try:
-            with dp.md_lock:
-                mapped = dp.md.lookup_range(self.dev_id, first, last + 1)
+            mapped = self._mappings(first, last)
             in_place = len(mapped) == last - first + 1 and \
                 not any(m.shared for m in mapped.values())
             if in_place:
@@ -305,7 +356,7 @@ class ThinDevice:
         Out of data space, everything is given back and released before
         waiting (so a resize or a delete can run), then it starts over.
         """
-        dp, md, ranges = self.dp, self.dp.md, self.state.ranges
+        dp, ranges = self.dp, self.state.ranges
         deadline: float | None = None
         while True:
             with dp.gate.shared():
@@ -314,7 +365,9 @@ class ThinDevice:
                     dp.require_writable()
                     with dp.md_lock:
                         gen = dp.generation
-                        mapped = md.lookup_range(self.dev_id, first, last + 1)
+                        mapped = self._cached(first, last)
+                        if mapped is None:
+                            mapped = self._lookup(first, last)
                         need = [v for v in range(first, last + 1)
                                 if (m := mapped.get(v)) is None or m.shared]
                         try:
@@ -342,6 +395,7 @@ class ThinDevice:
                     if gen != dp.generation:
                         raise DataPathError(errno.EIO, "the pool's transaction was aborted "
                                                        "meanwhile; the write was not mapped")
+                    dp.forget_mappings(self.state, fresh)
                     try:
                         dp.md.insert_many(self.dev_id, sorted(fresh.items()))
                     except NoMetadataSpaceError:
@@ -385,6 +439,7 @@ class ThinDevice:
                     with dp.md_lock:
                         victims = [(v, m.data_block) for v, m in md.mappings(self.dev_id, start,
                                                                              end)]
+                        dp.forget_mappings(self.state, [v for v, _ in victims])
                         freed = []
                         try:
                             for v, d in victims:

@@ -244,6 +244,7 @@ class DevmapperDriver(NaiveDiff):
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._server_proc: subprocess.Popen[bytes] | None = None
+        self._closed = False
         self._ensure_pool()
         self._ensure_server()
         try:
@@ -251,7 +252,8 @@ class DevmapperDriver(NaiveDiff):
             self._setup_base()
             self._delete_marked()
         except BaseException:
-            self._stop_own_server()  # a driver that failed to start leaves no server behind
+            if self._server_proc is not None:  # started for this driver: nobody else uses it
+                self._stop_server()
             raise
         if self.opts.deferred_deletion:
             self._worker = threading.Thread(target=self._deletion_worker, daemon=True,
@@ -296,19 +298,6 @@ class DevmapperDriver(NaiveDiff):
             except OSError:
                 time.sleep(0.05)
         raise GraphError(f"devmapper: the pool server for {self.pool_dir} did not come up")
-
-    def _stop_own_server(self) -> None:
-        """Stop the pool server this object started (if any), waiting for it to exit."""
-        if self._server_proc is None:
-            return
-        try:
-            control.request(self.ctl, "stop", {})
-        except (ThinpoolError, OSError) as e:
-            log.warning("devmapper: stopping the pool server: %s", e)
-        try:
-            self._server_proc.wait(60)
-        except subprocess.TimeoutExpired:
-            log.warning("devmapper: the pool server (pid %d) did not stop", self._server_proc.pid)
 
     def _call(self, command: str, **args: Any) -> dict[str, Any]:
         try:
@@ -510,8 +499,8 @@ class DevmapperDriver(NaiveDiff):
             r = subprocess.run([*args, *self.opts.mkfsargs, device], capture_output=True,
                                text=True)
         if r.returncode != 0:
-            first = (r.stderr.strip().splitlines() or ["failed"])[0]
-            raise GraphError(f"devmapper: mkfs.{self.opts.fs} {device}: {first}")
+            why = "; ".join(line.strip() for line in r.stderr.splitlines() if line.strip()) or "failed"
+            raise GraphError(f"devmapper: mkfs.{self.opts.fs} {device}: {why}")  # one line
         if self.opts.fs == "ext4":
             subprocess.run(["tune2fs", "-c", "-1", "-i", "0", device], capture_output=True)
 
@@ -893,7 +882,10 @@ class DevmapperDriver(NaiveDiff):
             return {h: i.device_id for h, i in self.devices.items()}
 
     def cleanup(self) -> None:
-        """Daemon shutdown: save, unmount every layer, stop the pool server."""
+        """Daemon shutdown: save, unmount every layer, stop the pool server.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         self._stop.set()
         if self._worker is not None:
             self._worker.join()
@@ -907,8 +899,12 @@ class DevmapperDriver(NaiveDiff):
                 except ThinpoolError as e:
                     log.warning("devmapper: %s", e)
             self._mounts.forget(mp)
+        self._stop_server()
+
+    def _stop_server(self) -> None:
+        """Stop the pool server (never starting one) and wait up to 60 s until it is gone."""
         try:
-            pid = self._call("stop")["pid"]
+            pid = control.request(self.ctl, "stop", {})["pid"]
         except (ThinpoolError, OSError) as e:
             log.warning("devmapper: stopping the pool server: %s", e)
             return
@@ -921,10 +917,16 @@ class DevmapperDriver(NaiveDiff):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:  # a child of this process (another
+                    return                                # driver object started it): reaped
+            except ChildProcessError:
+                pass
+            try:
                 os.kill(pid, 0)
             except ProcessLookupError:
                 return
             time.sleep(0.05)
+        log.warning("devmapper: the pool server (pid %d) did not stop within 60 s", pid)
 
 
 register("devicemapper", DevmapperDriver, automatic=False)
