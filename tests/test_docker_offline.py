@@ -364,9 +364,9 @@ def test_root_on_kernel_written_pool_metadata(kernel_image, tmp_path: Path) -> N
                          capture_output=True, text=True).stdout
     where: dict[int, int] = {}
     for line in xml.splitlines():
-        attrs = dict(part.split("=", 1) for part in line.strip(" <>/").split()[1:])
-        attrs = {k: int(v.strip('"')) for k, v in attrs.items() if k in ("origin_begin", "data_begin", "length",
-                                                                         "origin_block", "data_block")}
+        fields = dict(part.split("=", 1) for part in line.strip(" <>/").split()[1:])
+        attrs = {k: int(v.strip('"')) for k, v in fields.items() if k in ("origin_begin", "data_begin", "length",
+                                                                          "origin_block", "data_block")}
         if "origin_begin" in attrs:
             where.update({attrs["origin_begin"] + i: attrs["data_begin"] + i for i in range(attrs["length"])})
         elif "origin_block" in attrs:

@@ -178,8 +178,8 @@ def test_container_lifecycle(root: tuple[str, Path], layers: list[bytes], tmp_pa
         assert layer_listing(driver, path) == layers_before and r.list_containers() == []
         if driver == "devicemapper":  # --storage-opt size=: a device and filesystem bigger than the base
             r.create_container(TAG, "big", {"size": "300M"})
-            st = os.statvfs(r.mount("big"))
-            assert st.f_blocks * st.f_frsize > default_size + (30 << 20)  # 300M instead of dm.basesize=256M
+            fs = os.statvfs(r.mount("big"))
+            assert fs.f_blocks * fs.f_frsize > default_size + (30 << 20)  # 300M instead of dm.basesize=256M
             r.remove_container("big", force=True)
         r.remove_image(TAG)
         assert os.listdir(path / "image" / driver / "layerdb" / "sha256") == []

@@ -452,16 +452,16 @@ class DockerRoot:
                     self.verify(self.devices[hash])
         used: dict[str, Device] = {}
         for image, tags in self.image_list():
-            size, status = 0, "ok"
+            size, missing, damaged = 0, False, False
             for chain in chain_ids(image.diff_ids):
-                layer = layers.get(chain)
-                if layer is None:
-                    status = "missing layers"
+                found = layers.get(chain)
+                if found is None:
+                    missing = True
                     continue
-                size += layer.size
-                dev = self.devices.get(layer.cache_id)
-                if dev is None or not dev.intact:
-                    status = "damaged"
+                size += found.size
+                dev = self.devices.get(found.cache_id)
+                damaged = damaged or dev is None or not dev.intact
+            status = "missing layers" if missing else "damaged" if damaged else "ok"
             rep.images.append({"Id": image.id, "RepoTags": tags, "Layers": len(image.diff_ids),
                                "Size": size, "Status": status})
         for layer in layers.values():
