@@ -304,3 +304,22 @@ def test_graph_check_and_status_on_the_command_line(drivers: Drivers) -> None:
     out = json.loads(tp(*args, "status", "--json").stdout)
     assert out["Driver"] == "devicemapper" and set(out["Layers"]) == {"base", "l1"}
     assert out["Layers"]["l1"]["mapped"] >= out["Layers"]["l1"]["exclusive"]
+
+
+@pytest.mark.parametrize("blkdiscard", [True, False])
+def test_blkdiscard_gives_a_removed_layers_space_back(drivers: Drivers, blkdiscard: bool) -> None:
+    """dm.blkdiscard (Docker's default for loop files) discards a layer before deleting it, so
+    the data file gets its holes back; a pool without block zeroing must not hand a later layer
+    an old layer's bytes."""
+    d = drivers.new(f"dm.blkdiscard={str(blkdiscard).lower()}")
+    data = drivers.home / "devicemapper" / "data"
+    d.create("big", None)
+    Path(d.get("big"), "blob").write_bytes(os.urandom(64 << 20))
+    d.put("big")
+    before = data.stat().st_blocks * 512
+    d.remove("big")
+    freed = before - data.stat().st_blocks * 512
+    if blkdiscard:
+        assert freed >= 60 << 20
+    else:
+        assert freed < 1 << 20

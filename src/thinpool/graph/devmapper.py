@@ -646,6 +646,8 @@ class DevmapperDriver(NaiveDiff):
     def _delete_device(self, hash: str, sync: bool) -> None:
         """Docker's DeleteDevice: a delete transaction; a busy device is marked deleted."""
         info = self.devices[hash]
+        if self.opts.blkdiscard:
+            self._discard_unused(info)
         self._open_transaction(hash, info.device_id)
         try:
             self._call("message", text=f"delete {info.device_id}")
@@ -662,6 +664,21 @@ class DevmapperDriver(NaiveDiff):
         os.unlink(self._record_path(hash))
         self._used_ids.discard(info.device_id)
         self._close_transaction()
+
+    def _discard_unused(self, info: DevInfo) -> None:
+        """Docker's issueDiscard (``dm.blkdiscard``): unless the device is open, discard all
+        of it before it is deleted, so its blocks go back to the data file as holes.
+
+        The pool is made with ``skip_block_zeroing``: a block given out again is not zeroed,
+        so without this a new layer could find an old layer's bytes around a partial write.
+        """
+        if str(info.device_id) in self._call("server-info").get("attached", {}):
+            return  # open: the delete will be refused (and deferred) anyway
+        try:
+            self._call("discard", id=info.device_id, offset=0, length=info.size)
+        except ThinpoolError as e:
+            log.warning("devmapper: discarding device %d before deleting it: %s",
+                        info.device_id, e)
 
     def _delete_marked(self) -> None:
         with self._lock:
