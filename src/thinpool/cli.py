@@ -948,5 +948,38 @@ def demo(directory: str | None, workdir: str | None) -> None:
     run_demo(directory or workdir, click.echo)
 
 
+# -- containerd snapshotter (proxy plugin) --------------------------------------------------------
+@cli.group()
+def snapshotter() -> None:
+    """containerd's snapshot service over gRPC, for a proxy snapshotter plugin."""
+
+
+@snapshotter.command("serve")
+@click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False),
+              help="Unix socket to listen on (created mode 0600).")
+@click.option("--root", required=True, type=click.Path(file_okay=False),
+              help="Directory for the records and the storage (created if missing).")
+@click.option("--driver", type=click.Choice(["devicemapper", "overlay2", "vfs"]),
+              default="devicemapper", show_default=True, help="Where snapshots live.")
+@click.option("--storage-opt", "storage_opts", multiple=True, metavar="KEY=VALUE",
+              help="A backend option (repeatable), e.g. dm.basesize=20G.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every failed call and recovery step.")
+@_clean_errors
+def snapshotter_serve(socket_path: str, root: str, driver: str, storage_opts: tuple[str, ...],
+                      verbose: bool) -> None:
+    """Serve containerd.services.snapshots.v1.Snapshots on SOCKET until SIGTERM/SIGINT.
+
+    A crash is finished on the next start: half-made snapshots are removed,
+    interrupted removals completed.
+    """
+    from .snapshotter.daemon import parse_options, run
+
+    logging.getLogger("thinpool.snapshotter").setLevel(logging.INFO if verbose else
+                                                        logging.WARNING)
+    run(root, socket_path, driver, parse_options(storage_opts),
+        lambda path: click.echo(f"thinpool snapshotter ({driver}) serving {root} on {path}; "
+                                f"pid {os.getpid()}", err=True))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
