@@ -115,6 +115,19 @@ def family_tree(pool: Pool) -> list[dict[str, Any]]:
     return roots
 
 
+def layer_usage(pool: Pool, args: Args, fds: list[int], cancelled: Cancelled) -> dict[str, Any]:
+    """Blocks each ``[dev, parent]`` of ``args["layers"]`` maps that its parent (or null)
+    does not map to the same data block, counted on a fresh commit."""
+    from ..tools.delta import own_blocks
+
+    pairs = [(int(dev), None if parent is None else int(parent))
+             for dev, parent in args["layers"]]
+    with pool.dp.quiesced():  # nothing commits while the committed trees are read
+        pool.dp.commit_gated()
+        counts = own_blocks(pool.meta_path, pairs)
+    return {"block_size": pool.block_size, "blocks": counts}
+
+
 def create_thin(pool: Pool, args: Args, fds: list[int], cancelled: Cancelled) -> dict[str, Any]:
     pool.create_thin(args["id"], size=args.get("size"), name=args.get("name"),
                      origin=args.get("origin"))
@@ -247,6 +260,7 @@ COMMANDS: dict[str, Command] = {
     "message": Command(message, True, 0),
     "status": Command(status, False, 0),
     "list": Command(list_volumes, False, 0),
+    "layer-usage": Command(layer_usage, False, 0),
     "create-thin": Command(create_thin, True, 0),
     "create-snap": Command(create_snap, True, 0),
     "delete": Command(delete, True, 0),

@@ -82,13 +82,9 @@ class Backend(ABC):
     def stored(self) -> set[int]:
         """Ids of every snapshot that has storage (orphans included)."""
 
-    def cleanup(self, live: set[int]) -> list[str]:
-        """Remove storage no record names (``live``: the ids of every record); what was done."""
-        done = []
-        for sid in sorted(self.stored() - live):
-            self.remove(sid)
-            done.append(f"removed orphaned snapshot storage #{sid}")
-        return done
+    def release_idle(self, committed: set[int]) -> None:
+        """Let go of what is still held for ``committed`` snapshots that nothing uses any more
+        (run by ``Cleanup``)."""
 
     def close(self) -> None:
         """Stop (the snapshotter is shutting down)."""

@@ -193,10 +193,13 @@ class Snapshotter:
 
     def cleanup(self) -> list[str]:
         """Remove storage that no record names; what was done."""
+        done = []
         with self._changes:
-            done = self.backend.cleanup(self.store.ids())
-            if self.backend.transaction is not None:
-                self.store.set_transaction(self.backend.transaction)
-        for line in done:
-            log.info("cleanup: %s", line)
+            self.backend.release_idle({r.id for r in self.store.all() if r.kind == COMMITTED})
+            for sid in sorted(self.backend.stored() - self.store.ids()):
+                self.backend.remove(sid)
+                if self.backend.transaction is not None:
+                    self.store.set_transaction(self.backend.transaction)
+                done.append(f"removed orphaned snapshot storage #{sid}")
+                log.info("cleanup: removed orphaned snapshot storage #%s", sid)
         return done
