@@ -147,6 +147,7 @@ class Snapshotter:
 
     def remove(self, key: str) -> None:
         rec = self.store.get(key)
+        self.store.check_childless(rec)
         self.backend.check_idle(rec)
         with self._changes:
             rec = self.store.begin_remove(key)

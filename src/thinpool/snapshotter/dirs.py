@@ -83,11 +83,28 @@ class DirBackend(Backend):
             raise _no_space(e, f"creating snapshot {rec.key}") from None
         return fs
 
+    def users(self, sid: int) -> list[str]:
+        """Mount points that use snapshot ``sid``: bind mounts of its ``fs``, overlays with it
+        as upper or lower directory, anything mounted inside it."""
+        fs = self.fs(sid)
+        out = []
+        for e in sysmount.mountinfo():
+            if e.fstype == "overlay":
+                dirs = [d for opt in e.super_options.split(",")
+                        if opt.startswith(("upperdir=", "lowerdir="))
+                        for d in opt.partition("=")[2].split(":")]
+                if fs in dirs:
+                    out.append(e.mountpoint)
+            elif e.root != "/" and fs.endswith(e.root) and \
+                    e.root.endswith(f"/{SNAPSHOTS}/{sid}/fs"):
+                out.append(e.mountpoint)
+        return out + sysmount.mounts_below(self.path(sid))
+
     def check_idle(self, rec: Record) -> None:
-        below = sysmount.mounts_below(self.path(rec.id))
-        if below or sysmount.is_mountpoint(self.fs(rec.id)):
-            raise FailedPrecondition(f"snapshot {rec.key} is mounted ("
-                                     f"{', '.join(below) or self.fs(rec.id)}); unmount it first")
+        users = self.users(rec.id)
+        if users:
+            raise FailedPrecondition(f"snapshot {rec.key} is mounted at {', '.join(users)}; "
+                                     "unmount it first")
 
     def usage(self, rec: Record, parents: list[Record]) -> Usage:
         return disk_usage(self.fs(rec.id))

@@ -242,21 +242,26 @@ class Store:
             db.execute("UPDATE snapshots SET state = 'ready' WHERE id = ?", (sid,))
             self._set_transaction(db, transaction)
 
+    def check_childless(self, rec: Record) -> None:
+        """``FailedPrecondition`` (containerd's "cannot remove ... with child") if ``rec`` has
+        children."""
+        with self._lock:
+            children = [r[0] for r in self._db.execute(
+                "SELECT key FROM snapshots WHERE parent = ? ORDER BY id", (rec.id,))]
+        if children:
+            shown = ", ".join(children[:3]) + (", ..." if len(children) > 3 else "")
+            raise FailedPrecondition(f"cannot remove snapshot {rec.key}: it has {len(children)} "
+                                     f"child snapshot(s) ({shown}); remove them first")
+
     def begin_remove(self, key: str) -> Record:
         """Mark ``key`` ``removing``; ``FailedPrecondition`` if it has children."""
-        with self._tx() as db:
+        with self._tx():
             recs = self._records("WHERE s.key = ? AND s.state = 'ready'", (key,))
             if not recs:
                 raise NotFound(f"snapshot {key} does not exist")
             rec = recs[0]
-            children = [r[0] for r in db.execute("SELECT key FROM snapshots WHERE parent = ? "
-                                                 "ORDER BY id", (rec.id,))]
-            if children:
-                shown = ", ".join(children[:3]) + (", ..." if len(children) > 3 else "")
-                raise FailedPrecondition(f"cannot remove snapshot {key}: it has "
-                                         f"{len(children)} child snapshot(s) ({shown}); remove "
-                                         "them first")
-            db.execute("UPDATE snapshots SET state = 'removing' WHERE id = ?", (rec.id,))
+            self.check_childless(rec)
+            self._db.execute("UPDATE snapshots SET state = 'removing' WHERE id = ?", (rec.id,))
         rec.state = "removing"
         return rec
 
