@@ -244,6 +244,7 @@ class Containerd:
     def __init__(self, base: Path, snapshot_socket: Path) -> None:
         self.base = base
         self.address = base / "containerd.sock"
+        base.mkdir(parents=True, exist_ok=True)
         self.config = base / "config.toml"
         self.log = base / "containerd.log"
         self.config.write_text(f"""version = 2

@@ -110,7 +110,8 @@ class DirBackend(Backend):
         return disk_usage(self.fs(rec.id))
 
     def commit(self, rec: Record, parents: list[Record]) -> Usage:
-        self.check_idle(rec)
+        """Nothing moves: the directory is the committed layer (containerd may commit a snapshot
+        it still has mounted, as with its own overlayfs snapshotter)."""
         return disk_usage(self.fs(rec.id))
 
     def remove(self, sid: int) -> None:
@@ -194,12 +195,6 @@ class OverlayBackend(DirBackend):
                      f"upperdir={self.fs(rec.id)}"]
         opts.append("lowerdir=" + ":".join(self.fs(p.id) for p in parents))
         return [Mount("overlay", "overlay", tuple(opts))]
-
-    def commit(self, rec: Record, parents: list[Record]) -> Usage:
-        usage = super().commit(rec, parents)
-        work = os.path.join(self.path(rec.id), "work")
-        shutil.rmtree(work, ignore_errors=True)  # overlayfs's scratch; a committed layer has none
-        return usage
 
 
 class VfsBackend(DirBackend):
