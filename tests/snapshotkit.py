@@ -188,21 +188,36 @@ def _entry(name: str, kind: bytes = tarfile.REGTYPE, data: bytes | None = None,
     return info, data
 
 
+def _tree_layer(tree: str) -> bytes:
+    """A layer tar of the directory ``tree`` under /opt/tree (owners root, no caches)."""
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        if os.path.basename(info.name) in ("site-packages", "__pycache__"):
+            return None
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        return info
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(tree, arcname="opt/tree", filter=keep)
+    return buf.getvalue()
+
+
 def busybox_image(path: Path, ref: str = "thinpool.test/busybox:1", extra_layers: int = 1,
-                  payload: int = 0) -> dict[str, Any]:
+                  payload: int = 0, tree: str | None = None) -> dict[str, Any]:
     """Write a ``docker save`` archive of a busybox image to ``path``; what it holds.
 
     Layer 1: ``/bin/busybox`` with ``sh``, ``cat``, ``ls``, ``echo`` links and
     the usual directories.  Each extra layer adds ``/layerN.txt`` (plus
     ``payload`` random bytes in ``/blobN``); the last one deletes
-    ``/etc/motd`` from layer 1 with a whiteout.
+    ``/etc/motd`` from layer 1 with a whiteout.  ``tree`` adds a last layer
+    holding that directory under ``/opt/tree``.
     """
     with open(BUSYBOX, "rb") as f:
         busybox = f.read()
     base = [_entry(d, tarfile.DIRTYPE, mode=0o755) for d in
             ("bin/", "etc/", "tmp/", "proc/", "sys/", "dev/", "root/")]
     base.append(_entry("bin/busybox", data=busybox, mode=0o755))
-    for tool in ("sh", "cat", "ls", "echo", "sleep", "df", "stat"):
+    for tool in ("sh", "cat", "ls", "echo", "sleep", "df", "stat", "true"):
         base.append(_entry(f"bin/{tool}", tarfile.SYMTYPE, link="busybox", mode=0o777))
     base.append(_entry("etc/motd", data=b"from layer 1\n"))
     layers = [_tar_bytes(base)]
@@ -214,6 +229,8 @@ def busybox_image(path: Path, ref: str = "thinpool.test/busybox:1", extra_layers
             entries += [_entry("etc/", tarfile.DIRTYPE, mode=0o755),
                         _entry("etc/.wh.motd", data=b"")]
         layers.append(_tar_bytes(entries))
+    if tree is not None:
+        layers.append(_tree_layer(tree))
     diff_ids = ["sha256:" + hashlib.sha256(layer).hexdigest() for layer in layers]
     config = json.dumps({
         "architecture": "amd64", "os": "linux", "created": "2024-01-01T00:00:00Z",

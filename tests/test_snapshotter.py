@@ -488,3 +488,28 @@ def test_records_that_do_not_belong_to_the_pool_are_refused(short_tmp: Path) -> 
     assert r.returncode == 1 and "no snapshot record knows" in r.stderr
     subprocess.run([sys.executable, "-m", "thinpool.cli", "stop", str(root / "pool")],
                    capture_output=True)
+
+
+def test_device_changes_can_swap_the_transaction_id_in_the_same_commit(tmp_path: Path) -> None:
+    """What the devicemapper backend relies on: a create_snap or delete and the pool's
+    transaction id move together, or neither does."""
+    from thinpool.errors import DeviceError
+    from thinpool.pool.engine import Pool
+
+    Pool.create(str(tmp_path / "p"), data_size="64M", metadata_size="8M")
+    with Pool(str(tmp_path / "p")) as pool:
+        pool.create_thin(0, size=1 << 20)
+        pool.create_snap(1, 0, transaction=(0, 1))
+        assert pool.status().transaction_id == 1 and pool.md.exists(1)
+        with pytest.raises(DeviceError, match="transaction id mismatch"):
+            pool.create_snap(2, 0, transaction=(0, 1))
+        assert not pool.md.exists(2) and pool.status().transaction_id == 1
+        with pytest.raises(DeviceError, match="ENODATA"):
+            pool.delete(7, transaction=(1, 2))
+        assert pool.status().transaction_id == 1
+        pool.delete(1, transaction=(1, 2))
+        assert not pool.md.exists(1)
+    with Pool(str(tmp_path / "p"), read_only=True) as pool:  # committed
+        assert pool.status().transaction_id == 2 and pool.md.device_ids() == [0]
+    r = subprocess.run(["thin_check", str(tmp_path / "p" / "metadata")], capture_output=True)
+    assert r.returncode == 0

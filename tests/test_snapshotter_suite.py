@@ -73,7 +73,8 @@ def test_containerd_snapshotter_suite(suite_binary: Path, short_tmpdir: Path,
                                            if env.get("PYTHONPATH") else ""),
         "TMPDIR": str(short_tmpdir),  # the snapshotter's socket lives below it
     })
-    r = subprocess.run([str(suite_binary), "-test.v", "-test.timeout", "20m"], env=env,
+    r = subprocess.run([str(suite_binary), "-test.v", "-test.run", "TestThinpoolSnapshotter",
+                        "-test.timeout", "20m"], env=env,
                        capture_output=True, text=True, timeout=1500)
     results = {name: outcome for outcome, name in re.findall(
         r"--- (PASS|FAIL|SKIP): TestThinpoolSnapshotter/(\S+)", r.stdout)}

@@ -28,7 +28,7 @@ packages=(
   golang-github-opencontainers-go-digest-dev golang-github-pkg-errors-dev
   golang-github-sirupsen-logrus-dev golang-golang-x-net-dev golang-golang-x-sys-dev
   golang-golang-x-text-dev golang-google-genproto-dev golang-google-grpc-dev
-  golang-google-protobuf-dev
+  golang-google-protobuf-dev golang-github-coreos-bbolt-dev golang-golang-x-sync-dev
 )
 mkdir -p "$work/debs" "$work/root"
 if [ ! -f "$work/root/.unpacked" ]; then

@@ -25,6 +25,8 @@ import (
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/snapshots"
+	"github.com/containerd/containerd/snapshots/native"
+	"github.com/containerd/containerd/snapshots/overlay"
 	"github.com/containerd/containerd/snapshots/proxy"
 	"github.com/containerd/containerd/snapshots/testsuite"
 	"google.golang.org/grpc"
@@ -112,4 +114,32 @@ func TestThinpoolSnapshotter(t *testing.T) {
 		t.Skip("the suite mounts what the snapshotter returns: it needs root")
 	}
 	testsuite.SnapshotterSuite(t, "thinpool-"+os.Getenv("THINPOOL_DRIVER"), newSnapshotter)
+}
+
+// TestReferenceSnapshotter runs the same suite against one of containerd's own in-process
+// snapshotters (THINPOOL_REFERENCE=native or overlayfs), for reference figures.
+func TestReferenceSnapshotter(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("the suite mounts what the snapshotter returns: it needs root")
+	}
+	switch os.Getenv("THINPOOL_REFERENCE") {
+	case "native":
+		testsuite.SnapshotterSuite(t, "native", func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
+			sn, err := native.NewSnapshotter(root)
+			if err != nil {
+				return nil, nil, err
+			}
+			return sn, sn.Close, nil
+		})
+	case "overlayfs":
+		testsuite.SnapshotterSuite(t, "overlayfs", func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
+			sn, err := overlay.NewSnapshotter(root)
+			if err != nil {
+				return nil, nil, err
+			}
+			return sn, sn.Close, nil
+		})
+	default:
+		t.Skip("THINPOOL_REFERENCE is not native or overlayfs")
+	}
 }

@@ -134,13 +134,24 @@ def create_thin(pool: Pool, args: Args, fds: list[int], cancelled: Cancelled) ->
     return {}
 
 
+def _transaction(args: Args) -> tuple[int, int] | None:
+    """The optional ``transaction: [old, new]`` swap of a device change."""
+    t = args.get("transaction")
+    if t is None:
+        return None
+    if not (isinstance(t, list) and len(t) == 2 and all(type(x) is int and x >= 0 for x in t)):
+        raise CommandError(f"transaction must be [old, new] transaction ids, not {t!r}")
+    return t[0], t[1]
+
+
 def create_snap(pool: Pool, args: Args, fds: list[int], cancelled: Cancelled) -> dict[str, Any]:
-    pool.create_snap(args["id"], args["origin_id"], name=args.get("name"))
+    pool.create_snap(args["id"], args["origin_id"], name=args.get("name"),
+                     transaction=_transaction(args))
     return {}
 
 
 def delete(pool: Pool, args: Args, fds: list[int], cancelled: Cancelled) -> dict[str, Any]:
-    pool.delete(args["id"])
+    pool.delete(args["id"], transaction=_transaction(args))
     return {}
 
 

@@ -29,7 +29,7 @@ kernel's dm-thin is driven with ``dmsetup``:
   not known without mounting and is reported as 0.
 
 The pool's transaction id moves by one with every device created or deleted
-for a snapshot (``set_transaction_id``), right after the change; the records
+for a snapshot, in the same pool commit as the change; the records
 store it when they settle (``core``), so at a crash the pool is at most one
 change ahead of the records, and any other difference means the two do not
 belong together: the backend refuses to start.  A pool with less than
@@ -322,12 +322,6 @@ class DevmapperBackend(Backend):
             self._call("detach", target=str(dev))
             del self._attached[dev]
 
-    def _set_transaction(self) -> None:
-        with self._lock:
-            assert self._txn is not None
-            self._call("message", text=f"set_transaction_id {self._txn} {self._txn + 1}")
-            self._txn += 1
-
     @property
     def transaction(self) -> int | None:
         return self._txn
@@ -349,8 +343,11 @@ class DevmapperBackend(Backend):
     def create(self, rec: Record, parents: list[Record]) -> None:
         self._check_space()
         origin = parents[0].id if parents else BASE
-        self._call("create-snap", id=rec.id, origin_id=origin)
-        self._set_transaction()
+        with self._lock:
+            assert self._txn is not None
+            self._call("create-snap", id=rec.id, origin_id=origin,
+                       transaction=[self._txn, self._txn + 1])
+            self._txn += 1
 
     def mounts(self, rec: Record, parents: list[Record]) -> list[Mount]:
         device = self._attach(rec.id)
@@ -402,8 +399,9 @@ class DevmapperBackend(Backend):
                     raise FailedPrecondition(f"snapshot #{sid} ({device}) is mounted at "
                                              f"{', '.join(where)}; unmount it first")
                 self._detach(sid)
+            assert self._txn is not None
             try:
-                self._call("delete", id=sid)
+                self._call("delete", id=sid, transaction=[self._txn, self._txn + 1])
             except control.RemoteError as e:
                 if "ENODATA" in str(e):
                     return  # never made, or already deleted
@@ -411,7 +409,7 @@ class DevmapperBackend(Backend):
                     raise FailedPrecondition(f"cannot remove snapshot #{sid}: its device is "
                                              f"busy ({e})") from None
                 raise
-            self._set_transaction()
+            self._txn += 1
 
     def stored(self) -> set[int]:
         return {int(v["dev_id"]) for v in self._call("list")["volumes"]} - {BASE}
