@@ -315,6 +315,17 @@ def containerd_available() -> bool:
     return all(shutil.which(t) for t in ("containerd", "ctr", "runc"))
 
 
+def clean_tree(path: Path) -> None:
+    """After a test: stop pool servers left below ``path``, unmount what is mounted there,
+    remove it all."""
+    for state in path.glob("**/pool/server.json"):
+        subprocess.run([sys.executable, "-m", "thinpool.cli", "stop", "--force",
+                        str(state.parent)], capture_output=True, env=_env(), timeout=120)
+    for mp in sorted(mounts_under(path), key=len, reverse=True):
+        subprocess.run(["umount", "-l", mp], capture_output=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def mounts_under(path: Path) -> Iterator[str]:
     prefix = str(path)
     with open("/proc/self/mountinfo", encoding="utf-8") as f:

@@ -22,8 +22,8 @@ from typing import Iterator
 
 import pytest
 
-from snapshotkit import (BUSYBOX, Containerd, Snapshotter, busybox_image, containerd_available,
-                         have_root_and_fuse, mounts_under)
+from snapshotkit import (BUSYBOX, Containerd, Snapshotter, busybox_image, clean_tree,
+                         containerd_available, have_root_and_fuse)
 
 pytestmark = [
     pytest.mark.skipif(not have_root_and_fuse(), reason="needs root and /dev/fuse"),
@@ -38,9 +38,7 @@ pytestmark = [
 def short_tmp() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="tpc-", dir="/tmp"))
     yield d
-    for mp in sorted(mounts_under(d), key=len, reverse=True):
-        subprocess.run(["umount", "-l", mp], capture_output=True)
-    shutil.rmtree(d, ignore_errors=True)
+    clean_tree(d)
 
 
 def _pool_devices(root: Path) -> set[int]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from typing import Iterator
 import grpc
 import pytest
 
-from snapshotkit import Snapshotter, have_root_and_fuse, mount_all, mounts_under, umount
+from snapshotkit import Snapshotter, clean_tree, have_root_and_fuse, mount_all, mounts_under, umount
 from thinpool.snapshotter.proto import snapshots_pb2 as pb
 
 pytestmark = pytest.mark.skipif(not have_root_and_fuse(),
@@ -39,9 +38,7 @@ def short_tmp() -> Iterator[Path]:
     """A short directory (unix socket paths are limited to 107 bytes)."""
     d = Path(tempfile.mkdtemp(prefix="tps-", dir="/tmp"))
     yield d
-    for mp in sorted(mounts_under(d), key=len, reverse=True):
-        subprocess.run(["umount", "-l", mp], capture_output=True)
-    shutil.rmtree(d, ignore_errors=True)
+    clean_tree(d)
 
 
 def _code(fn, *args):  # type: ignore[no-untyped-def]
@@ -161,6 +158,10 @@ def test_usage_counts_a_layer_s_own_data(short_tmp: Path, driver: str) -> None:
         sn.view("v", "a-c")
         assert sn.usage("v").size == 0  # a view holds nothing of its own
         assert _code(sn.usage, "nope")[0] == grpc.StatusCode.NOT_FOUND
+        assert sn.stop() == 0
+        sn.start()  # a committed snapshot's usage is recorded, and survives a restart
+        again = sn.usage("a-c")
+        assert (again.size, again.inodes) == (committed.size, committed.inodes)
     finally:
         sn.stop()
 

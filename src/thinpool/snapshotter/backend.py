@@ -62,12 +62,13 @@ class Backend(ABC):
         """What containerd mounts to reach an active or view snapshot."""
 
     @abstractmethod
-    def commit(self, rec: Record, parents: list[Record]) -> Usage:
-        """Active ``rec`` becomes read-only storage of a committed snapshot; its usage."""
+    def commit(self, rec: Record, parents: list[Record]) -> Usage | None:
+        """Active ``rec`` becomes read-only storage of a committed snapshot; its usage, or
+        None when ``usage`` will tell it later (and for good: it no longer changes)."""
 
     @abstractmethod
     def usage(self, rec: Record, parents: list[Record]) -> Usage:
-        """Space used by active ``rec`` itself (not its parents)."""
+        """Space used by ``rec`` itself (not its parents)."""
 
     @abstractmethod
     def check_idle(self, rec: Record) -> None:

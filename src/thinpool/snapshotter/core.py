@@ -9,7 +9,8 @@
 * ``mounts`` of an active or view snapshot (``FailedPrecondition`` for a
   committed one, as containerd 1.6);
 * ``commit`` turns an active snapshot into a committed one under a new name
-  (labels replaced, usage recorded; ``FailedPrecondition`` for a view);
+  (labels replaced, usage recorded - or counted and recorded by the first
+  ``usage`` when the backend defers it; ``FailedPrecondition`` for a view);
 * ``remove`` (``FailedPrecondition``, "cannot remove ...", while it has
   children or is mounted);
 * ``stat``, ``update`` (labels only), ``list`` (containerd's filters),
@@ -143,7 +144,8 @@ class Snapshotter:
         if existing:
             raise AlreadyExists(f"committed snapshot {name} already exists")
         usage = self.backend.commit(rec, self.store.chain(rec))
-        self.store.commit(key, name, labels, usage.size, usage.inodes)
+        self.store.commit(key, name, labels, usage.size if usage else -1,
+                          usage.inodes if usage else -1)
 
     def remove(self, key: str) -> None:
         rec = self.store.get(key)
@@ -190,6 +192,10 @@ class Snapshotter:
         rec = self.store.get(key)
         if rec.kind == ACTIVE:
             return self.backend.usage(rec, self.store.chain(rec))
+        if rec.kind == COMMITTED and rec.size < 0:  # deferred by the backend's commit
+            usage = self.backend.usage(rec, self.store.chain(rec))
+            self.store.set_usage(rec.id, usage.size, usage.inodes)
+            return usage
         return Usage(rec.size, rec.inodes)
 
     def cleanup(self) -> list[str]:

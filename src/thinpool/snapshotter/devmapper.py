@@ -19,14 +19,15 @@ kernel's dm-thin is driven with ``dmsetup``:
   a loop device, see ``server.kernel``) and returned as an ``ext4`` (or
   ``xfs``, with ``nouuid``: snapshots share the base's UUID) mount of it,
   ``ro`` for a view, plus ``dm.mountopt``.  containerd mounts it;
-* a commit detaches the device and records the layer's usage; committed
-  devices stay detached.  containerd may commit a snapshot it still has
-  mounted: its filesystem is then flushed (frozen and thawed) and the device
-  detached later (``release_idle``, run by ``Cleanup``) or by a removal, once nothing has it mounted;
+* a commit detaches the device; committed devices stay detached.  containerd
+  may commit a snapshot it still has mounted: its filesystem is then flushed
+  (frozen and thawed) and the device detached later (``release_idle``, run
+  by ``Cleanup``) or by a removal, once nothing has it mounted;
 * ``Usage`` counts the blocks a device maps that its parent does not map to
   the same data block (``layer-usage``, read from the pool's committed
   mappings like thin_delta), times the pool's block size; the inode count is
-  not known without mounting and is reported as 0.
+  not known without mounting and is reported as 0.  A committed snapshot's
+  usage is counted when first asked for, not by the commit (see ``commit``).
 
 The pool's transaction id moves by one with every device created or deleted
 for a snapshot, in the same pool commit as the change; the records
@@ -365,9 +366,11 @@ class DevmapperBackend(Backend):
             raise FailedPrecondition(f"snapshot {rec.key} ({device}) is mounted at "
                                      f"{', '.join(where)}; unmount it first")
 
-    def commit(self, rec: Record, parents: list[Record]) -> Usage:
+    def commit(self, rec: Record, parents: list[Record]) -> Usage | None:
         """Detach the device; one still mounted (containerd allows a commit before the unmount)
-        has its filesystem flushed and stays attached until ``release_idle`` finds it unmounted."""
+        has its filesystem flushed and stays attached until ``release_idle`` finds it unmounted.
+        The usage is counted when first asked for (it needs a pool commit and a walk of two
+        mapping trees, and containerd seldom asks)."""
         with self._lock:
             device = self._attached.get(rec.id)
             where = mounts_of(device) if device else []
@@ -376,7 +379,7 @@ class DevmapperBackend(Backend):
                     _flush_filesystem(mp)
             else:
                 self._detach(rec.id)
-        return self.usage(rec, parents)
+        return None
 
     def release_idle(self, committed: set[int]) -> None:
         """Detach the devices of ``committed`` snapshots that nothing has mounted any more."""

@@ -278,7 +278,8 @@ class Store:
 
     def commit(self, key: str, name: str, labels: dict[str, str], size: int,
                inodes: int) -> None:
-        """Active ``key`` becomes committed ``name`` (labels replaced, times reset, usage kept)."""
+        """Active ``key`` becomes committed ``name`` (labels replaced, times reset, usage kept;
+        ``size`` -1 means not counted yet, see ``set_usage``)."""
         check_key(name, "name")
         labels = check_labels(labels)
         t = now_ns()
@@ -299,6 +300,12 @@ class Store:
             db.execute("DELETE FROM labels WHERE snapshot = ?", (sid,))
             db.executemany("INSERT INTO labels (snapshot, name, value) VALUES (?, ?, ?)",
                            [(sid, k, v) for k, v in labels.items()])
+
+    def set_usage(self, sid: int, size: int, inodes: int) -> None:
+        """Record the usage of committed snapshot ``sid`` counted after its commit."""
+        with self._tx() as db:
+            db.execute("UPDATE snapshots SET size = ?, inodes = ? WHERE id = ?",
+                       (size, inodes, sid))
 
     def update_labels(self, key: str, labels: dict[str, str], paths: list[str]) -> Record:
         """containerd's ``UpdateInfo``: only labels change (all, or ``labels.KEY`` ones)."""
