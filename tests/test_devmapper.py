@@ -251,3 +251,56 @@ def test_pool_stays_consistent(drivers: Drivers) -> None:
         d2 = drivers.new()
         d2.create_rw("c", "a")
         d2.remove("a")
+
+
+def test_check_finds_and_repairs(drivers: Drivers) -> None:
+    d = drivers.new()
+    d.create("keep", None)
+    d.create("gone", None)
+    d.create("busy", None)
+    assert d.check() == []
+    home = drivers.home
+    gone_id = record(home, "gone")["device_id"]
+    busy_id = record(home, "busy")["device_id"]
+    drivers.pool_call("message", text=f"delete {gone_id}")  # record without a device
+    drivers.pool_call("message", text="create_thin 4242")  # device without a record
+    drivers.pool_call("attach", id=busy_id)
+    d.remove("busy")  # busy: marked for deferred deletion
+    drivers.pool_call("detach", target=str(busy_id))
+    (home / "mnt" / "stray").mkdir(parents=True)
+    tid = drivers.pool_call("status")["status"]["transaction_id"]
+    (home / "metadata" / "transaction-metadata").write_text(json.dumps(
+        {"open_transaction_id": tid + 1, "device_hash": "never", "device_id": 9999}))
+    problems = [f.problem for f in d.check()]
+    assert any("opened but never closed" in p for p in problems), problems
+    assert any(f"layer gone: device {gone_id} is not in the pool" in p for p in problems)
+    assert any("device 4242 is in the pool but no layer records it" in p for p in problems)
+    assert any("layer busy is marked for deferred deletion" in p for p in problems)
+    assert any("mnt/stray belongs to no layer" in p for p in problems)
+    fixed = d.check(repair=True)
+    assert all(f.repaired for f in fixed), [f.problem for f in fixed if not f.repaired]
+    assert d.check() == []
+    assert d.exists("keep") and not d.exists("gone") and not d.exists("busy")
+    usage = d.layer_usage()
+    assert set(usage) == {"base", "keep"} and usage["keep"]["mapped"] > 0
+    d.cleanup()
+    assert_thin_check_clean(home / "devicemapper" / "metadata")
+
+
+def test_graph_check_and_status_on_the_command_line(drivers: Drivers) -> None:
+    from test_cli import tp
+
+    args = ["graph", "--root", str(drivers.root), "--driver", "devicemapper",
+            *[a for o in OPTS for a in ("--storage-opt", o)]]
+    d = drivers.new()
+    d.create("l1", None)
+    r = tp(*args, "check")
+    assert r.returncode == 0 and r.stdout.decode().strip() == "clean", r.stderr
+    drivers.pool_call("message", text="create_thin 5000")
+    r = tp(*args, "check")
+    assert r.returncode == 1 and b"problem: device 5000 is in the pool" in r.stdout
+    r = tp(*args, "check", "--repair")
+    assert r.returncode == 0 and b"repaired: device 5000" in r.stdout
+    out = json.loads(tp(*args, "status", "--json").stdout)
+    assert out["Driver"] == "devicemapper" and set(out["Layers"]) == {"base", "l1"}
+    assert out["Layers"]["l1"]["mapped"] >= out["Layers"]["l1"]["exclusive"]

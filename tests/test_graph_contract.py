@@ -23,7 +23,7 @@ from graphkit import (PASSWD1, TEST_OPTIONS, base_layer, btrfs_fs, build_tar, ch
                       hard, header_size_sum, reg, sym, tar_names, tar_of, tree, unmount_tree)
 from thinpool.archive import ArchiveError, ChangeKind, UnsafeArchiveError, apply_layer
 from thinpool.graph import mounts, registry
-from thinpool.graph.driver import (BadOption, CreateOpts, GraphDriver, GraphError, InvalidLayerId, LayerBusy,
+from thinpool.graph.driver import (BadOption, CreateOpts, GraphDriver, InvalidLayerId, LayerBusy,
                                    LayerExists, LayerNotFound, NotSupported)
 
 pytestmark = needs_root
@@ -461,15 +461,15 @@ def test_symlink_tricks_stay_inside_the_layer(env: Env) -> None:
     sentinel = _outside(env)
     data = build_tar(sym("esc", str(sentinel)), reg("esc/evil", b"evil"),
                      sym("up", "../../../../../../../.."), reg("up" + str(sentinel) + "/evil2", b"evil"))
-    d.create("l", None)
-    d.apply_diff("l", None, io.BytesIO(data))
+    d.create("sym", None)
+    d.apply_diff("sym", None, io.BytesIO(data))
     assert sorted(os.listdir(sentinel)) == ["keep"]
-    root = d.get("l")
+    root = d.get("sym")
     try:
         assert os.readlink(os.path.join(root, "esc")) == str(sentinel)
         assert (Path(root) / str(sentinel).lstrip("/") / "evil").read_bytes() == b"evil"
     finally:
-        d.put("l")
+        d.put("sym")
 
 
 @pytest.mark.parametrize("case", ["truncated", "truncated-gzip", "garbage", "empty", "bad-checksum"])
@@ -495,3 +495,17 @@ def test_corrupt_layer_stream_leaves_no_layer(env: Env, case: str) -> None:
         assert tree(d.get("bad")) == tree(env.plain(base_layer()))
     finally:
         d.put("bad")
+
+
+def test_failed_apply_on_a_held_layer_says_it_is_left(env: Env) -> None:
+    d = env.driver
+    env.stack(base_layer())
+    d.create("held", "l0")
+    d.get("held")
+    try:
+        with pytest.raises(ArchiveError, match="layer held is left half-applied: .*in use"):
+            d.apply_diff("held", "l0", io.BytesIO(build_tar(reg("../x", b"x"))))
+        assert d.exists("held")
+    finally:
+        d.put("held")
+    d.remove("held")

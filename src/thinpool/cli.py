@@ -741,6 +741,306 @@ def _wait_gone(directory: str, pid: int, timeout: float) -> None:
     raise click.ClickException(f"the server (pid {pid}) did not stop within {timeout:g} s")
 
 
+# -- graph drivers (Docker's storage-driver contract) ---------------------------------------------
+GRAPH_ROOT = "/var/lib/thinpool/graph"
+
+
+def _graph_driver(ctx: click.Context) -> Any:
+    """The driver the ``graph`` group's options select (initialised once per command)."""
+    from .graph import registry
+
+    cfg = ctx.find_object(dict)
+    assert cfg is not None
+    if cfg["driver"] and cfg["driver"] not in registry.registered():
+        raise click.UsageError(f"unknown driver {cfg['driver']!r} (known: {', '.join(registry.registered())})")
+    if "driver_obj" not in cfg:
+        cfg["driver_obj"] = registry.new_driver(cfg["root"], cfg["driver"], list(cfg["storage_opt"]))
+    return cfg["driver_obj"]
+
+
+def _graph_create_opts(storage_opt: tuple[str, ...]) -> Any:
+    from .graph.driver import BadOption, CreateOpts
+
+    opts: dict[str, str] = {}
+    for option in storage_opt:
+        key, sep, value = option.partition("=")
+        if not sep or not key.strip():
+            raise BadOption(f"unable to parse key/value option: {option}")
+        opts[key.strip()] = value.strip()
+    return CreateOpts(storage_opt=opts)
+
+
+_LAYER_ID = click.argument("layer_id", metavar="ID")
+_PARENT = click.option("--parent", metavar="P", help="The parent layer (default: none).")
+_LAYER_OPT = click.option("--storage-opt", "layer_opt", multiple=True, metavar="KEY=VALUE",
+                          help="Per-layer option, e.g. size=10G (repeatable).")
+
+
+@cli.group()
+@click.option("--root", default=GRAPH_ROOT, show_default=True, type=click.Path(file_okay=False),
+              help="Where the drivers keep their homes (ROOT/NAME).")
+@click.option("--driver", "-s", "driver", metavar="NAME",
+              help="vfs, overlay2, btrfs, ... (default: what ROOT already holds, else the first driver "
+                   "that works here, in Docker's order).")
+@click.option("--storage-opt", "storage_opt", multiple=True, metavar="KEY=VALUE",
+              help="Driver option, e.g. overlay2.size=10G (repeatable).")
+@click.pass_context
+def graph(ctx: click.Context, root: str, driver: str | None, storage_opt: tuple[str, ...]) -> None:
+    """Layers with Docker's graph drivers (vfs, overlay2, btrfs...) under ROOT/DRIVER.
+
+    A layer is an image layer (create, then apply-diff) or a container layer
+    (create-rw). 'get' mounts a layer and leaves it mounted after the command
+    ends, until 'put' (or 'cleanup', which unmounts every layer).
+    """
+    ctx.obj = {"root": root, "driver": driver, "storage_opt": storage_opt}
+
+
+@graph.command("create")
+@_LAYER_ID
+@_PARENT
+@_LAYER_OPT
+@click.pass_context
+@_clean_errors
+def graph_create(ctx: click.Context, layer_id: str, parent: str | None, layer_opt: tuple[str, ...]) -> None:
+    """Create an empty image layer on top of --parent."""
+    _graph_driver(ctx).create(layer_id, parent, _graph_create_opts(layer_opt))
+
+
+@graph.command("create-rw")
+@_LAYER_ID
+@_PARENT
+@_LAYER_OPT
+@click.pass_context
+@_clean_errors
+def graph_create_rw(ctx: click.Context, layer_id: str, parent: str | None, layer_opt: tuple[str, ...]) -> None:
+    """Create a writable (container) layer on top of --parent."""
+    _graph_driver(ctx).create_rw(layer_id, parent, _graph_create_opts(layer_opt))
+
+
+@graph.command("remove")
+@_LAYER_ID
+@click.pass_context
+@_clean_errors
+def graph_remove(ctx: click.Context, layer_id: str) -> None:
+    """Remove a layer (no error if it does not exist; refused if it is mounted or has children)."""
+    _graph_driver(ctx).remove(layer_id)
+
+
+@graph.command("get")
+@_LAYER_ID
+@click.option("--mount-label", default="", help="SELinux mount label.")
+@click.pass_context
+@_clean_errors
+def graph_get(ctx: click.Context, layer_id: str, mount_label: str) -> None:
+    """Mount a layer and print the path of its root (it stays mounted until 'put')."""
+    click.echo(_graph_driver(ctx).get(layer_id, mount_label))
+
+
+@graph.command("put")
+@_LAYER_ID
+@click.pass_context
+@_clean_errors
+def graph_put(ctx: click.Context, layer_id: str) -> None:
+    """Release a layer 'get' mounted (a mount counts once, whatever number of 'get's made it)."""
+    _graph_driver(ctx).put(layer_id)
+
+
+@graph.command("exists")
+@_LAYER_ID
+@click.pass_context
+@_clean_errors
+def graph_exists(ctx: click.Context, layer_id: str) -> None:
+    """Exit 0 if the layer exists, 1 if not (prints nothing)."""
+    if not _graph_driver(ctx).exists(layer_id):
+        sys.exit(EXIT_FAILURE)
+
+
+@graph.command("status")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@_clean_errors
+def graph_status(ctx: click.Context, as_json: bool) -> None:
+    """The driver's name and status pairs (what 'docker info' shows)."""
+    import json
+
+    from .tools.ls import format_disk_unit
+
+    driver = _graph_driver(ctx)
+    status = driver.status()
+    usage = driver.layer_usage()
+    if as_json:
+        click.echo(json.dumps({"Driver": driver.name, "Home": driver.home,
+                               "Status": [list(p) for p in status], "Layers": usage}))
+        return
+    click.echo(f"Storage Driver: {driver.name}")
+    click.echo(f" Home: {driver.home}")
+    for key, value in status:
+        click.echo(f" {key}: {value}")
+    if usage:
+        click.echo(f" Layers (from the pool's mappings): {'MAPPED':>10} {'EXCLUSIVE':>10} "
+                   f"{'SHARED':>10}")
+        for layer, u in sorted(usage.items()):
+            click.echo(f"  {layer:<64} {format_disk_unit(u['mapped']):>10} "
+                       f"{format_disk_unit(u['exclusive']):>10} {format_disk_unit(u['shared']):>10}")
+
+
+@graph.command("metadata")
+@_LAYER_ID
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@_clean_errors
+def graph_metadata(ctx: click.Context, layer_id: str, as_json: bool) -> None:
+    """Per-layer information ('docker inspect' .GraphDriver.Data)."""
+    import json
+
+    meta = _graph_driver(ctx).get_metadata(layer_id)
+    if as_json:
+        click.echo(json.dumps(meta, sort_keys=True))
+        return
+    for key in sorted(meta):
+        click.echo(f"{key}: {meta[key]}")
+
+
+def _refuse_inside(path: str, home: str, what: str) -> None:
+    real = os.path.realpath(path)
+    home = os.path.realpath(home)
+    if real == home or real.startswith(home.rstrip("/") + "/"):
+        raise click.UsageError(f"refusing to {what} {path}: it is inside the driver's home {home}")
+
+
+@graph.command("diff")
+@_LAYER_ID
+@_PARENT
+@click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), default="-",
+              help="Write the tar to FILE (default: standard output).")
+@click.pass_context
+@_clean_errors
+def graph_diff(ctx: click.Context, layer_id: str, parent: str | None, output: str) -> None:
+    """The layer's changes against --parent as an uncompressed tar (the whole layer without --parent).
+
+    A FILE appears only complete: the tar is written next to it and renamed
+    into place at the end.
+    """
+    import tempfile
+
+    if output == "-" and sys.stdout.isatty():
+        raise click.UsageError("refusing to write a tar to a terminal: use -o FILE or a pipe")
+    driver = _graph_driver(ctx)
+    if output != "-":
+        _refuse_inside(output, driver.home, "write the diff to")
+    stream = driver.diff(layer_id, parent)
+    try:
+        if output == "-":
+            out = sys.stdout.buffer
+            for chunk in stream:
+                out.write(chunk)
+            out.flush()
+            return
+        directory = os.path.dirname(os.path.abspath(output))
+        fd, tmp = tempfile.mkstemp(prefix=".diff-", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in stream:
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, output)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+
+
+@graph.command("changes")
+@_LAYER_ID
+@_PARENT
+@click.option("--json", "as_json", is_flag=True, help="Docker's plugin form: [{\"Path\": .., \"Kind\": 0|1|2}].")
+@click.pass_context
+@_clean_errors
+def graph_changes(ctx: click.Context, layer_id: str, parent: str | None, as_json: bool) -> None:
+    """Changed paths against --parent: 'A /path' added, 'C /path' changed, 'D /path' deleted."""
+    import json
+
+    changes = _graph_driver(ctx).changes(layer_id, parent)
+    if as_json:
+        click.echo(json.dumps([{"Path": c.path, "Kind": int(c.kind)} for c in changes]))
+        return
+    for change in changes:
+        click.echo(str(change))
+
+
+@graph.command("apply-diff")
+@_LAYER_ID
+@_PARENT
+@click.option("-i", "--input", "input_path", type=click.Path(dir_okay=False, allow_dash=True), default="-",
+              help="Read the tar (plain, gzip, zstd, bzip2 or xz) from FILE (default: standard input).")
+@click.pass_context
+@_clean_errors
+def graph_apply_diff(ctx: click.Context, layer_id: str, parent: str | None, input_path: str) -> None:
+    """Unpack a layer tar into a layer and print the sum of its entries' sizes.
+
+    Give the --parent the layer was created on (overlay2 then applies
+    natively). A layer whose tar fails to apply is removed.
+    """
+    if input_path == "-" and sys.stdin.isatty():
+        raise click.UsageError("refusing to read a tar from a terminal: use -i FILE or a pipe")
+    driver = _graph_driver(ctx)
+    if input_path == "-":
+        size = driver.apply_diff(layer_id, parent, sys.stdin.buffer)
+    else:
+        with open(input_path, "rb") as f:
+            size = driver.apply_diff(layer_id, parent, f)
+    click.echo(size)
+
+
+@graph.command("diff-size")
+@_LAYER_ID
+@_PARENT
+@click.pass_context
+@_clean_errors
+def graph_diff_size(ctx: click.Context, layer_id: str, parent: str | None) -> None:
+    """Bytes of the files the layer added or changed against --parent."""
+    click.echo(_graph_driver(ctx).diff_size(layer_id, parent))
+
+
+@graph.command("check")
+@click.option("--repair", is_flag=True, help="Fix what can be fixed safely.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@_clean_errors
+def graph_check(ctx: click.Context, repair: bool, as_json: bool) -> None:
+    """Reconcile the driver's records with its storage (exit 1 while problems remain).
+
+    For devicemapper: unclosed transactions, records without pool devices,
+    pool devices no record names (leaked ids), devices awaiting deferred
+    deletion, stray mount points, and the pool's metadata itself.
+    """
+    import json
+
+    findings = _graph_driver(ctx).check(repair=repair)
+    if as_json:
+        click.echo(json.dumps([{"problem": f.problem, "repaired": f.repaired} for f in findings]))
+    else:
+        for f in findings:
+            click.echo(("repaired: " if f.repaired else "problem: ") + f.problem)
+        if not findings:
+            click.echo("clean")
+    if any(not f.repaired for f in findings):
+        sys.exit(EXIT_FAILURE)
+
+
+@graph.command("cleanup")
+@click.pass_context
+@_clean_errors
+def graph_cleanup(ctx: click.Context) -> None:
+    """Unmount every layer of the driver (what dockerd does when it stops)."""
+    _graph_driver(ctx).cleanup()
+
+
 @cli.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True,
@@ -928,6 +1228,78 @@ def umount_cmd(mountpoint: str) -> None:
     if os.path.basename(fuse_dir) != FUSE_DIR:
         raise click.ClickException(f"{mountpoint} is not a thinpool volume")
     control.request(control_path(os.path.dirname(fuse_dir)), "umount", {"mountpoint": real})
+
+
+# -- Docker graphdriver plugin ----------------------------------------------------------------------
+DEFAULT_PLUGIN_SOCKET = "/run/docker/plugins/thinpool.sock"
+DEFAULT_PLUGIN_DRIVER = "devicemapper"
+
+
+def _key_value(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str]:
+    for value in values:
+        key, sep, _ = value.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{value!r} is not KEY=VALUE", param=param)
+    return list(values)
+
+
+@cli.command("docker-plugin")
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False),
+              default=DEFAULT_PLUGIN_SOCKET, show_default=True,
+              help="Unix socket to serve (mode 0600). dockerd finds /run/docker/plugins/NAME.sock "
+                   "as --storage-driver NAME.")
+@click.option("--driver", default=DEFAULT_PLUGIN_DRIVER, show_default=True,
+              help="Graph driver behind the plugin: devicemapper (on a thinpool pool), overlay2, "
+                   "btrfs or vfs.")
+@click.option("--storage-opt", "storage_opts", multiple=True, metavar="KEY=VALUE",
+              callback=_key_value,
+              help="Driver option (repeatable), before those dockerd's own --storage-opt sends.")
+@click.option("--state", "state_path", type=click.Path(dir_okay=False),
+              help="Where the plugin remembers dockerd's Init across restarts "
+                   "(default: SOCKET.state.json).")
+@click.option("-v", "--verbose", is_flag=True, help="Log every call on stderr.")
+@_clean_errors
+def docker_plugin(socket_path: str, driver: str, storage_opts: list[str],
+                  state_path: str | None, verbose: bool) -> None:
+    """Serve Docker's graphdriver plugin protocol, backed by a thinpool graph driver.
+
+    Start it before 'dockerd --experimental --storage-driver thinpool' (the
+    socket's name is the driver's name). Layers are stored under the Home
+    dockerd sends (<data-root>/thinpool/<driver>). Stop it with SIGTERM or
+    Ctrl-C: the socket is removed, mounts stay for running containers, and
+    a restarted plugin re-opens the same driver.
+    """
+    from . import graph  # noqa: F401  (registers the built-in drivers)
+    from .graph.driver import GraphDriver
+    from .graph.registry import new_driver, registered
+    from .plugin.api import GraphPlugin
+    from .plugin.server import PluginServer
+
+    known = registered()
+    if driver not in known:
+        raise click.UsageError(f"unknown graph driver {driver!r} (this build has: "
+                               f"{', '.join(known)})")
+    if verbose:
+        logging.getLogger("thinpool.plugin").setLevel(logging.INFO)
+
+    def opener(root: str, name: str, opts: list[str]) -> GraphDriver:
+        return new_driver(root, name, storage_opts + opts)
+
+    socket_path = os.path.abspath(socket_path)
+    plugin = GraphPlugin(driver, opener, os.path.abspath(state_path or socket_path + ".state.json"))
+    note = plugin.restore()
+    if note:
+        click.echo(f"thinpool docker-plugin: {note}", err=True)
+    server = PluginServer(plugin, socket_path)
+    server.start()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: server.request_stop())
+    click.echo(f"thinpool docker-plugin: serving {socket_path} (driver {driver}); "
+               f"pid {os.getpid()}", err=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.stop()
 
 
 @cli.command()

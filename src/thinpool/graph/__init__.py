@@ -5,5 +5,4 @@ calls ``registry.register`` at import); a new driver is added by importing
 its module here.
 """
 
-from . import vfs  # noqa: F401  (registers "vfs")
-from . import devmapper  # noqa: F401  (registers "devicemapper")
+from . import btrfs, devmapper, overlay2, vfs  # noqa: F401  (each registers itself)

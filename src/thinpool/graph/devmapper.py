@@ -47,8 +47,8 @@ from ..pool.engine import Pool
 from ..server import control
 from ..server.daemon import control_path
 from ..unixsock import connect
-from .driver import (BadOption, CreateOpts, GraphError, InvalidLayerId, LayerBusy, LayerExists,
-                     LayerNotFound, NotSupported, check_id)
+from .driver import (BadOption, CreateOpts, Finding, GraphError, InvalidLayerId, LayerBusy,
+                     LayerExists, LayerNotFound, NotSupported, check_id)
 from .mounts import is_mountpoint
 from .naive import NaiveDiff
 from .options import parse_size, split_option
@@ -619,7 +619,7 @@ class DevmapperDriver(NaiveDiff):
                     return
                 if self._mounts.count(mp) or is_mountpoint(mp):
                     raise LayerBusy(f"devmapper: Error running DeleteDevice: device {id} is "
-                                    "mounted (put it first)")
+                                    "in use (mounted: put it first)")
                 children = self._children(self.devices[id].device_id)
                 if children:
                     raise LayerBusy(f"devmapper: layer {id} has child layers "
@@ -768,6 +768,107 @@ class DevmapperDriver(NaiveDiff):
         return {"DeviceId": str(info.device_id), "DeviceSize": str(info.size),
                 "DeviceName": f"{self.prefix}-{id}"}
 
+    def layer_usage(self) -> dict[str, dict[str, int]]:
+        """Layer id -> mapped, exclusive and shared bytes, from the pool's mappings (thin_ls)."""
+        with self._lock:
+            by_dev = {i.device_id: h for h, i in self.devices.items()}
+        out: dict[str, dict[str, int]] = {}
+        stack = list(self._call("list", tree=True)["tree"])
+        while stack:
+            node = stack.pop()
+            stack.extend(node["snapshots"])
+            hash = by_dev.get(node["id"])
+            if hash is not None:
+                out[hash or "base"] = {k: node[f"{k}_bytes"]
+                                       for k in ("mapped", "exclusive", "shared")}
+        return out
+
+    def check(self, repair: bool = False) -> list[Finding]:
+        """Reconcile the records with the pool (the fsck Docker never had).
+
+        Finds: a half-finished transaction; records whose device is not in the
+        pool; pool devices no record names (ids leaked by an interrupted
+        delete, or a create whose record was lost); two records naming one
+        device; devices marked for deferred deletion; mount points of layers
+        that do not exist; problems in the pool's metadata itself.  With
+        ``repair``: the transaction is rolled back, dangling records and
+        orphan devices removed, marked devices deleted if they are not busy,
+        stale mount points removed.  Two records on one device are only
+        reported (which layer owns the data cannot be known).
+        """
+        findings: list[Finding] = []
+        with self._lock:
+            report = self._call("check")
+            for line in report["errors"]:
+                findings.append(Finding(f"pool metadata: {line}"))
+            try:
+                with open(os.path.join(self.meta_dir, "transaction-metadata"),
+                          encoding="utf-8") as f:
+                    open_id = int(json.load(f).get("open_transaction_id", 0))
+            except (FileNotFoundError, ValueError):
+                open_id = self.transaction_id
+            pool_tid = int(self._pool_status()["transaction_id"])
+            if open_id > pool_tid:
+                f_ = Finding(f"transaction {open_id} was opened but never closed (the pool is at "
+                             f"{pool_tid}): an interrupted create or delete")
+                if repair:
+                    self.transaction_id = pool_tid
+                    self._process_pending_transaction()
+                    f_.repaired = True
+                findings.append(f_)
+            in_pool = {v["dev_id"] for v in self._call("list")["volumes"]}
+            owners: dict[int, list[str]] = {}
+            for hash, info in sorted(self.devices.items()):
+                owners.setdefault(info.device_id, []).append(hash or "base")
+            for dev_id, hashes in sorted(owners.items()):
+                if len(hashes) > 1:
+                    findings.append(Finding(f"layers {', '.join(hashes)} all name device {dev_id}"))
+            for hash, info in sorted(self.devices.items()):
+                name = hash or "base"
+                if info.device_id not in in_pool:
+                    f_ = Finding(f"layer {name}: device {info.device_id} is not in the pool")
+                    if repair and hash:
+                        del self.devices[hash]
+                        os.unlink(self._record_path(hash))
+                        self._used_ids.discard(info.device_id)
+                        f_.repaired = True
+                    findings.append(f_)
+            for dev_id in sorted(in_pool - set(owners)):
+                f_ = Finding(f"device {dev_id} is in the pool but no layer records it (a leaked "
+                             "id)")
+                if repair:
+                    try:
+                        self._call("message", text=f"delete {dev_id}")
+                        f_.repaired = True
+                    except ThinpoolError as e:
+                        f_.problem += f"; not deleted: {e}"
+                findings.append(f_)
+            for hash in [h for h, i in self.devices.items() if i.deleted]:
+                f_ = Finding(f"layer {hash} is marked for deferred deletion")
+                if repair:
+                    try:
+                        self._delete_device(hash, sync=True)
+                        f_.repaired = True
+                    except GraphError as e:
+                        f_.problem += f"; still busy: {e}"
+                findings.append(f_)
+        for name in sorted(os.listdir(self.mnt_dir)):
+            if name in self.devices:
+                continue
+            mp = os.path.join(self.mnt_dir, name)
+            f_ = Finding(f"mount point mnt/{name} belongs to no layer"
+                         + (" and is mounted" if is_mountpoint(mp) else ""))
+            if repair:
+                try:
+                    if is_mountpoint(mp):
+                        self._call("umount", mountpoint=mp)
+                    shutil.rmtree(mp)
+                    f_.repaired = True
+                except (OSError, ThinpoolError) as e:
+                    f_.problem += f"; not removed: {e}"
+            findings.append(f_)
+        return findings
+
     def device_ids(self) -> dict[str, int]:
         """Layer id -> thin device id (``""`` is the base), for tools above the driver."""
         with self._lock:
@@ -808,4 +909,4 @@ class DevmapperDriver(NaiveDiff):
             time.sleep(0.05)
 
 
-register("devicemapper", DevmapperDriver)
+register("devicemapper", DevmapperDriver, automatic=False)

@@ -22,6 +22,13 @@ Contracts every driver keeps (checked by the shared contract tests):
   relative to ``parent`` (a whole tree if ``parent`` is None);
   ``apply_diff`` returns the sum of the tar headers' sizes; ``changes`` and
   ``diff_size`` follow Docker's ChangesDirs / ChangesSize.
+* (thinpool) An ``apply_diff`` that fails removes the layer, as Docker's
+  layer store does right after a failed ApplyDiff, so no half-applied layer
+  is left; a layer that cannot be removed then (held by a ``get``, or with
+  children) stays, and the error says so. ``diff`` streams hold what they
+  read until exhausted or closed.
+* (thinpool) Layer ids are checked (``check_id``): one plain name, never a
+  path; anything else is ``InvalidLayerId``.
 * Errors are ``GraphError`` subclasses with one-line messages; Docker's
   selection errors are ``NotSupported``, ``PrerequisitesMissing``,
   ``IncompatibleFS`` (``driver not supported``, ``prerequisites for driver
@@ -178,3 +185,25 @@ class GraphDriver(abc.ABC):
     def capabilities(self) -> dict[str, bool]:
         """``ReproducesExactDiffs``: whether ``diff`` gives back an applied tar byte for byte."""
         return {"ReproducesExactDiffs": False}
+
+    def layer_usage(self) -> dict[str, dict[str, int]]:
+        """Layer id -> ``mapped``, ``exclusive`` and ``shared`` bytes, where the driver knows
+        what its layers share (devicemapper on a thin pool); else empty."""
+        return {}
+
+    def check(self, repair: bool = False) -> list[Finding]:
+        """Reconcile the driver's records with its storage (``thinpool graph check``).
+
+        Returns what is out of step, one finding each; with ``repair`` what
+        can be fixed safely is fixed (``Finding.repaired``).  Drivers whose
+        only record is the filesystem itself have nothing to reconcile.
+        """
+        return []
+
+
+@dataclass
+class Finding:
+    """One thing ``check`` found: what, and whether ``repair`` fixed it."""
+
+    problem: str
+    repaired: bool = False

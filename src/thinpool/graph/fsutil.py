@@ -19,14 +19,18 @@
   so a crash leaves no half layer; a later driver start removes the staging
   directories of processes that are gone.
 * ``write_file``: small record files (written and fsync-ed).
+* ``supports_d_type(dir)``: whether readdir on that filesystem reports file
+  types (overlayfs needs it; xfs formatted with ftype=0 does not).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import shutil
 import stat
+import tempfile
 
 from . import mounts
 
@@ -259,3 +263,39 @@ def sync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _Dirent(ctypes.Structure):
+    _fields_ = [("d_ino", ctypes.c_uint64), ("d_off", ctypes.c_int64), ("d_reclen", ctypes.c_ushort),
+                ("d_type", ctypes.c_ubyte), ("d_name", ctypes.c_char * 256)]  # glibc's struct dirent (64-bit)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter runs on
+_libc.opendir.restype = ctypes.c_void_p
+_libc.opendir.argtypes = [ctypes.c_char_p]
+_libc.readdir.restype = ctypes.POINTER(_Dirent)
+_libc.readdir.argtypes = [ctypes.c_void_p]
+_libc.closedir.argtypes = [ctypes.c_void_p]
+_DT_UNKNOWN = 0
+
+
+def supports_d_type(path: str) -> bool:
+    """Whether readdir in the directory ``path``'s filesystem fills in d_type (tested with a scratch file)."""
+    scratch = tempfile.mkdtemp(prefix="d_type-check", dir=path)
+    try:
+        open(os.path.join(scratch, "f"), "wb").close()
+        dirp = _libc.opendir(os.fsencode(scratch))
+        if not dirp:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), scratch)
+        try:
+            while True:
+                ent = _libc.readdir(dirp)
+                if not ent:
+                    return False
+                if ent.contents.d_name == b"f":
+                    return bool(ent.contents.d_type != _DT_UNKNOWN)
+        finally:
+            _libc.closedir(dirp)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -8,7 +8,6 @@ into ``GraphError``s with their own context).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import re
@@ -34,7 +33,7 @@ FS_NAMES: dict[int, str] = {
     FS_MAGIC_TMPFS: "tmpfs", 0xA501FCF5: "vxfs", FS_MAGIC_XFS: "xfs", 0x2FC12FC1: "zfs",
 }
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter runs on
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]

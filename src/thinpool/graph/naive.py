@@ -18,9 +18,11 @@ layer's direct parent):
 * ``diff_size(id, parent)``: ChangesSize of those changes.
 
 ``apply_or_discard`` is the failure rule every driver's ``apply_diff``
-follows: a layer whose apply failed is removed (what Docker's layer store
-does right after a failed ApplyDiff), so no half-applied layer survives; if
-it cannot be removed (it has children or is held), the error says so.
+follows: a layer whose apply failed (a bad or truncated tar, a full disk,
+anything but an interruption) is removed - what Docker's layer store does
+right after a failed ApplyDiff - so no half-applied layer survives; if it
+cannot be removed (it has children or is held by another ``get``), the
+error says so and the layer stays as it is.
 """
 
 from __future__ import annotations
@@ -125,12 +127,16 @@ def apply_or_discard(driver: GraphDriver, id: str, apply: Callable[[], int]) -> 
     """Run ``apply``; if it fails, remove layer ``id`` and re-raise (see the module docstring)."""
     try:
         return apply()
-    except ThinpoolError as e:
+    except Exception as e:
         try:
             driver.remove(id)
         except ThinpoolError as why:
-            raise _annotated(e, f"layer {id} is left half-applied: {why}") from None
-        raise _annotated(e, f"layer {id} removed") from None
+            if isinstance(e, ThinpoolError):
+                raise _annotated(e, f"layer {id} is left half-applied: {why}") from None
+            raise
+        if isinstance(e, ThinpoolError):
+            raise _annotated(e, f"layer {id} removed") from None
+        raise
 
 
 def _annotated(error: ThinpoolError, note: str) -> ThinpoolError:
@@ -142,8 +148,9 @@ def _annotated(error: ThinpoolError, note: str) -> ThinpoolError:
 
 
 def apply_diff(driver: GraphDriver, id: str, stream: BinaryIO) -> int:
+    path = driver.get(id)  # a missing layer is LayerNotFound, with nothing to discard
+
     def apply() -> int:
-        path = driver.get(id)
         try:
             return apply_layer(path, stream)
         finally:

@@ -20,7 +20,6 @@ two processes on one home do not hand out the same id).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -29,7 +28,7 @@ import struct
 
 from .driver import GraphError
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter runs on
 _libc.quotactl.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p]
 
 _PRJQUOTA = 2

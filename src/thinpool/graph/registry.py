@@ -24,9 +24,11 @@ tests.) ``new_driver(root, name, options)`` picks and initialises a driver on
    driver found".
 
 The priority is Docker 24's (``overlay2, fuse-overlayfs, btrfs, zfs,
-devicemapper, vfs``), restricted to what is registered. Docker 24 skips
-devicemapper in automatic selection as deprecated; thinpool's devicemapper
-is not deprecated, so it keeps its place.
+devicemapper, vfs``), restricted to what is registered. A driver registered
+with ``automatic=False`` is used when named or found as prior state, never
+picked in step 3: Docker 24 skips devicemapper there (as deprecated), and
+thinpool's devicemapper, which would create a 100 GB pool and a pool
+server, is only made on request too.
 """
 
 from __future__ import annotations
@@ -49,14 +51,17 @@ class Registry:
 
     def __init__(self) -> None:
         self._drivers: dict[str, InitFunc] = {}
+        self._explicit: set[str] = set()  # never picked automatically (step 3)
         self._lock = threading.Lock()
 
-    def register(self, name: str, init: InitFunc) -> None:
+    def register(self, name: str, init: InitFunc, automatic: bool = True) -> None:
         """Make driver ``name`` available; registering a name twice is a GraphError (as in Docker)."""
         with self._lock:
             if name in self._drivers:
                 raise GraphError(f"name already registered {name}")
             self._drivers[name] = init
+            if not automatic:
+                self._explicit.add(name)
 
     def registered(self) -> list[str]:
         """Registered names: those in the priority list in its order, then the others sorted."""
@@ -105,6 +110,8 @@ class Registry:
         os.makedirs(root, mode=0o711, exist_ok=True)
         reasons = []
         for candidate in self.registered():
+            if candidate in self._explicit:
+                continue
             try:
                 return self.init_driver(candidate, os.path.join(root, candidate), opts)
             except NotSupported as e:

@@ -93,9 +93,12 @@ def family_tree(pool: Pool) -> list[dict[str, Any]]:
     """
     from ..tools.ls import list_devices
 
-    if not pool.read_only:
-        pool.commit()
-    usage = {u.dev_id: u for u in list_devices(pool.meta_path)}
+    if pool.read_only:
+        usage = {u.dev_id: u for u in list_devices(pool.meta_path)}
+    else:
+        with pool.dp.quiesced():  # no commit rewrites blocks while they are read
+            pool.dp.commit_gated()
+            usage = {u.dev_id: u for u in list_devices(pool.meta_path)}
     vols = pool.list_volumes()
     bs = pool.block_size
     ids = {v.dev_id for v in vols}
