@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -315,15 +316,176 @@ def containerd_available() -> bool:
     return all(shutil.which(t) for t in ("containerd", "ctr", "runc"))
 
 
-def clean_tree(path: Path) -> None:
-    """After a test: stop pool servers left below ``path``, unmount what is mounted there,
-    remove it all."""
-    for state in path.glob("**/pool/server.json"):
-        subprocess.run([sys.executable, "-m", "thinpool.cli", "stop", "--force",
-                        str(state.parent)], capture_output=True, env=_env(), timeout=120)
-    for mp in sorted(mounts_under(path), key=len, reverse=True):
-        subprocess.run(["umount", "-l", mp], capture_output=True)
-    shutil.rmtree(path, ignore_errors=True)
+# -- scratch directories and what tests leave in them ---------------------------------------------
+OWNER = ".thinpool-test-owner"  # "PID STARTTIME" of the pytest that made the directory
+SCRATCH_PREFIXES = ("tps-", "tpc-", "ts-")
+_stale_swept = False
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A fresh short directory in /tmp (unix socket paths are limited to 107 bytes), marked
+    as this process's; the first call also cleans up the scratch directories of test runs
+    that were killed (their owner is gone) before they could clean up themselves."""
+    global _stale_swept
+    if not _stale_swept:
+        _stale_swept = True
+        for d in Path("/tmp").iterdir():
+            if d.name.startswith(SCRATCH_PREFIXES) and (d / OWNER).is_file():
+                try:
+                    pid, started = (d / OWNER).read_text().split()
+                except (OSError, ValueError):
+                    continue
+                if _start_time(int(pid)) != started:
+                    clean_tree(d)
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    (d / OWNER).write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
+    return d
+
+
+def scratch(request: Any, prefix: str) -> Iterator[Path]:
+    """The body of a test's scratch-directory fixture (``yield from scratch(request, "p-")``):
+    ``scratch_dir``, then ``clean_tree``; a test that passed but left anything behind fails
+    (at teardown, with the list of what had to be cleaned up)."""
+    d = scratch_dir(prefix)
+    yield d
+    done = clean_tree(d)
+    report = getattr(request.node, "rep_call", None)  # set by conftest's makereport hook
+    if done and report is not None and report.passed:
+        raise AssertionError("the test passed but left this behind (now cleaned up):\n"
+                             + "\n".join(done))
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + "/")
+
+
+def _processes_using(path: str) -> dict[int, list[str]]:
+    """pid -> argv of the processes (not this one) that name ``path`` (or below it) in their
+    command line, or have their working directory or root there."""
+    found: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        hit = any(_under(part, path) for arg in argv for part in
+                  [arg, *(x for sep in "=:," for x in arg.split(sep)[1:])])
+        for link in ("cwd", "root"):
+            try:
+                hit = hit or _under(os.readlink(f"/proc/{entry}/{link}"), path)
+            except OSError:
+                pass
+        if hit:
+            found[int(entry)] = argv
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    state = None
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")  # a zombie (say, a child of this process) is gone enough
+
+
+def _kill(pids: list[int], timeout: float = 30) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while any(not _gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _is_pool_server(argv: list[str]) -> bool:
+    """``python -m thinpool.cli serve DIR`` (not ``snapshotter serve``)."""
+    return "thinpool.cli" in argv and argv.index("thinpool.cli") + 1 < len(argv) - 1 and \
+        argv[argv.index("thinpool.cli") + 1] == "serve"
+
+
+def _loops_backed_under(path: str) -> list[str]:
+    out = []
+    for sysdir in sorted(Path("/sys/block").glob("loop*/loop")):
+        try:
+            backing = (sysdir / "backing_file").read_text().rstrip("\n")
+        except OSError:
+            continue
+        if _under(backing.removesuffix(" (deleted)"), path):
+            out.append(f"/dev/{sysdir.parent.name}")
+    return out
+
+
+def clean_tree(path: Path) -> list[str]:
+    """Take down whatever a test left running or mounted below ``path``, then remove it; one
+    line per thing that had to be done (nothing, after a test that cleaned up after itself).
+
+    In order: processes that use the tree other than pool servers (snapshotter servers,
+    containerd and its shims, containers, containerd's suite) are killed; each pool server
+    below is stopped (``thinpool stop --force``: its mounts undone, loop devices detached, FUSE
+    unmounted), killed if it will not stop, and what it left cleaned up; anything still mounted
+    below is unmounted (lazily, deepest first) and loop devices backed by files below are
+    detached.  The tree is removed only once nothing is mounted in it.
+    """
+    root = str(path)
+    done: list[str] = []
+    procs = _processes_using(root)
+    others = [p for p, argv in procs.items() if not _is_pool_server(argv)]
+    for pid in others:
+        done.append(f"killed pid {pid}: {' '.join(procs[pid])[:200]}")
+    _kill(others)
+    pools = {argv[argv.index("serve") + 1] for argv in procs.values() if _is_pool_server(argv)}
+    for top, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if not os.path.ismount(os.path.join(top, d))]
+        if "server.json" in files or ("pool.json" in files and ".fuse" in subdirs):
+            pools.add(top)
+    stop = [sys.executable, "-m", "thinpool.cli", "stop", "--force", "--timeout", "60"]
+    for directory in sorted(pools):
+        servers = [p for p, argv in _processes_using(directory).items() if _is_pool_server(argv)]
+        r = subprocess.run([*stop, directory], capture_output=True, text=True, env=_env(),
+                           timeout=180)
+        if servers or r.stderr.strip():
+            done.append(f"stopped the pool server of {directory}: {r.stderr.strip()}")
+        servers = [p for p in servers if not _gone(p)]
+        if servers:
+            done.append(f"killed pool server(s) {servers} of {directory}")
+            _kill(servers)
+            r = subprocess.run([*stop, directory], capture_output=True, text=True, env=_env(),
+                               timeout=180)
+            done.append(f"cleaned up after it: {r.stderr.strip()}")
+    for _ in range(5):
+        points = sorted(mounts_under(path), key=len, reverse=True)
+        if not points:
+            break
+        for mp in points:
+            subprocess.run(["umount", "-l", mp], capture_output=True)
+            done.append(f"unmounted {mp}")
+    for device in _loops_backed_under(root):
+        subprocess.run(["losetup", "-d", device], capture_output=True)
+        done.append(f"detached {device}")
+    if list(mounts_under(path)):
+        done.append(f"left {path} in place: still mounted there: {list(mounts_under(path))}")
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+    return done
 
 
 def mounts_under(path: Path) -> Iterator[str]:

@@ -16,15 +16,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from snapshotkit import REPO, have_root_and_fuse
+from snapshotkit import REPO, have_root_and_fuse, scratch
 
 SUBTESTS = ["Basic", "StatActive", "StatComitted", "TransitivityTest", "PreareViewFailingtest",
             "Update", "Remove", "Walk", "LayerFileupdate", "RemoveDirectoryInLowerLayer", "Chown",
@@ -55,10 +55,30 @@ def suite_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def short_tmpdir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="ts-", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+def short_tmpdir(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """The suite's TMPDIR (the snapshotters' sockets live below it: keep it short); what a
+    failed or killed run leaves there (snapshotters, pool servers, the suite's mounts) is taken
+    down afterwards."""
+    yield from scratch(request, "ts-")
+
+
+def run_suite(binary: Path, env: dict[str, str], timeout: float) -> tuple[int, str, str]:
+    """Run the suite binary in a process group of its own (with the snapshotters it starts);
+    the group is killed however this ends (a timeout, an interrupted pytest).  It runs in
+    ``TMPDIR``, so that a ``clean_tree`` of it finds the suite even after a killed pytest."""
+    proc = subprocess.Popen([str(binary), "-test.v", "-test.run", "TestThinpoolSnapshotter",
+                             "-test.timeout", f"{timeout:.0f}s"], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, cwd=env["TMPDIR"])  # cwd: see clean_tree
+    try:
+        out, err = proc.communicate(timeout=timeout + 60)
+        return proc.returncode, out, err
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 @pytest.mark.parametrize("driver", ["devicemapper", "overlay2", "vfs"])
@@ -73,12 +93,10 @@ def test_containerd_snapshotter_suite(suite_binary: Path, short_tmpdir: Path,
                                            if env.get("PYTHONPATH") else ""),
         "TMPDIR": str(short_tmpdir),  # the snapshotter's socket lives below it
     })
-    r = subprocess.run([str(suite_binary), "-test.v", "-test.run", "TestThinpoolSnapshotter",
-                        "-test.timeout", "20m"], env=env,
-                       capture_output=True, text=True, timeout=1500)
+    returncode, stdout, stderr = run_suite(suite_binary, env, timeout=900)
     results = {name: outcome for outcome, name in re.findall(
-        r"--- (PASS|FAIL|SKIP): TestThinpoolSnapshotter/(\S+)", r.stdout)}
+        r"--- (PASS|FAIL|SKIP): TestThinpoolSnapshotter/(\S+)", stdout)}
     failed = {k: v for k, v in results.items() if v != "PASS" and k != "Rename"}
-    assert r.returncode == 0 and not failed, (failed, r.stdout[-6000:], r.stderr[-2000:])
+    assert returncode == 0 and not failed, (failed, stdout[-6000:], stderr[-2000:])
     assert {k for k, v in results.items() if v == "PASS"} == set(SUBTESTS)
     assert results.get("Rename") == "SKIP"
