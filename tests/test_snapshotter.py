@@ -15,7 +15,6 @@ import random
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,7 +23,8 @@ from typing import Iterator
 import grpc
 import pytest
 
-from snapshotkit import Snapshotter, clean_tree, have_root_and_fuse, mount_all, mounts_under, umount
+from snapshotkit import (Snapshotter, have_root_and_fuse, mount_all, mounts_under, scratch,
+                         umount)
 from thinpool.snapshotter.proto import snapshots_pb2 as pb
 
 pytestmark = pytest.mark.skipif(not have_root_and_fuse(),
@@ -34,11 +34,10 @@ DRIVERS = ["devicemapper", "overlay2", "vfs"]
 
 
 @pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """A short directory (unix socket paths are limited to 107 bytes)."""
-    d = Path(tempfile.mkdtemp(prefix="tps-", dir="/tmp"))
-    yield d
-    clean_tree(d)
+def short_tmp(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A short directory (unix socket paths are limited to 107 bytes); whatever the test
+    leaves running or mounted there is taken down afterwards (see ``snapshotkit.scratch``)."""
+    yield from scratch(request, "tps-")
 
 
 def _code(fn, *args):  # type: ignore[no-untyped-def]
@@ -223,6 +222,92 @@ def test_cleanup_removes_directories_no_record_names(short_tmp: Path, driver: st
         assert sorted(os.listdir(root / "snapshots")) == [str(_records(root)["a"][0])]
     finally:
         sn.stop()
+
+
+# -- check -----------------------------------------------------------------------------------------
+def _check(root: Path, *extra: str, graph: bool = False) -> subprocess.CompletedProcess[str]:
+    cmd = ["graph", "--root", str(root), "check"] if graph else \
+        ["snapshotter", "check", "--root", str(root)]
+    return subprocess.run([sys.executable, "-m", "thinpool.cli", *cmd, *extra],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_check_finds_what_a_crash_or_a_leak_left_in_a_pool_and_repairs_it(short_tmp: Path
+                                                                            ) -> None:
+    import json
+
+    root = short_tmp / "r"
+    sn = Snapshotter(root).start()
+    try:
+        sn.prepare("a")
+        sn.commit("a-c", "a")
+        sn.prepare("b", "a-c")
+        sn.prepare("gone")
+        r = _check(root)
+        assert r.returncode == 1 and "in use by another snapshotter" in r.stderr
+    finally:
+        assert sn.stop() == 0
+    r = _check(root)
+    assert (r.returncode, r.stdout) == (0, "clean\n"), r.stderr
+    ids = {k: v[0] for k, v in _records(root).items()}
+    cli = [sys.executable, "-m", "thinpool.cli"]
+    subprocess.run([*cli, "create-thin", str(root / "pool"), "700", "--size", "16M"], check=True)
+    subprocess.run([*cli, "delete", str(root / "pool"), str(ids["gone"])], check=True)
+    db = sqlite3.connect(root / "snapshots.db")
+    db.execute("UPDATE snapshots SET state = 'creating' WHERE key = 'b'")  # a crash mid-Prepare
+    db.commit()
+    db.close()
+    expected = {f"snapshot b (#{ids['b']}): an interrupted creation (the next start rolls it "
+                "back)",
+                "thin device 700 belongs to no snapshot (Cleanup removes it)",
+                f"snapshot #{ids['gone']}: thin device {ids['gone']} is not in the pool"}
+    for graph in (False, True):  # 'thinpool graph check' on a snapshotter root: the same
+        r = _check(root, graph=graph)
+        assert r.returncode == 1, r.stderr
+        assert set(r.stdout.splitlines()) == {f"problem: {p}" for p in expected}
+    r = _check(root, "--repair", "--json")
+    assert r.returncode == 1, r.stderr  # a snapshot's lost device cannot be brought back
+    assert {(f["problem"], f["repaired"]) for f in json.loads(r.stdout)} == \
+        {(p, "is not in the pool" not in p) for p in expected}
+    sn.start()
+    try:
+        assert sn.names() == ["a-c", "gone"]
+        sn.remove("gone")  # what containerd's collector would do with it
+    finally:
+        assert sn.stop() == 0
+    r = _check(root)
+    assert (r.returncode, r.stdout) == (0, "clean\n"), r.stdout + r.stderr
+    assert _pool_devices(root) == {0, ids["a-c"]}
+    r = subprocess.run(["thin_check", str(root / "pool" / "metadata")], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_check_of_a_directory_backend_and_of_what_is_no_snapshotter_root(short_tmp: Path
+                                                                         ) -> None:
+    import shutil
+
+    root = short_tmp / "r"
+    sn = Snapshotter(root, "vfs").start()
+    sn.prepare("a")
+    sn.prepare("b")
+    assert sn.stop() == 0
+    ids = {k: v[0] for k, v in _records(root).items()}
+    shutil.rmtree(root / "snapshots" / str(ids["b"]))
+    (root / "snapshots" / "999" / "fs").mkdir(parents=True)
+    (root / "snapshots" / ".rm-998").mkdir()
+    r = _check(root, "--repair")
+    assert r.returncode == 1
+    assert sorted(r.stdout.splitlines()) == sorted([
+        f"problem: snapshot #{ids['b']}: its directory snapshots/{ids['b']} is missing",
+        "repaired: snapshots/999 belongs to no snapshot (Cleanup removes it)",
+        "repaired: snapshots/.rm-998: a removal left half done (Cleanup finishes it)"])
+    assert sorted(os.listdir(root / "snapshots")) == [str(ids["a"])]
+    r = _check(short_tmp)
+    assert r.returncode == 1 and "is not a thinpool snapshotter root" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = _check(short_tmp / "missing")
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
 
 
 # -- bad input --------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from .service import serve
 DRIVERS = ("devicemapper", "overlay2", "vfs")
 GRACE = 10.0
 LOCK = "lock"
+MARKER = "driver"  # ROOT/driver names the backend the root was made with
 
 
 class RootInUse(ThinpoolError):
@@ -62,7 +63,8 @@ def make_backend(driver: str, root: str, options: dict[str, str]) -> Backend:
     raise InvalidArgument(f"unknown snapshotter driver {driver!r} (one of {', '.join(DRIVERS)})")
 
 
-def _lock_root(root: str) -> int:
+def lock_root(root: str) -> int:
+    """Take ``ROOT/lock`` (one server per root) or raise ``RootInUse``; the fd that holds it."""
     fd = os.open(os.path.join(root, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -81,9 +83,9 @@ def open_snapshotter(root: str, driver: str, options: dict[str, str]) -> tuple[S
     root = os.path.abspath(root)
     backend = make_backend(driver, root, options)
     os.makedirs(root, mode=0o711, exist_ok=True)
-    lock = _lock_root(root)
+    lock = lock_root(root)
     try:
-        marker = os.path.join(root, "driver")
+        marker = os.path.join(root, MARKER)
         try:
             with open(marker, encoding="utf-8") as f:
                 recorded = f.read().strip()
