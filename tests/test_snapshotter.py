@@ -131,6 +131,38 @@ def test_mounts_of_active_and_view_snapshots(short_tmp: Path, driver: str) -> No
         sn.stop()
 
 
+def test_an_xfs_base_on_request_and_its_snapshots_mounted_side_by_side(short_tmp: Path) -> None:
+    """dm.fs=xfs: every snapshot shares the base's filesystem UUID, so the mounts carry
+    ``nouuid`` and two of them can be mounted at once."""
+    sn = Snapshotter(short_tmp / "r", options=("dm.basesize=512M", "dm.fs=xfs")).start()
+    try:
+        _write_layer(sn, "a", short_tmp / "w", {"f": b"xfs layer\n"})
+        sn.commit("a-c", "a")
+        top, view = sn.prepare("top", "a-c"), sn.view("v", "a-c")
+        assert (top[0].type, view[0].type) == ("xfs", "xfs")
+        assert "nouuid" in top[0].options and {"ro", "nouuid"} <= set(view[0].options)
+        t1, t2 = short_tmp / "t1", short_tmp / "t2"
+        t1.mkdir()
+        t2.mkdir()
+        mount_all(top, t1)
+        try:
+            mount_all(view, t2)
+            try:
+                (t1 / "g").write_bytes(b"top\n")
+                assert (t2 / "f").read_bytes() == b"xfs layer\n" and not (t2 / "g").exists()
+            finally:
+                umount(t2)
+        finally:
+            umount(t1)
+        sn.commit("top-c", "top")
+        assert _read_view(sn, "check", "top-c", short_tmp / "w", "g") == b"top\n"
+    finally:
+        assert sn.stop() == 0
+    r = subprocess.run(["thin_check", str(short_tmp / "r" / "pool" / "metadata")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 # -- Usage ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_usage_counts_a_layer_s_own_data(short_tmp: Path, driver: str) -> None:
@@ -374,6 +406,10 @@ def test_update_changes_labels_only(short_tmp: Path) -> None:
                                                                      labels={"x": "y"}))).info
         assert dict(after.labels) == {"x": "y"}
         assert dict(sn.stat("a").labels) == {"x": "y"}
+        sn.commit("a-c", "a", labels={"containerd.io/gc.root": "x", "empty": ""})
+        info = sn.stat("a-c")  # a commit's labels replace the active snapshot's; "" is none
+        assert (dict(info.labels), info.kind) == ({"containerd.io/gc.root": "x"}, pb.COMMITTED)
+        assert sn.names("labels.\"containerd.io/gc.root\"==x") == ["a-c"]
     finally:
         sn.stop()
 
