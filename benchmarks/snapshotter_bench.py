@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -83,9 +82,7 @@ def bench_config(config: str, image: Path, rounds: int, work: Path) -> tuple[flo
             ctr.stop()
             if sn is not None:
                 sn.stop()
-            for mp in sorted(K.mounts_under(base), key=len, reverse=True):
-                subprocess.run(["umount", "-l", mp], capture_output=True)
-            shutil.rmtree(base, ignore_errors=True)
+            K.clean_tree(base)
     return statistics.median(imports), statistics.median(runs)
 
 
@@ -102,7 +99,7 @@ def suite_binary(work: Path) -> Path:
 def layers_128(config: str, binary: Path, work: Path) -> float:
     """Seconds of the suite's 128LayersMount sub-test for one configuration."""
     kind, name = config.split(":")
-    tmp = Path(tempfile.mkdtemp(prefix="s128-", dir="/tmp"))
+    tmp = K.scratch_dir("ts-")
     env = dict(os.environ, TMPDIR=str(tmp),
                PYTHONPATH=os.path.join(REPO, "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if kind == "thinpool":
@@ -116,7 +113,7 @@ def layers_128(config: str, binary: Path, work: Path) -> float:
         r = subprocess.run([str(binary), "-test.v", "-test.run", f"{test}/128LayersMount$"],
                            env=env, capture_output=True, text=True, timeout=1800)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        K.clean_tree(tmp)
     m = re.search(r"--- PASS: \S+/128LayersMount \(([0-9.]+)s\)", r.stdout)
     if not m:
         raise SystemExit(f"{config}: 128LayersMount did not pass:\n{r.stdout[-3000:]}")
@@ -134,7 +131,7 @@ def main() -> None:
     if os.geteuid() != 0 or not K.containerd_available():
         raise SystemExit("needs root, containerd, ctr and runc")
     configs = args.configs.split(",")
-    work = Path(tempfile.mkdtemp(prefix="snapbench-", dir="/tmp"))
+    work = K.scratch_dir("tps-")
     try:
         image = work / "image.tar"
         info = K.busybox_image(image, REF, extra_layers=2, tree=args.tree)
@@ -157,7 +154,7 @@ def main() -> None:
         print(table(["configuration", "import s", "vs overlayfs", "run s", "vs overlayfs",
                      "128 layers s", "vs overlayfs"], rows))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        K.clean_tree(work)
 
 
 if __name__ == "__main__":
