@@ -101,7 +101,13 @@ class Snapshotter:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)  # thinpool dumps its threads' stacks
+            time.sleep(2)
+            raise RuntimeError(f"the snapshotter did not stop within {timeout:g} s:\n"
+                               + self.log.read_text(errors="replace")[-8000:]) from None
 
     def kill(self) -> None:
         """SIGKILL, as a crash."""

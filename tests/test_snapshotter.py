@@ -499,6 +499,29 @@ def test_socket_is_private(short_tmp: Path) -> None:
     assert not sn.socket.exists()  # removed on a clean stop
 
 
+def test_sigterm_delivered_to_any_thread_stops_the_server(short_tmp: Path) -> None:
+    """The kernel hands a process-directed signal to any thread that does not block it, often
+    one of gRPC's; the server must stop all the same (it once waited for ever)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    sys_tgkill = 234  # x86_64
+    for round_ in range(3):
+        sn = Snapshotter(short_tmp / "r", "vfs").start()
+        assert sn.proc is not None
+        sn.prepare(f"a{round_}")  # gRPC's threads are up
+        pid = sn.proc.pid
+        others = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+        assert others
+        target = others[round_ % len(others)]
+        assert libc.syscall(sys_tgkill, pid, target, 15) == 0, ctypes.get_errno()
+        try:
+            assert sn.proc.wait(30) == 0
+        finally:
+            if sn.proc.poll() is None:
+                sn.stop()
+
+
 # -- crashes ------------------------------------------------------------------------------------------
 def _workload(sn: Snapshotter, work: Path, committed: dict[str, bytes], stop: threading.Event,
               rng: random.Random) -> None:

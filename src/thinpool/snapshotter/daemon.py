@@ -106,17 +106,34 @@ def open_snapshotter(root: str, driver: str, options: dict[str, str]) -> tuple[S
         raise
 
 
+def _ignore(signum: int, frame: object) -> None:
+    """The Python-level handler of the stop signals: the wakeup fd did the work."""
+
+
+def _wait_for_stop(wake: int) -> None:
+    """Block until the wakeup fd ``wake`` reports SIGTERM or SIGINT."""
+    while True:
+        if any(b in (signal.SIGTERM, signal.SIGINT) for b in os.read(wake, 64)):
+            return
+
+
 def run(root: str, socket_path: str, driver: str, options: dict[str, str],
         ready: Callable[[str], None]) -> None:
     """Serve until SIGTERM or SIGINT (see the module docstring).
 
-    The signal handlers only write a byte to a pipe that this thread reads,
-    so nothing runs in the middle of anything.  SIGUSR1 dumps every thread's
-    stack to stderr (``faulthandler``), for a server that seems stuck.
+    The stop signals reach this thread through Python's wakeup fd, which the
+    interpreter's C-level handler writes from whichever thread the kernel
+    delivered the signal to (often one of gRPC's: a blocking read in this
+    thread is then not interrupted, and a handler of this thread's would never
+    run).  So this thread waits on the fd, nothing runs in the middle of
+    anything, and a signal that comes while the snapshotter is still opening
+    is acted on as soon as it is open.  SIGUSR1 dumps every thread's stack to
+    stderr (``faulthandler``), for a server that seems stuck.
     """
     wake_r, wake_w = os.pipe2(os.O_CLOEXEC)
-    old = {sig: signal.signal(sig, lambda *_: os.write(wake_w, b"."))
-           for sig in (signal.SIGTERM, signal.SIGINT)}
+    os.set_blocking(wake_w, False)
+    old = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGTERM, signal.SIGINT)}
+    old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         snapshotter, lock = open_snapshotter(root, driver, options)
@@ -124,7 +141,7 @@ def run(root: str, socket_path: str, driver: str, options: dict[str, str],
             server = serve(snapshotter, socket_path)
             try:
                 ready(os.path.abspath(socket_path))
-                os.read(wake_r, 1)
+                _wait_for_stop(wake_r)
             finally:
                 server.stop(GRACE).wait()
                 try:
@@ -136,6 +153,7 @@ def run(root: str, socket_path: str, driver: str, options: dict[str, str],
             os.close(lock)
     finally:
         faulthandler.unregister(signal.SIGUSR1)
+        signal.set_wakeup_fd(old_wakeup)
         for sig, handler in old.items():
             signal.signal(sig, handler)
         os.close(wake_r)
