@@ -6,8 +6,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 
@@ -111,3 +113,22 @@ def pytest_terminal_summary(terminalreporter) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _leaks and leakguard.MODE == "fail" and exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM (a CI timeout, ``timeout``, ``kill``) stops the run like Ctrl-C does, so that
+    fixtures still tear down: stop servers, unmount, detach loop devices."""
+    signal.signal(signal.SIGTERM, _terminate)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Each phase's report as ``item.rep_setup`` / ``rep_call`` / ``rep_teardown``, for fixtures
+    whose teardown depends on how the test went."""
+    outcome: Any = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)

@@ -1013,6 +1013,21 @@ def graph_diff_size(ctx: click.Context, layer_id: str, parent: str | None) -> No
     click.echo(_graph_driver(ctx).diff_size(layer_id, parent))
 
 
+def _report_findings(findings: list[Any], as_json: bool) -> None:
+    """Print check findings (``problem``, ``repaired``); exit 1 while any is unrepaired."""
+    import json
+
+    if as_json:
+        click.echo(json.dumps([{"problem": f.problem, "repaired": f.repaired} for f in findings]))
+    else:
+        for f in findings:
+            click.echo(("repaired: " if f.repaired else "problem: ") + f.problem)
+        if not findings:
+            click.echo("clean")
+    if any(not f.repaired for f in findings):
+        sys.exit(EXIT_FAILURE)
+
+
 @graph.command("check")
 @click.option("--repair", is_flag=True, help="Fix what can be fixed safely.")
 @click.option("--json", "as_json", is_flag=True)
@@ -1023,20 +1038,18 @@ def graph_check(ctx: click.Context, repair: bool, as_json: bool) -> None:
 
     For devicemapper: unclosed transactions, records without pool devices,
     pool devices no record names (leaked ids), devices awaiting deferred
-    deletion, stray mount points, and the pool's metadata itself.
+    deletion, stray mount points, and the pool's metadata itself.  A containerd
+    snapshotter's root (thinpool snapshotter serve --root) is checked as
+    'thinpool snapshotter check' does.
     """
-    import json
+    cfg = ctx.find_object(dict)
+    assert cfg is not None
+    if os.path.isfile(os.path.join(cfg["root"], "snapshots.db")):
+        from .snapshotter.check import check as check_snapshotter
 
-    findings = _graph_driver(ctx).check(repair=repair)
-    if as_json:
-        click.echo(json.dumps([{"problem": f.problem, "repaired": f.repaired} for f in findings]))
-    else:
-        for f in findings:
-            click.echo(("repaired: " if f.repaired else "problem: ") + f.problem)
-        if not findings:
-            click.echo("clean")
-    if any(not f.repaired for f in findings):
-        sys.exit(EXIT_FAILURE)
+        _report_findings(check_snapshotter(cfg["root"], repair=repair), as_json)
+        return
+    _report_findings(_graph_driver(ctx).check(repair=repair), as_json)
 
 
 @graph.command("cleanup")
@@ -1851,6 +1864,58 @@ def demo(directory: str | None, workdir: str | None) -> None:
     if directory and workdir and directory != workdir:
         raise click.UsageError("give the demo directory once (DIRECTORY or --dir)")
     run_demo(directory or workdir, click.echo)
+
+
+# -- containerd snapshotter (proxy plugin) --------------------------------------------------------
+@cli.group()
+def snapshotter() -> None:
+    """containerd's snapshot service over gRPC, for a proxy snapshotter plugin."""
+
+
+@snapshotter.command("serve")
+@click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False),
+              help="Unix socket to listen on (created mode 0600).")
+@click.option("--root", required=True, type=click.Path(file_okay=False),
+              help="Directory for the records and the storage (created if missing).")
+@click.option("--driver", type=click.Choice(["devicemapper", "overlay2", "vfs"]),
+              default="devicemapper", show_default=True, help="Where snapshots live.")
+@click.option("--storage-opt", "storage_opts", multiple=True, metavar="KEY=VALUE",
+              help="A backend option (repeatable), e.g. dm.basesize=20G.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every failed call and recovery step.")
+@_clean_errors
+def snapshotter_serve(socket_path: str, root: str, driver: str, storage_opts: tuple[str, ...],
+                      verbose: bool) -> None:
+    """Serve containerd.services.snapshots.v1.Snapshots on SOCKET until SIGTERM/SIGINT.
+
+    A crash is finished on the next start: half-made snapshots are removed,
+    interrupted removals completed.
+    """
+    from .snapshotter.daemon import parse_options, run
+
+    logging.getLogger("thinpool.snapshotter").setLevel(logging.INFO if verbose else
+                                                        logging.WARNING)
+    run(root, socket_path, driver, parse_options(storage_opts),
+        lambda path: click.echo(f"thinpool snapshotter ({driver}) serving {root} on {path}; "
+                                f"pid {os.getpid()}", err=True))
+
+
+@snapshotter.command("check")
+@click.option("--root", required=True, type=click.Path(file_okay=False, exists=True),
+              help="The snapshotter's root (it must not be serving).")
+@click.option("--repair", is_flag=True,
+              help="Finish interrupted changes and remove storage no record names.")
+@click.option("--json", "as_json", is_flag=True)
+@_clean_errors
+def snapshotter_check(root: str, repair: bool, as_json: bool) -> None:
+    """Check a stopped snapshotter's records against its storage (exit 1 while problems remain).
+
+    Interrupted creations and removals, records and pool transaction ids,
+    snapshots without storage, storage no snapshot names, the base device,
+    and (devicemapper) the pool's metadata itself.
+    """
+    from .snapshotter.check import check
+
+    _report_findings(check(root, repair=repair), as_json)
 
 
 if __name__ == "__main__":  # pragma: no cover

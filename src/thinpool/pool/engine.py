@@ -277,20 +277,32 @@ class Pool:
 
     # -- registry-tracked device changes ----------------------------------------------------
     def _device_change(self, change: Callable[[], None], kind: str, dev_id: int,
-                       record: VolumeRecord | None = None, quiesce: int | None = None) -> None:
+                       record: VolumeRecord | None = None, quiesce: int | None = None,
+                       transaction: tuple[int, int] | None = None) -> None:
         """Apply a metadata change and its registry line as one commit.
 
         Earlier writes commit first; then, with nothing changing mappings
         (and no I/O on ``quiesce``, a snapshot's origin), the change is made,
         its registry line synced, and the metadata committed: the commit
-        point of both (registry.py).  The transaction id is left alone: only
-        set_transaction_id changes it, as in the kernel.
+        point of both (registry.py).  The transaction id is left alone unless
+        ``transaction`` (old, new) asks to swap it in the same commit (what a
+        ``set_transaction_id`` message right after would do, in one commit).
         """
         self._require_writable()
         dp = self.dp
         with dp.quiesced(quiesce):
             dp.commit_gated()
             with dp.md_lock:
+                if transaction is not None:
+                    old, new = transaction
+                    if old != self.md.trans_id:
+                        raise DeviceError("EINVAL", f"transaction id mismatch: current is "
+                                                    f"{self.md.trans_id}, not {old}")
+
+                    def change_and_swap(change: Callable[[], None] = change) -> None:
+                        change()
+                        self.md.set_transaction_id(old, new)
+                    change = change_and_swap
                 self._change_metadata(change)
             self.registry.prepare(kind, dev_id, record)
             try:
@@ -349,12 +361,14 @@ class Pool:
         record = VolumeRecord(size or self._default_size(), name, origin, time.time())
         self._device_change(lambda: self.md.create_thin(dev_id), "create", dev_id, record)
 
-    def create_snap(self, dev_id: int, origin_id: int, name: str | None = None) -> None:
+    def create_snap(self, dev_id: int, origin_id: int, name: str | None = None,
+                    transaction: tuple[int, int] | None = None) -> None:
         """Snapshot ``origin_id`` as ``dev_id``; the registry records which volume it came from.
 
         Writes in flight on the origin finish first and new ones wait (the
         kernel's "suspend the origin"), so the snapshot holds every write
-        acknowledged before it.
+        acknowledged before it.  ``transaction`` (old, new) swaps the pool's
+        transaction id in the same commit.
         """
         check_device_id(dev_id)
         check_device_id(origin_id)
@@ -362,13 +376,16 @@ class Pool:
         parent = self.registry.volumes.get(origin_id) or VolumeRecord(self._default_size())
         record = VolumeRecord(parent.size, name, parent.origin, time.time(), origin_id)
         self._device_change(lambda: self.md.create_snap(dev_id, origin_id), "create", dev_id,
-                            record, quiesce=origin_id)
+                            record, quiesce=origin_id, transaction=transaction)
 
-    def delete(self, dev_id: int) -> None:
+    def delete(self, dev_id: int, transaction: tuple[int, int] | None = None) -> None:
+        """Delete thin device ``dev_id``; ``transaction`` (old, new) swaps the pool's
+        transaction id in the same commit."""
         check_device_id(dev_id)
         if self.dp.is_open(dev_id):
             raise DeviceError("EBUSY", f"thin device {dev_id} is open")
-        self._device_change(lambda: self.md.delete(dev_id), "delete", dev_id)
+        self._device_change(lambda: self.md.delete(dev_id), "delete", dev_id,
+                            transaction=transaction)
 
     def resize_volume(self, dev_id: int, size: int) -> None:
         """Grow a volume's virtual size (dm-thin keeps sizes in the thin table; the registry

@@ -118,19 +118,43 @@ def family_tree(pool: Pool) -> list[dict[str, Any]]:
     return roots
 
 
+def layer_usage(pool: Pool, args: Args, fds: list[int], cancelled: Cancelled) -> dict[str, Any]:
+    """Blocks each ``[dev, parent]`` of ``args["layers"]`` maps that its parent (or null)
+    does not map to the same data block, counted on a fresh commit."""
+    from ..tools.delta import own_blocks
+
+    pairs = [(int(dev), None if parent is None else int(parent))
+             for dev, parent in args["layers"]]
+    with pool.dp.quiesced():  # nothing commits while the committed trees are read
+        pool.dp.commit_gated()
+        counts = own_blocks(pool.meta_path, pairs)
+    return {"block_size": pool.block_size, "blocks": counts}
+
+
 def create_thin(pool: Pool, args: Args, fds: list[int], cancelled: Cancelled) -> dict[str, Any]:
     pool.create_thin(args["id"], size=args.get("size"), name=args.get("name"),
                      origin=args.get("origin"))
     return {}
 
 
+def _transaction(args: Args) -> tuple[int, int] | None:
+    """The optional ``transaction: [old, new]`` swap of a device change."""
+    t = args.get("transaction")
+    if t is None:
+        return None
+    if not (isinstance(t, list) and len(t) == 2 and all(type(x) is int and x >= 0 for x in t)):
+        raise CommandError(f"transaction must be [old, new] transaction ids, not {t!r}")
+    return t[0], t[1]
+
+
 def create_snap(pool: Pool, args: Args, fds: list[int], cancelled: Cancelled) -> dict[str, Any]:
-    pool.create_snap(args["id"], args["origin_id"], name=args.get("name"))
+    pool.create_snap(args["id"], args["origin_id"], name=args.get("name"),
+                     transaction=_transaction(args))
     return {}
 
 
 def delete(pool: Pool, args: Args, fds: list[int], cancelled: Cancelled) -> dict[str, Any]:
-    pool.delete(args["id"])
+    pool.delete(args["id"], transaction=_transaction(args))
     return {}
 
 
@@ -250,6 +274,7 @@ COMMANDS: dict[str, Command] = {
     "message": Command(message, True, 0),
     "status": Command(status, False, 0),
     "list": Command(list_volumes, False, 0),
+    "layer-usage": Command(layer_usage, False, 0),
     "create-thin": Command(create_thin, True, 0),
     "create-snap": Command(create_snap, True, 0),
     "delete": Command(delete, True, 0),

@@ -269,3 +269,40 @@ class _Emitter:
         if self.open is not None:
             self.out.write(f"    </{_TAGS[self.open]}>\n")
             self.open = None
+
+
+def own_blocks(metadata_path: str | os.PathLike[str],
+               pairs: list[tuple[int, int | None]]) -> list[int]:
+    """For each ``(dev, parent)``: how many blocks ``dev`` maps that ``parent`` does not map to
+    the same data block (``right_only`` plus ``different`` of a delta from parent to dev).
+
+    This is a layer's own space when ``dev`` was snapshotted from ``parent``;
+    ``parent`` None counts every mapped block.  A missing device raises
+    ``ThinpoolError``.
+    """
+    with MetadataReader(metadata_path) as reader:
+        roots = reader.mapping_roots()
+
+        def blocks(dev: int) -> tuple[np.ndarray, np.ndarray]:
+            if dev not in roots:
+                raise ThinpoolError(f"thin device {dev} does not exist")
+            parts = list(reader.mappings(roots[dev]))
+            if not parts:
+                return np.empty(0, np.uint64), np.empty(0, np.uint64)
+            return (np.concatenate([p[0] for p in parts]),
+                    np.concatenate([p[1] for p in parts]))
+
+        out = []
+        for dev, parent in pairs:
+            v, d = blocks(dev)
+            if parent is None or not len(v):
+                out.append(int(len(v)))
+                continue
+            pv, pd = blocks(parent)
+            if not len(pv):
+                out.append(int(len(v)))
+                continue
+            at = np.minimum(np.searchsorted(pv, v), len(pv) - 1)
+            same = (pv[at] == v) & (pd[at] == d)
+            out.append(int(len(v) - np.count_nonzero(same)))
+        return out
