@@ -362,8 +362,11 @@ def scratch(request: Any, prefix: str) -> Iterator[Path]:
     (at teardown, with the list of what had to be cleaned up)."""
     d = scratch_dir(prefix)
     yield d
-    done = clean_tree(d)
     report = getattr(request.node, "rep_call", None)  # set by conftest's makereport hook
+    if report is not None and report.failed:
+        for log in sorted(d.glob("*.log")) + sorted(d.glob("*/*.log")):
+            print(f"--- {log} (last 6000 bytes):\n{log.read_text(errors='replace')[-6000:]}")
+    done = clean_tree(d)
     if done and report is not None and report.passed:
         raise AssertionError("the test passed but left this behind (now cleaned up):\n"
                              + "\n".join(done))
