@@ -92,9 +92,10 @@ def _kernel_flag(name: str) -> bool:
         return False
 
 
-def _check_overlay(testdir: str) -> None:
-    """Mount an overlay with two lower directories in a scratch directory; NotSupported if it fails."""
-    scratch = tempfile.mkdtemp(prefix="check-overlayfs-support", dir=testdir)
+def check_overlay(testdir: str, prefix: str = "check-overlayfs-support") -> None:
+    """Mount an overlay with two lower directories in a scratch directory ``testdir/prefix*``
+    (removed afterwards); NotSupported if the kernel refuses it."""
+    scratch = tempfile.mkdtemp(prefix=prefix, dir=testdir)
     try:
         for sub in ("lower1", "lower2", "upper", "work", "merged"):
             os.mkdir(os.path.join(scratch, sub))
@@ -178,7 +179,7 @@ class Overlay2Driver(GraphDriver):
         self.backing_fs = mounts.fs_name(testdir)
         if self.backing_fs in _INCOMPATIBLE:
             raise IncompatibleFS(f"'overlay2' is not supported over {self.backing_fs}")
-        _check_overlay(testdir)
+        check_overlay(testdir)
         if not supports_d_type(testdir):
             raise NotSupported(
                 f"overlay2: the backing {self.backing_fs} filesystem is formatted without d_type support, which "

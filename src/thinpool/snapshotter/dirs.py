@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
-import tempfile
 
 from ..graph import mounts as sysmount
+from ..graph.driver import NotSupported
 from ..graph.fsutil import copy_tree, remove_tree
+from ..graph.overlay2 import check_overlay
 from .backend import Backend, Mount, Usage, disk_usage
 from .errors import FailedPrecondition, ResourceExhausted
 from .store import ACTIVE, VIEW, Record
@@ -158,23 +158,12 @@ class OverlayBackend(DirBackend):
 
     def _check_overlay(self) -> None:
         """Mount an overlay of two lower directories in a scratch directory, or refuse."""
-        scratch = tempfile.mkdtemp(prefix=".check-overlay-", dir=self.root)
         try:
-            for sub in ("l1", "l2", "upper", "work", "merged"):
-                os.mkdir(os.path.join(scratch, sub))
-            merged = os.path.join(scratch, "merged")
-            try:
-                sysmount.mount("overlay", merged, "overlay", 0,
-                               f"lowerdir={scratch}/l2:{scratch}/l1,upperdir={scratch}/upper,"
-                               f"workdir={scratch}/work")
-            except OSError as e:
-                raise FailedPrecondition(f"overlay2 backend: the kernel refuses an overlay mount "
-                                         f"on {self.root} ({e.strerror}); it needs overlayfs and "
-                                         "a root on a filesystem with d_type (ext4, xfs "
-                                         "ftype=1)") from None
-            sysmount.unmount(merged, sysmount.MNT_DETACH)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+            check_overlay(self.root, prefix=".check-overlay-")
+        except NotSupported as e:
+            raise FailedPrecondition(f"overlay2 backend: the kernel refuses an overlay mount on "
+                                     f"{self.root} ({e}); it needs overlayfs and a root on a "
+                                     "filesystem with d_type (ext4, xfs ftype=1)") from None
 
     def create(self, rec: Record, parents: list[Record]) -> None:
         self._make(rec)
