@@ -25,7 +25,7 @@ import pytest
 from archivetools import build_tar, dir_, hard, reg, snapshot, sym, ti
 from conftest import require_tool
 from leakguard import keep_for_session
-from thinpool.graph import mounts
+from thinpool.linux import mounts
 
 CAP_V2 = bytes([0, 0, 0, 2, 0x00, 0x04, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])  # cap_net_bind_service
 T0 = 1_600_000_000

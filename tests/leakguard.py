@@ -9,6 +9,10 @@ are torn down by then) and fails the session naming the module and what it left.
 
 Session-scoped fixtures that keep a mount on purpose register it with :func:`keep_for_session`.
 
+Servers are told apart from other test sessions' servers on the same machine by an
+environment variable that this session sets and every process it starts inherits
+(``THINPOOL_TEST_SESSION``): a session never reports or kills another session's servers.
+
 ``THINPOOL_TEST_LEAK_GUARD`` selects the mode: ``fail`` (default: report, clean up under
 /tmp - servers get SIGTERM, then SIGKILL - and fail the run), ``report`` (report only: for runs beside other test runs on the same
 machine, whose mounts come and go), ``off``.
@@ -28,6 +32,10 @@ MODE = os.environ.get("THINPOOL_TEST_LEAK_GUARD", "fail")
 """fail | report | off (see the module docstring)."""
 
 _kept: set[str] = set()
+
+SESSION = f"{os.getpid()}-{time.time_ns()}"
+os.environ["THINPOOL_TEST_SESSION"] = SESSION  # inherited by every process the tests start
+_SESSION_MARK = f"THINPOOL_TEST_SESSION={SESSION}".encode()
 
 
 def keep_for_session(*paths: str | os.PathLike[str]) -> None:
@@ -72,8 +80,15 @@ def _servers() -> set[tuple[int, str]]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if any(mark in arg for arg in argv[:4] for mark in SERVER_MARKS):
-            found.add((int(entry.name), b" ".join(argv).decode(errors="replace").strip()))
+        if not any(mark in arg for arg in argv[:4] for mark in SERVER_MARKS):
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                if _SESSION_MARK not in f.read().split(b"\0"):
+                    continue  # another session's (or nobody's) server
+        except OSError:
+            continue
+        found.add((int(entry.name), b" ".join(argv).decode(errors="replace").strip()))
     return found
 
 

@@ -27,8 +27,9 @@ from archivetools import needs_root
 from conftest import KERNEL_FIXTURES, require_tool
 from graphkit import base_layer, child_layer, unmount_tree
 from imagekit import docker_save, sha, tree_digest
-from thinpool.fuse import loop
-from thinpool.graph import mounts, registry
+from thinpool.linux import loop
+from thinpool.graph import registry
+from thinpool.linux import mounts
 from thinpool.images.digest import chain_ids
 from thinpool.images.dockerroot import DockerRoot
 from thinpool.images.errors import ImageError, NotFound

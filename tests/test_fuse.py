@@ -25,7 +25,8 @@ from typing import Iterator
 import pytest
 
 from thinpool.errors import DataPathError
-from thinpool.fuse import FileBusyError, FuseError, FuseMount, is_mounted, loop
+from thinpool.fuse import FileBusyError, FuseError, FuseMount, is_mounted
+from thinpool.linux import loop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fuse_file_export import FileExport  # noqa: E402
@@ -539,7 +540,7 @@ def test_mount_errors(kit: Kit, tmp_path: Path) -> None:
         m.start()
     with pytest.raises(FuseError, match="no valid size"):
         m.add_file("x", object())  # type: ignore[arg-type]
-    with pytest.raises(loop.LoopError, match="losetup"):
+    with pytest.raises(loop.LoopError, match="missing: No such file"):
         loop.attach(tmp_path / "missing")
     with pytest.raises(loop.LoopError, match="not a loop device"):
         loop.detach("/dev/sda")

@@ -16,7 +16,8 @@ import pytest
 
 from archivetools import needs_root
 from graphkit import base_layer, child_layer, driver_root, tar_names, tree, unmount_tree
-from thinpool.graph import mounts, registry
+from thinpool.graph import registry
+from thinpool.linux import mounts
 
 pytestmark = needs_root
 

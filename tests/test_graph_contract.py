@@ -22,7 +22,8 @@ from archivetools import needs_root
 from graphkit import (PASSWD1, TEST_OPTIONS, base_layer, btrfs_fs, build_tar, child_layer, dir_, driver_root,  # noqa: F401
                       hard, header_size_sum, reg, sym, tar_names, tar_of, tree, unmount_tree)
 from thinpool.archive import ArchiveError, ChangeKind, UnsafeArchiveError, apply_layer
-from thinpool.graph import mounts, registry
+from thinpool.graph import registry
+from thinpool.linux import mounts
 from thinpool.graph.driver import (BadOption, CreateOpts, GraphDriver, InvalidLayerId, LayerBusy,
                                    LayerExists, LayerNotFound, NotSupported)
 

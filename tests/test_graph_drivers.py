@@ -18,7 +18,8 @@ from conftest import require_tool
 from graphkit import (base_layer, btrfs_fs, build_tar, child_layer, loop_fs, reg, tar_names, tree,  # noqa: F401
                       unmount_tree, xfs_fs, xfs_pquota_fs)
 from thinpool.archive import ArchiveError
-from thinpool.graph import mounts, registry
+from thinpool.graph import registry
+from thinpool.linux import mounts
 from thinpool.graph.btrfs import BtrfsDriver
 from thinpool.graph.driver import (BadOption, CreateOpts, GraphError, IncompatibleFS, NotSupported,
                                    PrerequisitesMissing)

@@ -1761,13 +1761,14 @@ def umount_cmd(mountpoint: str) -> None:
     """Unmount a filesystem 'thinpool mount' mounted, and detach its volume."""
     from .server import control
     from .server.daemon import control_path
-    from .server.kernel import FUSE_DIR, mounts
+    from .linux.mounts import mountinfo
+    from .server.kernel import FUSE_DIR
 
     real = os.path.realpath(mountpoint)
-    sources = [src for _, mp, _, src in mounts() if mp == real]
+    sources = [e.source for e in mountinfo() if e.mountpoint == real]
     if not sources:
         raise click.ClickException(f"{mountpoint} is not a mount point")
-    from .fuse import loop
+    from .linux import loop
 
     backing = loop.backing_file(sources[-1]) if sources[-1].startswith("/dev/loop") else None
     fuse_dir = os.path.dirname(backing) if backing else ""

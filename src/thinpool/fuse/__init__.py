@@ -1,10 +1,10 @@
-"""Volumes as files on a FUSE mount, for ``losetup --direct-io=on``.
+"""Volumes as files on a FUSE mount, for loop devices with direct I/O.
 
 ``FuseMount`` serves ``Export`` objects (the NBD export's shape) as fixed-size
-files; ``loop`` attaches such files to loop devices. Pure Python over
-/dev/fuse: no libfuse. Layers: ``protocol`` (wire structures), ``session``
+files; ``thinpool.linux.loop`` attaches such files to loop devices. Pure Python
+over /dev/fuse: no libfuse. Layers: ``protocol`` (wire structures), ``session``
 (the filesystem as a request-in, reply-out state machine), ``mount`` (mount
-syscall and worker threads), ``loop`` (losetup and sysfs).
+syscall and worker threads).
 """
 
 from .backend import Export

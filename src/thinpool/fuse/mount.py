@@ -2,8 +2,8 @@
 
 ``FuseMount(mountpoint)`` mounts a directory of fixed-size files, one per
 ``Export`` (``add_file``/``remove_file``, also while mounted), so that
-``losetup --direct-io=on`` can turn each into a block device (see
-``thinpool.fuse.loop``). No libfuse: /dev/fuse is opened, mounted with
+a loop device with direct I/O can turn each into a block device (see
+``thinpool.linux.loop``). No libfuse: /dev/fuse is opened, mounted with
 mount(2) (type ``fuse.thinpool``, ``fd=N,rootmode=40000,user_id=,group_id=,
 default_permissions[,allow_other]``, nosuid, nodev), and ``threads`` worker
 threads each read requests from their own clone of the device fd
@@ -25,7 +25,6 @@ until someone unmounts it.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import logging
@@ -36,7 +35,8 @@ import threading
 import time
 from pathlib import Path
 
-from . import loop
+from ..linux import loop
+from ..linux.mounts import MNT_DETACH, MS_NODEV, MS_NOSUID, mount, mountinfo, unmount
 from . import protocol as P
 from .backend import Export
 from .session import Buffers, FileBusyError, FileEntry, FuseError, FuseSession
@@ -44,50 +44,13 @@ from .session import Buffers, FileBusyError, FileEntry, FuseError, FuseSession
 log = logging.getLogger("thinpool.fuse")
 
 FSTYPE = "fuse.thinpool"
-MS_NOSUID = 2
-MS_NODEV = 4
-MNT_DETACH = 2
 INIT_TIMEOUT = 10.0
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                        ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-
-
-def _mount(source: str, target: str, fstype: str, flags: int, data: str | None) -> None:
-    if _libc.mount(source.encode(), os.fsencode(target), fstype.encode(), flags,
-                   data.encode() if data is not None else None) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), target)
-
-
-def _umount(target: str, flags: int) -> None:
-    if _libc.umount2(os.fsencode(target), flags) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), target)
-
-
-def _unescape(field: str) -> str:
-    """A /proc/self/mountinfo path field, octal escapes decoded."""
-    return os.fsdecode(field.encode().decode("unicode_escape").encode("latin-1"))
-
-
-def _mounts() -> list[tuple[str, str, str]]:
-    """(major:minor, mount point, fs type) of every mount we can see, in mount order."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields, _, rest = line.partition(" - ")
-            parts = fields.split()
-            out.append((parts[2], _unescape(parts[4]), rest.split()[0]))
-    return out
 
 
 def is_mounted(mountpoint: str | os.PathLike[str]) -> bool:
     """Whether a thinpool FUSE filesystem is mounted at ``mountpoint``."""
     where = os.path.realpath(mountpoint)
-    return any(mp == where and t == FSTYPE for _, mp, t in _mounts())
+    return any(e.mountpoint == where and e.fstype == FSTYPE for e in mountinfo())
 
 
 class FuseMount:
@@ -129,7 +92,7 @@ class FuseMount:
         opts = (f"fd={fd},rootmode=40000,user_id={os.geteuid()},group_id={os.getegid()},"
                 f"default_permissions{',allow_other' if self.allow_other else ''}")
         try:
-            _mount("thinpool", self.mountpoint, FSTYPE, MS_NOSUID | MS_NODEV, opts)
+            mount("thinpool", self.mountpoint, FSTYPE, MS_NOSUID | MS_NODEV, opts)
         except OSError as e:
             self.stop()
             hint = " (needs root)" if e.errno == errno.EPERM else ""
@@ -174,8 +137,8 @@ class FuseMount:
 
         While the file is open (a loop device holds it, or a process), waits
         up to ``wait`` seconds for it to be closed, then raises
-        ``FileBusyError``. (After ``losetup -d`` the kernel closes the file
-        asynchronously: give it a moment.)
+        ``FileBusyError``. (After a loop device is detached the kernel closes
+        the file asynchronously: give it a moment.)
         """
         deadline = time.monotonic() + wait
         while True:
@@ -183,9 +146,10 @@ class FuseMount:
                 entry = self.session.remove_file(name)
                 break
             except FileBusyError:
-                if time.monotonic() >= deadline:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     raise
-                time.sleep(0.02)
+                self.session.wait_closed(name, left)
         if self._workers and not self._stopping:
             self._notify(P.notify_inval_entry(P.ROOT_ID, entry.bname))
         entry.close_export()
@@ -280,11 +244,11 @@ class FuseMount:
 
     def _connection_id(self) -> int | None:
         """The FUSE connection id: the kernel dev_t of our mount (from mountinfo)."""
-        found = [dev for dev, mp, t in _mounts() if mp == self.mountpoint and t == FSTYPE]
+        found = [e.device for e in mountinfo()
+                 if e.mountpoint == self.mountpoint and e.fstype == FSTYPE]
         if not found:
             return None
-        major, minor = (int(x) for x in found[-1].split(":"))
-        return (major << 20) | minor
+        return (os.major(found[-1]) << 20) | os.minor(found[-1])  # the kernel's MKDEV
 
     def _release_files(self, files: dict[str, FileEntry]) -> None:
         """Detach the loop devices on our files; wait up to ``grace`` for handles to close."""
@@ -302,7 +266,7 @@ class FuseMount:
 
     def _unmount(self, files: dict[str, FileEntry]) -> None:
         try:
-            _umount(self.mountpoint, 0)
+            unmount(self.mountpoint)
             return
         except OSError as e:
             if e.errno == errno.EINVAL:  # someone else unmounted it
@@ -314,7 +278,7 @@ class FuseMount:
         log.warning("fuse: %s still in use (open: %s); detaching lazily and aborting the "
                     "connection", self.mountpoint, ", ".join(busy) or "unknown")
         try:
-            _umount(self.mountpoint, MNT_DETACH)
+            unmount(self.mountpoint, MNT_DETACH)
         except OSError as e:
             log.error("fuse: lazy unmount of %s failed: %s", self.mountpoint, e.strerror)
         self._abort()
@@ -324,12 +288,12 @@ class FuseMount:
         every worker's read then fails with ENODEV."""
         if self._conn is None or not any(t.is_alive() for t in self._workers):
             return
-        ctl = [mp for _, mp, t in _mounts() if t == "fusectl"]
+        ctl = [e.mountpoint for e in mountinfo() if e.fstype == "fusectl"]
         tmp = None
         try:
             if not ctl:
                 tmp = tempfile.mkdtemp(prefix="thinpool-fusectl-")
-                _mount("fusectl", tmp, "fusectl", 0, None)
+                mount("fusectl", tmp, "fusectl")
                 ctl = [tmp]
             Path(ctl[0], str(self._conn), "abort").write_text("1")
         except OSError as e:
@@ -337,7 +301,7 @@ class FuseMount:
         finally:
             if tmp is not None:
                 try:
-                    _umount(tmp, MNT_DETACH)
+                    unmount(tmp, MNT_DETACH)
                 except OSError:
                     pass
                 try:

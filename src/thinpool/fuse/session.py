@@ -177,6 +177,7 @@ class FuseSession:
         self._next_node = itertools.count(P.ROOT_ID + 1)
         self._next_fh = itertools.count(1)
         self._table_lock = threading.Lock()
+        self._closed = threading.Condition()  # notified when a file's last handle is released
         self.kernel_minor = 0
         """The kernel's protocol minor version, once INIT arrived."""
         ops: dict[int, Handler] = {
@@ -252,6 +253,13 @@ class FuseSession:
             self._by_name = by_name  # name first: a name that can be seen has its node
             self._by_node = by_node
         return entry
+
+    def wait_closed(self, name: str, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until file ``name`` has no open handle (or is gone);
+        whether it has none."""
+        entry = self._by_name.get(_check_name(name))
+        with self._closed:
+            return self._closed.wait_for(lambda: entry is None or not entry.handles, timeout)
 
     def files(self) -> dict[str, FileEntry]:
         """The current files by name."""
@@ -399,6 +407,9 @@ class FuseSession:
                 log.exception("fuse: flushing %r on its last close failed", h.entry.name)
             finally:
                 h.entry.handles.discard(fh)
+                if not h.entry.handles:
+                    with self._closed:
+                        self._closed.notify_all()
         return self._ok(buf, unique)
 
     def _read(self, unique: int, nodeid: int, req: memoryview, n: int, buf: Buffers) -> Reply:

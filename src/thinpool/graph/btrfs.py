@@ -33,7 +33,7 @@ import struct
 from .driver import (BadOption, CreateOpts, GraphError, LayerBusy, LayerExists, LayerNotFound,
                      PrerequisitesMissing, check_id)
 from .fsutil import remove_tree, write_file
-from .mounts import FS_MAGIC_BTRFS, fs_magic, fs_name
+from ..linux.mounts import FS_MAGIC_BTRFS, fs_magic, fs_name
 from .naive import NaiveDiff
 from .options import parse_size, split_option
 from .refcount import KeyedLock, RefCounter

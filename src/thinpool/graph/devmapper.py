@@ -49,7 +49,7 @@ from ..server.daemon import control_path
 from ..unixsock import connect
 from .driver import (BadOption, CreateOpts, Finding, GraphError, InvalidLayerId, LayerBusy,
                      LayerExists, LayerNotFound, NotSupported, check_id)
-from .mounts import is_mountpoint
+from ..linux.mounts import is_mountpoint
 from .naive import NaiveDiff
 from .options import parse_size, split_option
 from .refcount import KeyedLock, RefCounter
@@ -217,12 +217,13 @@ class DevmapperDriver(NaiveDiff):
     def __init__(self, home: str, options: list[str]) -> None:
         super().__init__(home, options)
         self.opts = parse_options(options)
-        for tool in ("losetup", "mount", "blkid", f"mkfs.{self.opts.fs}"):
+        for tool in ("blkid", f"mkfs.{self.opts.fs}"):
             if shutil.which(tool) is None:
                 raise NotSupported(f"{tool} is not installed")
-        if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-            raise NotSupported("devicemapper on thinpool needs root and /dev/fuse (FUSE files "
-                               "on loop devices stand in for device-mapper)")
+        if os.geteuid() != 0 or not os.path.exists("/dev/fuse") or \
+                not os.path.exists("/dev/loop-control"):
+            raise NotSupported("devicemapper on thinpool needs root, /dev/fuse and loop devices "
+                               "(FUSE files on loop devices stand in for device-mapper)")
         os.makedirs(home, mode=0o700, exist_ok=True)
         self.meta_dir = os.path.join(home, "metadata")
         self.mnt_dir = os.path.join(home, "mnt")

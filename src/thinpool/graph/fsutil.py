@@ -32,7 +32,7 @@ import shutil
 import stat
 import tempfile
 
-from . import mounts
+from ..linux import mounts
 
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
 _READ_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

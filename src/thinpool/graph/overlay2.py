@@ -53,7 +53,8 @@ from collections import Counter
 from typing import BinaryIO, Iterator
 
 from ..archive import Change, apply_layer, export_overlay
-from . import mounts, naive
+from ..linux import mounts
+from . import naive
 from .driver import (BadOption, CreateOpts, GraphDriver, GraphError, IncompatibleFS, InvalidLayerId, LayerBusy,
                      LayerExists, LayerNotFound, NotSupported, check_id)
 from .fsutil import (clean_stale_staging, dir_size, remove_tree, staging_dir, supports_d_type, sync_dir,

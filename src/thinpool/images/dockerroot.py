@@ -47,9 +47,10 @@ import numpy as np
 from ..archive import changes as changes_dirs
 from ..archive import export_changes, export_tree
 from ..errors import DataPathError, ThinpoolError
-from ..fuse import FuseMount, loop
+from ..fuse import FuseMount
+from ..linux import loop
 from ..graph.driver import GraphDriver
-from ..graph.mounts import is_mountpoint, mount_entry
+from ..linux.mounts import is_mountpoint, mount_entry
 from ..thin.reader import MetadataReader, SalvageLog
 from .digest import chain_ids
 from .errors import ImageError, NotFound

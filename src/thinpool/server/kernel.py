@@ -17,6 +17,7 @@ Thread safety: one lock serializes attach, detach, mount and umount.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -28,8 +29,10 @@ from typing import Any, Callable, Iterator
 
 from ..errors import ThinpoolError
 from ..fuse import FuseMount
-from ..fuse import loop
 from ..fuse.session import FileBusyError
+from ..linux import fsprobe, loop
+from ..linux.mounts import (MNT_DETACH, mount, mount_options, mountinfo, mounts_of_device,
+                            unmount)
 from ..pool.engine import Pool
 from .exports import VolumeExport
 
@@ -45,43 +48,42 @@ class KernelError(ThinpoolError):
     pass
 
 
-def _unescape(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n") \
-        .replace("\\134", "\\")
-
-
-def mounts() -> list[tuple[int, str, str, str]]:
-    """(device number, mount point, filesystem type, source) of every mount, from mountinfo."""
-    out = []
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, rest = left.split(), right.split()
-            major, minor = (int(x) for x in fields[2].split(":"))
-            out.append((os.makedev(major, minor), _unescape(fields[4]), rest[0],
-                        _unescape(rest[1]) if len(rest) > 1 else ""))
-    return out
-
-
-def mounts_of(device: str) -> list[str]:
-    """Mount points of a block device (``/dev/loopN``)."""
-    try:
-        rdev = os.stat(device).st_rdev
-    except OSError:
-        return []
-    return [mp for dev, mp, _, _ in mounts() if dev == rdev]
-
-
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    if shutil.which(args[0]) is None:
-        raise KernelError(f"{args[0]} is not installed")
-    return subprocess.run(args, capture_output=True, text=True)
-
-
 def _umount(mountpoint: str, lazy: bool = False) -> None:
-    r = _run("umount", *(["-l"] if lazy else []), mountpoint)
-    if r.returncode != 0:
-        raise KernelError(f"umount {mountpoint}: {r.stderr.strip() or r.returncode}")
+    try:
+        unmount(mountpoint, MNT_DETACH if lazy else 0)
+    except OSError as e:
+        raise KernelError(f"umount {mountpoint}: {e.strerror}"
+                          + (" (something still uses it)" if e.errno == errno.EBUSY else "")) \
+            from None
+
+
+def _mount(device: str, mountpoint: str, fstype: str, options: list[str]) -> None:
+    """mount(2) as ``mount -t FSTYPE -o OPTIONS DEVICE MOUNTPOINT`` would make it."""
+    flags, data = mount_options(",".join(options))
+    try:
+        mount(device, mountpoint, fstype, flags, data)
+    except OSError as e:
+        if e.errno == errno.ENODEV and fstype in ("ext2", "ext3"):
+            _mount(device, mountpoint, "ext4", options)  # ext4 serves ext2/3 on this kernel
+            return
+        hint = " (a bad option, or a damaged filesystem: see dmesg)" \
+            if e.errno == errno.EINVAL else ""
+        raise KernelError(f"mount {device} {mountpoint}: {e.strerror}{hint}") from None
+
+
+def _filesystem(device: str) -> str:
+    """The filesystem on ``device`` ("" for none); blkid names what fsprobe does not know."""
+    try:
+        found = fsprobe.filesystem(device)
+    except OSError as e:
+        raise KernelError(f"reading {device}: {e.strerror}") from None
+    if found:
+        return found
+    if shutil.which("blkid") is None:
+        return ""
+    r = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", device],
+                       capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else ""
 
 
 class KernelDevices:
@@ -145,7 +147,7 @@ class KernelDevices:
             device = self.attached.get(dev_id)
             if device is None:
                 raise KernelError(f"volume {dev_id} is not attached")
-            where = mounts_of(device)
+            where = mounts_of_device(device)
             if where:
                 raise KernelError(f"{device} (volume {dev_id}) is mounted at {', '.join(where)}: "
                                   "unmount it first ('thinpool umount MOUNTPOINT')")
@@ -175,18 +177,20 @@ class KernelDevices:
             raise KernelError(f"{mountpoint} is already a mount point")
         with self._lock:
             attached_here = dev_id not in self.attached
-            if not attached_here and mounts_of(self.attached[dev_id]):
+            if not attached_here and mounts_of_device(self.attached[dev_id]):
                 raise KernelError(f"volume {dev_id} is already mounted at "
-                                  f"{', '.join(mounts_of(self.attached[dev_id]))}")
+                                  f"{', '.join(mounts_of_device(self.attached[dev_id]))}")
             device = self.attach(dev_id) if attached_here else self.attached[dev_id]
             try:
-                fstype = self._filesystem(device)
+                fstype = _filesystem(device)
                 if mkfs is not None:
                     if fstype and not force:
                         raise KernelError(f"volume {dev_id} already holds a {fstype} "
                                           "filesystem; pass --force to format it anyway")
-                    r = _run(f"mkfs.{mkfs}", *(["-F"] if mkfs == "ext4" else ["-f"]), "-q",
-                             device)
+                    if shutil.which(f"mkfs.{mkfs}") is None:
+                        raise KernelError(f"mkfs.{mkfs} is not installed")
+                    r = subprocess.run([f"mkfs.{mkfs}", "-F" if mkfs == "ext4" else "-f", "-q",
+                                        device], capture_output=True, text=True)
                     if r.returncode != 0:
                         raise KernelError(f"mkfs.{mkfs} {device}: {r.stderr.strip()}")
                     fstype = mkfs
@@ -196,10 +200,7 @@ class KernelDevices:
                 opts = [o for o in (options or "").split(",") if o]
                 if fstype == "xfs" and "nouuid" not in opts:
                     opts.append("nouuid")  # snapshots share the origin's UUID
-                r = _run("mount", "-t", fstype, *(["-o", ",".join(opts)] if opts else []),
-                         device, mountpoint)
-                if r.returncode != 0:
-                    raise KernelError(f"mount {device} {mountpoint}: {r.stderr.strip()}")
+                _mount(device, mountpoint, fstype, opts)
             except BaseException:
                 if attached_here and dev_id in self.attached:
                     self._detach(dev_id, self.attached[dev_id])
@@ -208,11 +209,6 @@ class KernelDevices:
                                         "fstype": fstype, "options": ",".join(opts)}
             self.on_change()
             return {"device": device, "mountpoint": mountpoint, "fstype": fstype}
-
-    @staticmethod
-    def _filesystem(device: str) -> str:
-        r = _run("blkid", "-p", "-o", "value", "-s", "TYPE", device)
-        return r.stdout.strip() if r.returncode == 0 else ""
 
     def umount(self, mountpoint: str) -> None:
         mountpoint = os.path.realpath(mountpoint)
@@ -224,7 +220,7 @@ class KernelDevices:
             _umount(mountpoint)
             del self.mounted[mountpoint]
             if entry["attached_here"] and entry["id"] in self.attached and \
-                    not mounts_of(self.attached[entry["id"]]):
+                    not mounts_of_device(self.attached[entry["id"]]):
                 self._detach(entry["id"], self.attached[entry["id"]])
             self.on_change()
 
@@ -237,7 +233,7 @@ class KernelDevices:
             yield
             return
         with ExitStack() as stack:
-            for mp in mounts_of(device):
+            for mp in mounts_of_device(device):
                 fd = os.open(mp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 stack.callback(os.close, fd)
                 fcntl.ioctl(fd, FIFREEZE, 0)
@@ -254,7 +250,7 @@ class KernelDevices:
         """Mounts of attached volumes that thinpool did not make."""
         out = []
         for dev_id, device in self.attached.items():
-            out += [f"{mp} (volume {dev_id}, {device})" for mp in mounts_of(device)
+            out += [f"{mp} (volume {dev_id}, {device})" for mp in mounts_of_device(device)
                     if mp not in self.mounted]
         return out
 
@@ -279,7 +275,7 @@ class KernelDevices:
                     log.warning("%s", e)
                 del self.mounted[mp]
             for dev_id, device in list(self.attached.items()):
-                for mp in mounts_of(device):
+                for mp in mounts_of_device(device):
                     _umount(mp, lazy=True)
                 try:
                     self._detach(dev_id, device)
@@ -295,9 +291,10 @@ def leftovers(directory: str, state: dict[str, Any] | None) -> dict[str, list[st
     """What a dead server left: its mounts, loop devices on its FUSE files, its FUSE mount."""
     fuse_dir = os.path.join(os.path.abspath(directory), FUSE_DIR)
     loops = _loops_on(fuse_dir)
-    fs_mounts = {mp for device in loops for mp in mounts_of(device)}
+    fs_mounts = {mp for device in loops for mp in mounts_of_device(device)}
     recorded = [mp for mp in (state or {}).get("mounts", {}) if mp in fs_mounts]
-    fuse = [mp for _, mp, fstype, _ in mounts() if mp == fuse_dir and fstype.startswith("fuse")]
+    fuse = [e.mountpoint for e in mountinfo()
+            if e.mountpoint == fuse_dir and e.fstype.startswith("fuse")]
     return {"mounts": recorded + sorted(fs_mounts - set(recorded)), "loops": loops, "fuse": fuse}
 
 

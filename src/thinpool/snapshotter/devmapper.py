@@ -66,13 +66,13 @@ import time
 from typing import Any
 
 from ..errors import ThinpoolError
-from ..graph import mounts as sysmount
+from ..linux import mounts as sysmount
 from ..pool.config import PoolConfig, parse_size
 from ..pool.engine import Pool
 from ..pool.registry import write_json_atomic
 from ..server import control
 from ..server.daemon import control_path, read_state
-from ..server.kernel import FIFREEZE, FITHAW, clean_up_leftovers, leftovers, mounts_of
+from ..server.kernel import FIFREEZE, FITHAW, clean_up_leftovers, leftovers
 from ..unixsock import connect
 from .backend import Backend, Mount, Usage
 from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
@@ -361,7 +361,7 @@ class DevmapperBackend(Backend):
 
     def check_idle(self, rec: Record) -> None:
         device = self._attached.get(rec.id)
-        where = mounts_of(device) if device else []
+        where = sysmount.mounts_of_device(device) if device else []
         if where:
             raise FailedPrecondition(f"snapshot {rec.key} ({device}) is mounted at "
                                      f"{', '.join(where)}; unmount it first")
@@ -373,7 +373,7 @@ class DevmapperBackend(Backend):
         mapping trees, and containerd seldom asks)."""
         with self._lock:
             device = self._attached.get(rec.id)
-            where = mounts_of(device) if device else []
+            where = sysmount.mounts_of_device(device) if device else []
             if where:
                 for mp in where:
                     _flush_filesystem(mp)
@@ -385,7 +385,7 @@ class DevmapperBackend(Backend):
         """Detach the devices of ``committed`` snapshots that nothing has mounted any more."""
         with self._lock:
             for sid in sorted(committed & set(self._attached)):
-                if not mounts_of(self._attached[sid]):
+                if not sysmount.mounts_of_device(self._attached[sid]):
                     self._detach(sid)
 
     def usage(self, rec: Record, parents: list[Record]) -> Usage:
@@ -397,7 +397,7 @@ class DevmapperBackend(Backend):
         with self._lock:
             if sid in self._attached:
                 device = self._attached[sid]
-                where = mounts_of(device)
+                where = sysmount.mounts_of_device(device)
                 if where:
                     raise FailedPrecondition(f"snapshot #{sid} ({device}) is mounted at "
                                              f"{', '.join(where)}; unmount it first")

@@ -28,7 +28,7 @@ from __future__ import annotations
 import errno
 import os
 
-from ..graph import mounts as sysmount
+from ..linux import mounts as sysmount
 from ..graph.driver import NotSupported
 from ..graph.fsutil import copy_tree, remove_tree
 from ..graph.overlay2 import check_overlay

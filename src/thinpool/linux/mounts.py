@@ -1,8 +1,9 @@
-"""Mounts for the graph drivers: mount(2), umount2(2), statfs(2) and /proc/self/mountinfo.
+"""Mounts: mount(2), umount2(2), statfs(2), mount options and /proc/self/mountinfo.
 
 Python's standard library has none of these calls; they are made through
-libc with ctypes. Failures are ``OSError`` with the errno (callers turn them
-into ``GraphError``s with their own context).
+libc with ctypes (no ``mount``/``umount`` processes: a fork and exec cost
+more than the mount itself). Failures are ``OSError`` with the errno;
+callers add their own context. Thread safe (no state).
 """
 
 from __future__ import annotations
@@ -14,9 +15,22 @@ import re
 from dataclasses import dataclass
 
 MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
 MS_BIND = 4096
 MS_REC = 16384
 MNT_DETACH = 2
+
+# mount(8)'s options that are mount(2) flags: name -> (flags set, flags cleared)
+_FLAG_OPTIONS: dict[str, tuple[int, int]] = {
+    "ro": (MS_RDONLY, 0), "rw": (0, MS_RDONLY), "nosuid": (MS_NOSUID, 0), "suid": (0, MS_NOSUID),
+    "nodev": (MS_NODEV, 0), "dev": (0, MS_NODEV), "noexec": (8, 0), "exec": (0, 8),
+    "sync": (16, 0), "async": (0, 16), "dirsync": (128, 0), "mand": (64, 0), "nomand": (0, 64),
+    "noatime": (1024, 0), "atime": (0, 1024), "nodiratime": (2048, 0), "diratime": (0, 2048),
+    "relatime": (1 << 21, 0), "norelatime": (0, 1 << 21), "strictatime": (1 << 24, 1024),
+    "lazytime": (1 << 25, 0), "nolazytime": (0, 1 << 25), "silent": (32768, 0),
+    "loud": (0, 32768), "defaults": (0, 0),
+}
 
 FS_MAGIC_BTRFS = 0x9123683E
 FS_MAGIC_OVERLAY = 0x794C7630
@@ -51,6 +65,23 @@ def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "")
         _raise(target)
 
 
+def mount_options(options: str) -> tuple[int, str]:
+    """mount(8)'s ``-o`` list as mount(2)'s flags and data, as mount(8) splits it.
+
+    Flag options (``ro``, ``nosuid``, ``noatime``, ...) become flags; the rest
+    (``discard``, ``nouuid``, ``context="..."``) is the filesystem's data, in
+    order. A comma inside double quotes does not split (SELinux contexts).
+    """
+    flags, data = 0, []
+    for option in re.findall(r'(?:[^,"]|"[^"]*")+', options):
+        known = _FLAG_OPTIONS.get(option)
+        if known is None:
+            data.append(option)
+        else:
+            flags = (flags | known[0]) & ~known[1]
+    return flags, ",".join(data)
+
+
 def unmount(target: str, flags: int = 0) -> None:
     """umount2(2); OSError on failure (EINVAL: not a mount point)."""
     if _libc.umount2(os.fsencode(target), flags) != 0:
@@ -77,6 +108,7 @@ class MountEntry:
 
     mount_id: int
     parent_id: int
+    device: int  # st_dev of the files on it (os.makedev of the major:minor field)
     root: str
     mountpoint: str
     options: str  # per-mount options (rw, nosuid, ...)
@@ -99,7 +131,9 @@ def mountinfo() -> list[MountEntry]:
         for line in f:
             fields = line.split()
             sep = fields.index("-", 6)
-            out.append(MountEntry(int(fields[0]), int(fields[1]), _unescape(fields[3]), _unescape(fields[4]),
+            major, minor = fields[2].split(":")
+            out.append(MountEntry(int(fields[0]), int(fields[1]), os.makedev(int(major), int(minor)),
+                                  _unescape(fields[3]), _unescape(fields[4]),
                                   fields[5], fields[sep + 1], _unescape(fields[sep + 2]),
                                   fields[sep + 3] if len(fields) > sep + 3 else ""))
     return out
@@ -118,6 +152,15 @@ def mount_entry(path: str) -> MountEntry | None:
 def is_mountpoint(path: str) -> bool:
     """Whether something is mounted exactly on ``path`` (per /proc/self/mountinfo)."""
     return mount_entry(path) is not None
+
+
+def mounts_of_device(device: str) -> list[str]:
+    """Mount points of the block device ``device`` (``/dev/loopN``), in mount order."""
+    try:
+        rdev = os.stat(device).st_rdev
+    except OSError:
+        return []
+    return [e.mountpoint for e in mountinfo() if e.device == rdev]
 
 
 def mounts_below(path: str) -> list[str]:
