@@ -49,7 +49,8 @@ from typing import Callable, ContextManager, Iterator
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _benchlib import median, table  # noqa: E402
 
-from thinpool.graph import mounts, registry  # noqa: E402
+from thinpool.graph import registry  # noqa: E402
+from thinpool.linux import mounts  # noqa: E402
 from thinpool.graph.driver import GraphDriver, NotSupported  # noqa: E402
 
 
