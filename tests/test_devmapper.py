@@ -126,6 +126,43 @@ def test_interrupted_create_is_rolled_back(drivers: Drivers) -> None:
     assert 777 not in ids and d2.exists("a")
 
 
+def test_interrupted_delete_is_finished_on_restart(drivers: Drivers) -> None:
+    d = drivers.new()
+    d.create("a", None)
+    d.create("b", "a")
+    home = drivers.home
+    tid = drivers.pool_call("status")["status"]["transaction_id"]
+    dev_b = record(home, "b")["device_id"]
+    # a crash inside a delete: the transaction is open and the record gone, the pool's delete
+    # (and with it the transaction id swap) never committed
+    (home / "metadata" / "transaction-metadata").write_text(json.dumps(
+        {"open_transaction_id": tid + 1, "device_hash": "b", "device_id": dev_b}))
+    (home / "metadata" / "b").unlink()
+    d.cleanup()
+    d2 = drivers.new()
+    assert not d2.exists("b") and d2.exists("a")
+    assert dev_b not in [v["dev_id"] for v in drivers.pool_call("list")["volumes"]]
+    d2.create("c", "a")  # the next transaction goes on from the pool's id
+    assert drivers.pool_call("status")["status"]["transaction_id"] == tid + 1
+
+
+def test_failed_delete_keeps_the_record_and_closes_the_transaction(drivers: Drivers) -> None:
+    d = drivers.new("dm.use_deferred_deletion=false")
+    d.create("a", None)
+    dev_a = record(drivers.home, "a")["device_id"]
+    drivers.pool_call("attach", id=dev_a)  # open behind the driver's back: the pool says EBUSY
+    try:
+        with pytest.raises(GraphError, match="Error deleting device a"):
+            d.remove("a")
+    finally:
+        drivers.pool_call("detach", target=str(dev_a))
+    assert record(drivers.home, "a")["device_id"] == dev_a and d.exists("a")
+    tid = drivers.pool_call("status")["status"]["transaction_id"]
+    assert record(drivers.home, "transaction-metadata")["open_transaction_id"] == tid
+    d.remove("a")
+    assert not d.exists("a") and not (drivers.home / "metadata" / "a").exists()
+
+
 def test_device_id_taken_behind_the_drivers_back_is_skipped(drivers: Drivers) -> None:
     d = drivers.new()
     nxt = d.next_device_id + 1

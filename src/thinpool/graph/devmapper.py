@@ -420,16 +420,29 @@ class DevmapperDriver(NaiveDiff):
         raise GraphError("devmapper: no free device id left (all 2^24 are in use)")
 
     def _create_device(self, hash: str, size: int, origin: DevInfo | None) -> DevInfo:
-        """A new thin device (a snapshot of ``origin``, or empty), registered, in one transaction."""
+        """A new thin device (a snapshot of ``origin``, or empty), registered, in one transaction.
+
+        Docker's records and transaction ids, in an order with one pool commit for a
+        snapshot: the open transaction, then the device's record, then ``create_snap``
+        with the transaction id swapped in the same commit. A crash before that commit
+        leaves the pool's transaction id behind the open one, and the next start rolls
+        the creation back (the record too); after it, everything is in place.
+        """
         dev_id = self._next_free_id()
         self._open_transaction(hash, dev_id)
         try:
             while True:
+                info = DevInfo(dev_id, size, self.open_transaction_id)
+                self.devices[hash] = info
+                self._save(hash)
                 try:
                     if origin is None:
                         self._call("create-thin", id=dev_id, size=size)
+                        self._close_transaction()
                     else:
-                        self._call("message", text=f"create_snap {dev_id} {origin.device_id}")
+                        self._call("create-snap", id=dev_id, origin_id=origin.device_id,
+                                   transaction=[self.transaction_id, self.open_transaction_id])
+                        self.transaction_id = self.open_transaction_id
                     break
                 except ThinpoolError as e:
                     if "EEXIST" not in str(e):
@@ -438,10 +451,6 @@ class DevmapperDriver(NaiveDiff):
                               "unused", dev_id)
                     dev_id = self._next_free_id()
                     self._open_transaction(hash, dev_id)
-            info = DevInfo(dev_id, size, self.open_transaction_id)
-            self.devices[hash] = info
-            self._save(hash)
-            self._close_transaction()
         except BaseException:
             self._used_ids.discard(dev_id)
             self.devices.pop(hash, None)
@@ -650,15 +659,27 @@ class DevmapperDriver(NaiveDiff):
                       if v["snapshot_of"] == dev_id and v["dev_id"] in by_id)
 
     def _delete_device(self, hash: str, sync: bool) -> None:
-        """Docker's DeleteDevice: a delete transaction; a busy device is marked deleted."""
+        """Docker's DeleteDevice: a delete transaction; a busy device is marked deleted.
+
+        One pool commit: the record goes first, then ``delete`` with the transaction id
+        swapped in the same commit. A crash between the two leaves the pool's transaction
+        id behind the open one, and the next start finishes the deletion (Docker's
+        rollback deletes the device). A failed delete puts the record back and closes the
+        transaction, as Docker always does.
+        """
         info = self.devices[hash]
         if self.opts.blkdiscard:
             self._discard_unused(info)
         self._open_transaction(hash, info.device_id)
+        os.unlink(self._record_path(hash))
         try:
-            self._call("message", text=f"delete {info.device_id}")
+            self._call("delete", id=info.device_id,
+                       transaction=[self.transaction_id, self.open_transaction_id])
+            self.transaction_id = self.open_transaction_id
         except ThinpoolError as e:
             if "ENODATA" not in str(e):
+                self._save(hash)
+                self._close_transaction()
                 if "EBUSY" in str(e) and self.opts.deferred_deletion and not sync:
                     if not info.deleted:
                         info.deleted = True
@@ -666,10 +687,9 @@ class DevmapperDriver(NaiveDiff):
                     return
                 raise GraphError(f"devmapper: Error deleting device {hash or 'base'}: {e}") \
                     from None
+            self._close_transaction()
         del self.devices[hash]
-        os.unlink(self._record_path(hash))
         self._used_ids.discard(info.device_id)
-        self._close_transaction()
 
     def _discard_unused(self, info: DevInfo) -> None:
         """Docker's issueDiscard (``dm.blkdiscard``): unless the device is open, discard all
