@@ -701,7 +701,8 @@ class DevmapperDriver(NaiveDiff):
         if str(info.device_id) in self._call("server-info").get("attached", {}):
             return  # open: the delete will be refused (and deferred) anyway
         try:
-            self._call("discard", id=info.device_id, offset=0, length=info.size)
+            # not synced on its own: the delete's commit right after carries it
+            self._call("discard", id=info.device_id, offset=0, length=info.size, sync=False)
         except ThinpoolError as e:
             log.warning("devmapper: discarding device %d before deleting it: %s",
                         info.device_id, e)

@@ -256,9 +256,16 @@ def write(pool: Pool, args: Args, fds: list[int], cancelled: Cancelled) -> dict[
 
 
 def discard(pool: Pool, args: Args, fds: list[int], cancelled: Cancelled) -> dict[str, Any]:
+    """Unmap the whole blocks of a range; durable on return unless ``sync`` is false (then
+    the next commit carries it: for a caller whose next step commits anyway, such as
+    Docker's discard before a delete)."""
+    sync = args.get("sync", True)
+    if not isinstance(sync, bool):
+        raise CommandError(f"sync must be true or false, not {sync!r}")
     with pool.volume(args["id"]) as vol:
         vol.trim(args["offset"], args["length"])
-        vol.flush()
+        if sync:
+            vol.flush()
     return {}
 
 
