@@ -34,9 +34,8 @@ from .driver import (BadOption, CreateOpts, GraphError, LayerBusy, LayerExists, 
                      PrerequisitesMissing, check_id)
 from .fsutil import remove_tree, write_file
 from ..linux.mounts import FS_MAGIC_BTRFS, fs_magic, fs_name
-from .naive import NaiveDiff
+from .naive import DirectoryLayers
 from .options import parse_size, split_option
-from .refcount import KeyedLock, RefCounter
 from .registry import register
 
 _MAGIC = 0x94
@@ -145,7 +144,7 @@ def _human(size: int) -> str:
     raise AssertionError("unreachable")
 
 
-class BtrfsDriver(NaiveDiff):
+class BtrfsDriver(DirectoryLayers):
     name = "btrfs"
 
     def __init__(self, home: str, options: list[str]) -> None:
@@ -168,8 +167,6 @@ class BtrfsDriver(NaiveDiff):
         self.quotas = os.path.join(home, "quotas")
         os.makedirs(home, mode=0o710, exist_ok=True)
         os.makedirs(self.subvolumes, mode=0o710, exist_ok=True)
-        self._locks = KeyedLock()
-        self._holds = RefCounter(lambda path: False)
         if quota:
             self._enable_quota()
 
@@ -291,31 +288,6 @@ class BtrfsDriver(NaiveDiff):
             if children:
                 raise LayerBusy(f"layer {id} has child layers: {', '.join(children)}")
             self._destroy(id)
-
-    # -- get / put -------------------------------------------------------------------------------
-    def get(self, id: str, mount_label: str = "") -> str:
-        check_id(id)
-        with self._locks.hold(id):
-            path = self.dir(id)
-            if not os.path.isdir(path):
-                raise LayerNotFound(f"layer {id} does not exist")
-            self._holds.increment(path)
-            return path
-
-    def put(self, id: str) -> None:
-        check_id(id)
-        with self._locks.hold(id):
-            path = self.dir(id)
-            if not os.path.isdir(path):
-                raise LayerNotFound(f"layer {id} does not exist")
-            self._holds.decrement(path)
-
-    def exists(self, id: str) -> bool:
-        try:
-            check_id(id)
-        except GraphError:
-            return False
-        return os.path.isdir(self.dir(id))
 
     # -- information -------------------------------------------------------------------------------
     def status(self) -> list[tuple[str, str]]:

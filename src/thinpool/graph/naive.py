@@ -27,12 +27,14 @@ error says so and the layer stays as it is.
 
 from __future__ import annotations
 
+import os
 from typing import BinaryIO, Callable, Iterator
 
 from ..archive import Change, apply_layer, changes_size, export_changes, export_tree
 from ..archive import changes as changes_dirs
 from ..errors import ThinpoolError
-from .driver import GraphDriver, GraphError
+from .driver import GraphDriver, GraphError, LayerNotFound, check_id
+from .refcount import KeyedLock, RefCounter
 
 
 class LayerStream(Iterator[bytes]):
@@ -174,5 +176,46 @@ class NaiveDiff(GraphDriver):
         return diff_size(self, id, parent)
 
 
-__all__ = ["GraphError", "LayerStream", "NaiveDiff", "apply_diff", "apply_or_discard", "changes", "diff",
+class DirectoryLayers(NaiveDiff):
+    """A naive-diff driver whose layers are plain directories (vfs, btrfs subvolumes).
+
+    ``get`` hands out the layer's directory itself and ``get``/``put`` only
+    count holds (nothing is mounted); subclasses say where a layer lives
+    (``dir``). Thread safe: one lock per layer id.
+    """
+
+    def __init__(self, home: str, options: list[str]) -> None:
+        super().__init__(home, options)
+        self._locks = KeyedLock()
+        self._holds = RefCounter(lambda path: False)
+
+    def dir(self, id: str) -> str:
+        raise NotImplementedError
+
+    def get(self, id: str, mount_label: str = "") -> str:
+        check_id(id)
+        with self._locks.hold(id):
+            path = self.dir(id)
+            if not os.path.isdir(path):
+                raise LayerNotFound(f"layer {id} does not exist")
+            self._holds.increment(path)
+            return path
+
+    def put(self, id: str) -> None:
+        check_id(id)
+        with self._locks.hold(id):
+            path = self.dir(id)
+            if not os.path.isdir(path):
+                raise LayerNotFound(f"layer {id} does not exist")
+            self._holds.decrement(path)
+
+    def exists(self, id: str) -> bool:
+        try:
+            check_id(id)
+        except GraphError:
+            return False
+        return os.path.isdir(self.dir(id))
+
+
+__all__ = ["DirectoryLayers", "GraphError", "LayerStream", "NaiveDiff", "apply_diff", "apply_or_discard", "changes", "diff",
            "diff_size"]

@@ -25,14 +25,13 @@ import os
 
 from .driver import BadOption, CreateOpts, GraphError, LayerBusy, LayerExists, LayerNotFound, check_id
 from .fsutil import clean_stale_staging, copy_tree, remove_tree, staging_dir, sync_dir, write_file
-from .naive import NaiveDiff
+from .naive import DirectoryLayers
 from .options import parse_size, split_option
 from .quota import ProjectQuota, QuotaNotSupported
-from .refcount import KeyedLock, RefCounter
 from .registry import register
 
 
-class VfsDriver(NaiveDiff):
+class VfsDriver(DirectoryLayers):
     name = "vfs"
 
     def __init__(self, home: str, options: list[str]) -> None:
@@ -57,8 +56,6 @@ class VfsDriver(NaiveDiff):
                                 f"{QuotaNotSupported.MESSAGE}") from None
         self.default_size = size
         clean_stale_staging(self.dirs)
-        self._locks = KeyedLock()
-        self._holds = RefCounter(lambda path: False)
 
     def dir(self, id: str) -> str:
         return os.path.join(self.dirs, id)
@@ -142,31 +139,6 @@ class VfsDriver(NaiveDiff):
             except FileNotFoundError:
                 continue
         return out
-
-    # -- get / put -----------------------------------------------------------------------------
-    def get(self, id: str, mount_label: str = "") -> str:
-        check_id(id)
-        with self._locks.hold(id):
-            path = self.dir(id)
-            if not os.path.isdir(path):
-                raise LayerNotFound(f"layer {id} does not exist")
-            self._holds.increment(path)
-            return path
-
-    def put(self, id: str) -> None:
-        check_id(id)
-        with self._locks.hold(id):
-            path = self.dir(id)
-            if not os.path.isdir(path):
-                raise LayerNotFound(f"layer {id} does not exist")
-            self._holds.decrement(path)
-
-    def exists(self, id: str) -> bool:
-        try:
-            check_id(id)
-        except GraphError:
-            return False
-        return os.path.isdir(self.dir(id))
 
     # -- information -----------------------------------------------------------------------------
     def status(self) -> list[tuple[str, str]]:
