@@ -55,9 +55,12 @@ def _no_space(e: OSError, what: str) -> Exception:
 
 
 class DirBackend(Backend):
-    """Shared layout and life cycle of the directory backends."""
+    """Shared layout and life cycle of the directory backends (which take no options)."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, options: dict[str, str]) -> None:
+        if options:
+            raise FailedPrecondition(f"the {self.name} backend takes no storage options (got "
+                                     f"{', '.join(sorted(options))})")
         self.root = root
         self.dir = os.path.join(root, SNAPSHOTS)
 
@@ -139,10 +142,7 @@ class OverlayBackend(DirBackend):
     name = "overlay2"
 
     def __init__(self, root: str, options: dict[str, str]) -> None:
-        super().__init__(root)
-        if options:
-            raise FailedPrecondition(f"the overlay2 backend takes no storage options (got "
-                                     f"{', '.join(sorted(options))})")
+        super().__init__(root, options)
         self.base_options: tuple[str, ...] = ()
 
     def open(self, transaction: int | None) -> int | None:
@@ -190,12 +190,6 @@ class VfsBackend(DirBackend):
     """``vfs``: a full copy per snapshot (see the module docstring)."""
 
     name = "vfs"
-
-    def __init__(self, root: str, options: dict[str, str]) -> None:
-        super().__init__(root)
-        if options:
-            raise FailedPrecondition(f"the vfs backend takes no storage options (got "
-                                     f"{', '.join(sorted(options))})")
 
     def create(self, rec: Record, parents: list[Record]) -> None:
         fs = self._make(rec)
