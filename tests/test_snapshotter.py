@@ -474,6 +474,11 @@ def test_serve_refuses_bad_options_a_busy_root_and_another_driver(short_tmp: Pat
     r = subprocess.run([*cli, "--socket", sock, "--root", str(short_tmp / "r"), "--driver",
                         "vfs", "--storage-opt", "novalue"], capture_output=True, text=True)
     assert r.returncode == 1 and "KEY=VALUE" in r.stderr
+    for driver in ("vfs", "overlay2"):
+        r = subprocess.run([*cli, "--socket", sock, "--root", str(short_tmp / "r"), "--driver",
+                            driver, "--storage-opt", "size=1G"], capture_output=True, text=True)
+        assert r.returncode == 1 and f"the {driver} backend takes no storage options (got size)" \
+            in r.stderr, r.stderr
     sn = Snapshotter(short_tmp / "r", "vfs").start()
     try:
         r = subprocess.run([*cli, "--socket", sock, "--root", str(short_tmp / "r"), "--driver",
