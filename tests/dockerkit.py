@@ -41,7 +41,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+if TYPE_CHECKING:
+    import pytest
 
 DOCKERD = "/usr/sbin/dockerd"
 DOCKER = "/usr/bin/docker"   # not /usr/local/bin/docker: a newer client may live there
@@ -327,6 +330,25 @@ def unique_plugin_name(prefix: str = "thinpool-test") -> str:
 def short_tmp(prefix: str = "dk") -> Path:
     """A fresh directory with a short path (unix socket paths are limited to 107 bytes)."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+@contextlib.contextmanager
+def scratch(prefix: str) -> Iterator[Path]:
+    """A ``short_tmp`` directory; afterwards the pool servers under it are stopped, its
+    mounts undone and it is deleted (also when the test fails)."""
+    path = short_tmp(prefix)
+    try:
+        yield path
+    finally:
+        stop_pool_servers(path)
+        unmount_under(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def busybox_image_for(tmp_path_factory: pytest.TempPathFactory) -> TestImage:
+    """The test busybox image for a module (skips without a docker client)."""
+    require_docker()
+    return build_busybox_image(tmp_path_factory.mktemp("image") / "busybox.tar")
 
 
 def unix_http(path: str | os.PathLike[str], request: bytes, timeout: float = 10.0) -> bytes:

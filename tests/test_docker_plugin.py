@@ -52,20 +52,13 @@ def dockerd_base(driver: str, base: Path) -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> K.TestImage:
-    K.require_docker()
-    return K.build_busybox_image(tmp_path_factory.mktemp("image") / "busybox.tar")
+    return K.busybox_image_for(tmp_path_factory)
 
 
 @pytest.fixture
 def base() -> Iterator[Path]:
-    path = K.short_tmp("dp")
-    try:
+    with K.scratch("dp") as path:
         yield path
-    finally:
-        K.stop_pool_servers(path)
-        K.unmount_under(path)
-        import shutil
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def run_workload(d: K.Dockerd, image: K.TestImage, out: Path) -> dict:
@@ -106,15 +99,13 @@ def commit_listing(layer: bytes) -> dict[str, tuple]:
 @pytest.fixture(scope="module")
 def reference(image: K.TestImage) -> dict:
     """The workload on dockerd's built-in vfs driver."""
-    base = K.short_tmp("dref")
-    d = K.Dockerd(base / "d", "vfs")
-    try:
-        d.start()
-        return run_workload(d, image, base)
-    finally:
-        d.cleanup()
-        import shutil
-        shutil.rmtree(base, ignore_errors=True)
+    with K.scratch("dref") as base:
+        d = K.Dockerd(base / "d", "vfs")
+        try:
+            d.start()
+            return run_workload(d, image, base)
+        finally:
+            d.cleanup()
 
 
 @pytest.mark.parametrize("driver", plugin_drivers())

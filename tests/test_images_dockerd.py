@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,18 +42,13 @@ def thinpool(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> K.TestImage:
-    K.require_docker()
-    return K.build_busybox_image(tmp_path_factory.mktemp("image") / "busybox.tar")
+    return K.busybox_image_for(tmp_path_factory)
 
 
 @pytest.fixture
 def base() -> Iterator[Path]:
-    path = K.short_tmp("di")
-    try:
+    with K.scratch("di") as path:
         yield path
-    finally:
-        K.unmount_under(path)
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def test_dockerd_devicemapper_root_read_offline_and_migrated(image: K.TestImage, base: Path) -> None:
