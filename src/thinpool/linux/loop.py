@@ -22,6 +22,7 @@ import errno
 import fcntl
 import os
 import re
+import stat
 import struct
 from pathlib import Path
 
@@ -69,6 +70,23 @@ def _free_device(path: str) -> int:
         os.close(ctl)
 
 
+def _open_device(device: str, access: int) -> int:
+    """Open ``/dev/loopN``, making its node from sysfs where /dev has none (a /dev without
+    devtmpfs, as in some containers: what losetup does there too)."""
+    try:
+        return os.open(device, access | os.O_CLOEXEC)
+    except FileNotFoundError:
+        try:
+            major, minor = (SYS_BLOCK / device[5:] / "dev").read_text().strip().split(":")
+            os.mknod(device, stat.S_IFBLK | 0o660, os.makedev(int(major), int(minor)))
+            return os.open(device, access | os.O_CLOEXEC)
+        except (OSError, ValueError) as e:
+            raise LoopError(f"{device} has no device node and none could be made: {e}") \
+                from None
+    except OSError as e:
+        raise LoopError(f"{device}: {e.strerror}") from None
+
+
 def attach(path: str | os.PathLike[str], *, read_only: bool = False) -> str:
     """Attach ``path`` to a free loop device with direct I/O on; its path.
 
@@ -88,10 +106,7 @@ def attach(path: str | os.PathLike[str], *, read_only: bool = False) -> str:
             os.fsencode(path)[:63], b"", b"", 0, 0, *[0] * 8)
         for _ in range(_ATTEMPTS):
             device = f"/dev/loop{_free_device(path)}"
-            try:
-                fd = os.open(device, access | os.O_CLOEXEC)
-            except OSError as e:
-                raise LoopError(f"attaching {path}: {device}: {e.strerror}") from None
+            fd = _open_device(device, access)
             try:
                 fcntl.ioctl(fd, LOOP_CONFIGURE, config)
             except OSError as e:
