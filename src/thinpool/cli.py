@@ -1162,7 +1162,7 @@ def _write_tar_to(chunks: Any, output: str, root: str) -> None:
 
 
 def _human(n: int) -> str:
-    from .graph.devmapper import human_size
+    from .graph.options import human_size
 
     return human_size(n)
 

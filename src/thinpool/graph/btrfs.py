@@ -37,7 +37,6 @@ from .mounts import FS_MAGIC_BTRFS, fs_magic, fs_name
 from .naive import NaiveDiff
 from .options import parse_size, split_option
 from .refcount import KeyedLock, RefCounter
-from .registry import register
 
 _MAGIC = 0x94
 _VOL_ARGS = 4096  # struct btrfs_ioctl_vol_args / _v2
@@ -328,6 +327,3 @@ class BtrfsDriver(NaiveDiff):
 
     def cleanup(self) -> None:
         """Nothing is mounted by this driver; nothing to release."""
-
-
-register("btrfs", BtrfsDriver)

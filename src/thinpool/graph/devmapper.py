@@ -51,9 +51,8 @@ from .driver import (BadOption, CreateOpts, Finding, GraphError, InvalidLayerId,
                      LayerExists, LayerNotFound, NotSupported, check_id)
 from .mounts import is_mountpoint
 from .naive import NaiveDiff
-from .options import parse_size, split_option
+from .options import human_size, parse_size, split_option
 from .refcount import KeyedLock, RefCounter
-from .registry import register
 
 log = logging.getLogger("thinpool.graph.devicemapper")
 
@@ -177,16 +176,6 @@ def _kernel_has(fs: str) -> bool:
             return any(line.split()[-1] == fs for line in f if line.strip())
     except OSError:
         return False
-
-
-def human_size(n: float) -> str:
-    """go-units HumanSize: decimal units, 4 significant digits (``65.54kB``, ``10.74GB``)."""
-    units = ["B", "kB", "MB", "GB", "TB", "PB", "EB"]
-    i = 0
-    while n >= 1000 and i < len(units) - 1:
-        n /= 1000
-        i += 1
-    return f"{n:.4g}{units[i]}"
 
 
 def _write_json(path: str, payload: object) -> None:
@@ -949,6 +938,3 @@ class DevmapperDriver(NaiveDiff):
                 return
             time.sleep(0.05)
         log.warning("devmapper: the pool server (pid %d) did not stop within 60 s", pid)
-
-
-register("devicemapper", DevmapperDriver, automatic=False)

@@ -29,7 +29,6 @@ from .naive import NaiveDiff
 from .options import parse_size, split_option
 from .quota import ProjectQuota, QuotaNotSupported
 from .refcount import KeyedLock, RefCounter
-from .registry import register
 
 
 class VfsDriver(NaiveDiff):
@@ -186,6 +185,3 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-register("vfs", VfsDriver)
