@@ -43,9 +43,8 @@ from typing import Any
 
 from ..errors import ThinpoolError
 from ..pool.config import PoolConfig
-from ..pool.engine import Pool
 from ..server import control
-from ..server.daemon import control_path
+from ..server.control import control_path
 from ..unixsock import connect
 from .driver import (BadOption, CreateOpts, Finding, GraphError, InvalidLayerId, LayerBusy,
                      LayerExists, LayerNotFound, NotSupported, check_id)
@@ -262,6 +261,8 @@ class DevmapperDriver(NaiveDiff):
         # (Debian 12's mke2fs defaults) then failed to mount layers with "Structure needs
         # cleaning" in 4 of 6 load/run/rmi cycles through dockerd.  Zeroing here is a punched
         # hole in the data file: one fallocate per newly provisioned, partly written block.
+        from ..pool.engine import Pool  # only here: opening a driver on an existing pool needs no engine
+
         config = PoolConfig(data_block_sectors=self.opts.blocksize // 512,
                             low_water_mark=32768, skip_block_zeroing=False)
         Pool.create(self.pool_dir, self.opts.loopdatasize, self.opts.loopmetadatasize, config,
@@ -290,7 +291,7 @@ class DevmapperDriver(NaiveDiff):
                 connect(self.ctl).close()
                 return
             except OSError:
-                time.sleep(0.05)
+                time.sleep(0.01)  # it comes up in ~0.5 s: do not add 50 ms to that
         raise GraphError(f"devmapper: the pool server for {self.pool_dir} did not come up")
 
     def _call(self, command: str, **args: Any) -> dict[str, Any]:
