@@ -1,6 +1,6 @@
 """Helpers for the graph driver tests: roots per driver, loop-mounted filesystems, trees, layer tars.
 
-Adding a driver to the contract tests: register it (import its module in
+Adding a driver to the contract tests: register it (one ``register_lazy`` line in
 ``thinpool/graph/__init__.py``); ``registry.registered()`` then puts it in
 the parametrization of ``tests/test_graph_contract.py``. If it needs more
 than a plain directory as its root (btrfs needs a btrfs filesystem), add a

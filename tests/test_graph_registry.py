@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,36 @@ def test_builtin_drivers_are_registered_in_dockers_priority_order() -> None:
     names = registry.registered()
     assert "vfs" in names and names[-1] == "vfs"
     assert names == [n for n in registry.PRIORITY if n in names]
+
+
+def test_driver_modules_are_imported_only_when_initialised(tmp_path: Path) -> None:
+    """Names and priorities need no driver module; initialising vfs loads only vfs's (a fresh
+    process: devicemapper's module would pull in the pool engine and numpy at every start-up)."""
+    code = f"""
+import sys
+from thinpool.graph import registry
+drivers = ("thinpool.graph.vfs", "thinpool.graph.overlay2", "thinpool.graph.btrfs", "thinpool.graph.devmapper")
+loaded = lambda: [m for m in drivers if m in sys.modules]
+assert registry.registered() == ["overlay2", "btrfs", "devicemapper", "vfs"], registry.registered()
+assert registry.prior_drivers({str(tmp_path)!r}) == [] and loaded() == [], loaded()
+assert registry.new_driver({str(tmp_path)!r}, "vfs").name == "vfs"
+assert loaded() == ["thinpool.graph.vfs"], loaded()
+assert "numpy" not in sys.modules and "thinpool.pool.engine" not in sys.modules
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_lazy_registration(tmp_path: Path) -> None:
+    reg = registry.Registry()
+    reg.register_lazy("vfs", "thinpool.graph.vfs", "VfsDriver", automatic=False)
+    assert reg.registered() == ["vfs"]
+    with pytest.raises(GraphError, match="^no supported storage driver found$"):  # named only
+        reg.new_driver(str(tmp_path / "root"))
+    d = reg.new_driver(str(tmp_path / "root"), "vfs")
+    assert d.name == "vfs" and d.home == str(tmp_path / "root" / "vfs")
+    with pytest.raises(GraphError, match="name already registered vfs"):
+        reg.register("vfs", registry.DEFAULT._drivers["vfs"])  # noqa: SLF001
 
 
 def test_register_twice_is_an_error() -> None:

@@ -430,3 +430,24 @@ def test_progress_bars_on_a_terminal(tmp_path: Path) -> None:
     assert "saving imgtest/big:1" in on_a_terminal(*img, "save", "imgtest/big:1", "-o", str(tmp_path / "s.tar"))
     quiet = run(*img, "save", "imgtest/big:1", "-o", str(tmp_path / "s2.tar"))
     assert quiet.stderr == ""  # not a terminal: no bars
+
+
+def test_write_atomically_across_writeback_steps(tmp_path: Path) -> None:
+    """Writes of more than WRITEBACK_EVERY bytes (their disk writes started on the way) land
+    whole; a failure while producing leaves the old file and no temporary file."""
+    from thinpool.images.archives import WRITEBACK_EVERY, write_atomically
+
+    out = tmp_path / "big.tar"
+    out.write_bytes(b"old")
+    parts = [os.urandom(1 << 20) for _ in range(3)] * (WRITEBACK_EVERY // (3 << 20) + 2)
+    assert write_atomically(str(out), iter(parts)) == sum(map(len, parts))
+    assert out.read_bytes() == b"".join(parts)
+
+    def failing() -> Iterator[bytes]:
+        yield from parts
+        raise ImageError("the source went away")
+
+    out.write_bytes(b"old")
+    with pytest.raises(ImageError, match="the source went away"):
+        write_atomically(str(out), failing())
+    assert out.read_bytes() == b"old" and os.listdir(tmp_path) == ["big.tar"]

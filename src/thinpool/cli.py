@@ -134,7 +134,7 @@ def check(metadata: str, snapshot: bool, quiet: bool) -> None:
     back meanwhile, so the check sees one committed state.
     """
     from .server import control
-    from .server.daemon import control_path
+    from .server.control import control_path
     from .tools.check import check as run_check
 
     pool_dir = _pool_dir_of(metadata)
@@ -318,7 +318,7 @@ def _call(directory: str, command: str, args: dict[str, Any], fds: list[int] | N
     import errno
 
     from .server import commands, control
-    from .server.daemon import control_path
+    from .server.control import control_path
 
     fds = fds or []
     path = control_path(directory)
@@ -1162,7 +1162,7 @@ def _write_tar_to(chunks: Any, output: str, root: str) -> None:
 
 
 def _human(n: int) -> str:
-    from .graph.devmapper import human_size
+    from .graph.options import human_size
 
     return human_size(n)
 
@@ -1632,7 +1632,7 @@ def _ensure_server(directory: str) -> None:
     import time
 
     from .unixsock import connect
-    from .server.daemon import control_path
+    from .server.control import control_path
 
     path = control_path(directory)
     try:
@@ -1664,7 +1664,7 @@ def _ensure_server(directory: str) -> None:
 
 def _server_call(directory: str, command: str, args: dict[str, Any]) -> dict[str, Any]:
     from .server import control
-    from .server.daemon import control_path
+    from .server.control import control_path
 
     _ensure_server(directory)
     return control.request(control_path(directory), command, args)
@@ -1728,7 +1728,7 @@ def _recover(directory: str) -> None:
 def detach(directory: str, target: str) -> None:
     """Detach an attached volume (by id or by its /dev/loopN); refuses while it is mounted."""
     from .server import control
-    from .server.daemon import control_path
+    from .server.control import control_path
 
     try:
         control.request(control_path(directory), "detach", {"target": target})
@@ -1760,8 +1760,8 @@ def mount_cmd(directory: str, dev_id: int, mountpoint: str, mkfs: str | None, fo
 def umount_cmd(mountpoint: str) -> None:
     """Unmount a filesystem 'thinpool mount' mounted, and detach its volume."""
     from .server import control
-    from .server.daemon import control_path
     from .linux.mounts import mountinfo
+    from .server.control import control_path
     from .server.kernel import FUSE_DIR
 
     real = os.path.realpath(mountpoint)

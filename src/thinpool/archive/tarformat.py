@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import struct
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -361,13 +362,6 @@ class TarReader:
 
 # -- writing -------------------------------------------------------------------------------
 
-_OCTAL_LIMITS = {8: 0o7777777, 12: 0o77777777777}
-
-
-def _octal(value: int, width: int) -> bytes:
-    return b"%0*o\0" % (width - 1, value)
-
-
 def _pax_record(key: str, value: bytes) -> bytes:
     body = b" " + key.encode() + b"=" + value + b"\n"
     n = len(body) + 1
@@ -392,24 +386,24 @@ def _split_ustar(name: bytes) -> tuple[bytes, bytes] | None:
     return None
 
 
+_USTAR = struct.Struct("100s48s8sc100s72s16s155s12x")
+"""name, mode uid gid size mtime (8+8+8+12+12), chksum, typeflag, linkname, magic "ustar" version
+"00" and the empty uname and gname (6+2+32+32), devmajor devminor (8+8), prefix, padding"""
+_USTAR_MAGIC = b"ustar\x0000".ljust(72, b"\0")
+_CHKSUM_BASE = sum(b" " * 8) + sum(_USTAR_MAGIC)
+"""The checksum is computed with its own field as 8 spaces."""
+_MAX8, _MAX12 = 0o7777777, 0o77777777777
+_OCTAL_LIMITS = {8: _MAX8, 12: _MAX12}
+
+
 def _block(name: bytes, prefix: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
            typeflag: str, linkname: bytes, devmajor: int, devminor: int) -> bytes:
-    hdr = bytearray(BLOCK)
-    hdr[0:len(name)] = name
-    hdr[100:108] = _octal(mode, 8)
-    hdr[108:116] = _octal(uid, 8)
-    hdr[116:124] = _octal(gid, 8)
-    hdr[124:136] = _octal(size, 12)
-    hdr[136:148] = _octal(mtime, 12)
-    hdr[148:156] = b" " * 8
-    hdr[156] = ord(typeflag)
-    hdr[157:157 + len(linkname)] = linkname
-    hdr[257:265] = b"ustar\x0000"
-    hdr[329:337] = _octal(devmajor, 8)
-    hdr[337:345] = _octal(devminor, 8)
-    hdr[345:345 + len(prefix)] = prefix
-    hdr[148:156] = b"%06o\0 " % sum(hdr)
-    return bytes(hdr)
+    numbers = b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (mode, uid, gid, size, mtime)
+    devices = b"%07o\0%07o\0" % (devmajor, devminor)
+    flag = typeflag.encode()
+    checksum = (_CHKSUM_BASE + sum(name) + sum(numbers) + flag[0] + sum(linkname) + sum(devices)
+                + sum(prefix))  # the sum of the block's bytes, without summing its zeros
+    return _USTAR.pack(name, numbers, b"%06o\0 " % checksum, flag, linkname, _USTAR_MAGIC, devices, prefix)
 
 
 def encode_header(name: str, typeflag: str, *, mode: int = 0, uid: int = 0, gid: int = 0, size: int = 0,
@@ -422,6 +416,10 @@ def encode_header(name: str, typeflag: str, *, mode: int = 0, uid: int = 0, gid:
     every xattr. Data and padding (``padding(size)``) are the caller's.
     """
     name_b, link_b = os.fsencode(name), os.fsencode(linkname)
+    if (not xattrs and len(name_b) <= 100 and len(link_b) <= 100 and 0 <= uid <= _MAX8 and 0 <= gid <= _MAX8
+            and 0 <= size <= _MAX12 and 0 <= mtime <= _MAX12 and 0 <= devmajor <= _MAX8
+            and 0 <= devminor <= _MAX8):  # the common case: one ustar block
+        return _block(name_b, b"", mode & 0o7777, uid, gid, size, mtime, typeflag, link_b, devmajor, devminor)
     records: list[bytes] = []
     split = _split_ustar(name_b)
     if split is None:

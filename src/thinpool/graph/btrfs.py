@@ -36,7 +36,6 @@ from .fsutil import remove_tree, write_file
 from ..linux.mounts import FS_MAGIC_BTRFS, fs_magic, fs_name
 from .naive import DirectoryLayers
 from .options import parse_size, split_option
-from .registry import register
 
 _MAGIC = 0x94
 _VOL_ARGS = 4096  # struct btrfs_ioctl_vol_args / _v2
@@ -300,6 +299,3 @@ class BtrfsDriver(DirectoryLayers):
 
     def cleanup(self) -> None:
         """Nothing is mounted by this driver; nothing to release."""
-
-
-register("btrfs", BtrfsDriver)

@@ -43,17 +43,15 @@ from typing import Any
 
 from ..errors import ThinpoolError
 from ..pool.config import PoolConfig
-from ..pool.engine import Pool
 from ..server import control
-from ..server.daemon import control_path
+from ..server.control import control_path
 from ..unixsock import connect
 from .driver import (BadOption, CreateOpts, Finding, GraphError, InvalidLayerId, LayerBusy,
                      LayerExists, LayerNotFound, NotSupported, check_id)
 from ..linux.mounts import is_mountpoint
 from .naive import NaiveDiff
-from .options import parse_size, split_option
+from .options import human_size, parse_size, split_option
 from .refcount import KeyedLock, RefCounter
-from .registry import register
 
 log = logging.getLogger("thinpool.graph.devicemapper")
 
@@ -179,16 +177,6 @@ def _kernel_has(fs: str) -> bool:
         return False
 
 
-def human_size(n: float) -> str:
-    """go-units HumanSize: decimal units, 4 significant digits (``65.54kB``, ``10.74GB``)."""
-    units = ["B", "kB", "MB", "GB", "TB", "PB", "EB"]
-    i = 0
-    while n >= 1000 and i < len(units) - 1:
-        n /= 1000
-        i += 1
-    return f"{n:.4g}{units[i]}"
-
-
 def _write_json(path: str, payload: object) -> None:
     """Docker's atomic write: a temporary file in the same directory, fsync, rename."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp")
@@ -274,6 +262,8 @@ class DevmapperDriver(NaiveDiff):
         # (Debian 12's mke2fs defaults) then failed to mount layers with "Structure needs
         # cleaning" in 4 of 6 load/run/rmi cycles through dockerd.  Zeroing here is a punched
         # hole in the data file: one fallocate per newly provisioned, partly written block.
+        from ..pool.engine import Pool  # only here: opening a driver on an existing pool needs no engine
+
         config = PoolConfig(data_block_sectors=self.opts.blocksize // 512,
                             low_water_mark=32768, skip_block_zeroing=False)
         Pool.create(self.pool_dir, self.opts.loopdatasize, self.opts.loopmetadatasize, config,
@@ -302,7 +292,7 @@ class DevmapperDriver(NaiveDiff):
                 connect(self.ctl).close()
                 return
             except OSError:
-                time.sleep(0.05)
+                time.sleep(0.01)  # it comes up in ~0.5 s: do not add 50 ms to that
         raise GraphError(f"devmapper: the pool server for {self.pool_dir} did not come up")
 
     def _call(self, command: str, **args: Any) -> dict[str, Any]:
@@ -971,6 +961,3 @@ class DevmapperDriver(NaiveDiff):
                 return
             time.sleep(0.05)
         log.warning("devmapper: the pool server (pid %d) did not stop within 60 s", pid)
-
-
-register("devicemapper", DevmapperDriver, automatic=False)

@@ -1,4 +1,4 @@
-"""``--storage-opt`` parsing shared by the drivers (Docker's ParseKeyValueOpt and RAMInBytes)."""
+"""``--storage-opt`` parsing shared by the drivers (Docker's ParseKeyValueOpt and RAMInBytes) and go-units sizes."""
 
 from __future__ import annotations
 
@@ -31,3 +31,13 @@ def split_option(option: str) -> tuple[str, str]:
     if not sep or not key.strip():
         raise BadOption(f"unable to parse key/value option: {option}")
     return key.strip().lower(), value.strip()
+
+
+def human_size(n: float) -> str:
+    """go-units HumanSize: decimal units, 4 significant digits (``65.54kB``, ``10.74GB``)."""
+    units = ["B", "kB", "MB", "GB", "TB", "PB", "EB"]
+    i = 0
+    while n >= 1000 and i < len(units) - 1:
+        n /= 1000
+        i += 1
+    return f"{n:.4g}{units[i]}"

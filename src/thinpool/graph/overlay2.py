@@ -63,7 +63,6 @@ from .naive import LayerStream
 from .options import parse_size, split_option
 from .quota import BACKING_DEV, ProjectQuota, QuotaNotSupported
 from .refcount import KeyedLock, RefCounter
-from .registry import register
 
 LINK_DIR = "l"
 MAX_DEPTH = 128
@@ -527,6 +526,3 @@ class Overlay2Driver(GraphDriver):
         if not self._native_for(id, parent):
             return naive.diff_size(self, id, parent)
         return dir_size(os.path.join(self.dir(id), "diff"))
-
-
-register("overlay2", Overlay2Driver)

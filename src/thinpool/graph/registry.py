@@ -1,12 +1,17 @@
-"""The driver registry and Docker's driver selection (graphdriver.New).
+"""The driver registry and Docker's selection (graphdriver.New).
 
-A driver module registers itself in the default registry when imported::
+A driver is registered under its name, as an init function or lazily as a
+module and a class that are imported only when the driver is initialised::
 
-    register("vfs", VfsDriver)          # any callable (home, options) -> GraphDriver
+    register("vfs", VfsDriver)                            # any callable (home, options) -> GraphDriver
+    register_lazy("vfs", "thinpool.graph.vfs", "VfsDriver")
 
-``thinpool.graph`` imports every built-in driver module, so importing the
-package fills the registry; adding a driver is one module plus one import
-there, never a change here.
+``thinpool.graph`` registers the built-in drivers lazily, so importing the
+package (or any of its modules) loads no driver: selection needs only the
+names, and a driver's module (devicemapper's pulls in the pool engine and
+numpy) is imported when that driver is initialised - named, found as prior
+state, or tried in priority order.  Adding a built-in driver is one module
+plus one line there, never a change here.
 
 (``Registry`` instances other than ``DEFAULT`` hold other sets, e.g. in
 tests.) ``new_driver(root, name, options)`` picks and initialises a driver on
@@ -33,6 +38,7 @@ server, is only made on request too.
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 from typing import Callable
@@ -44,6 +50,18 @@ InitFunc = Callable[[str, list[str]], GraphDriver]
 
 PRIORITY = ("overlay2", "fuse-overlayfs", "btrfs", "zfs", "devicemapper", "vfs")
 """Docker 24's automatic selection order (driver_linux.go)."""
+
+
+class _Deferred:
+    """An init function that imports ``module`` and calls its ``attr`` on first use."""
+
+    def __init__(self, module: str, attr: str) -> None:
+        self.module = module
+        self.attr = attr
+
+    def __call__(self, home: str, options: list[str]) -> GraphDriver:
+        init: InitFunc = getattr(importlib.import_module(self.module), self.attr)
+        return init(home, options)
 
 
 class Registry:
@@ -62,6 +80,10 @@ class Registry:
             self._drivers[name] = init
             if not automatic:
                 self._explicit.add(name)
+
+    def register_lazy(self, name: str, module: str, attr: str, automatic: bool = True) -> None:
+        """``register`` of ``module.attr``, imported only when driver ``name`` is initialised."""
+        self.register(name, _Deferred(module, attr), automatic)
 
     def registered(self) -> list[str]:
         """Registered names: those in the priority list in its order, then the others sorted."""
@@ -120,9 +142,10 @@ class Registry:
 
 
 DEFAULT = Registry()
-"""The registry the built-in drivers register in (``thinpool.graph`` imports them all)."""
+"""The registry the built-in drivers are registered in (by ``thinpool.graph``, lazily)."""
 
 register = DEFAULT.register
+register_lazy = DEFAULT.register_lazy
 registered = DEFAULT.registered
 init_driver = DEFAULT.init_driver
 prior_drivers = DEFAULT.prior_drivers

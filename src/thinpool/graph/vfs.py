@@ -28,7 +28,6 @@ from .fsutil import clean_stale_staging, copy_tree, remove_tree, staging_dir, sy
 from .naive import DirectoryLayers
 from .options import parse_size, split_option
 from .quota import ProjectQuota, QuotaNotSupported
-from .registry import register
 
 
 class VfsDriver(DirectoryLayers):
@@ -158,6 +157,3 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-register("vfs", VfsDriver)

@@ -24,6 +24,7 @@ output, renamed into place only when complete.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import json
@@ -40,6 +41,19 @@ from .errors import DigestMismatch, ImageError
 from .imagedb import decode_config
 
 MAX_JSON = 16 << 20
+WRITEBACK_EVERY = 8 << 20
+"""``write_atomically`` starts the disk writes of every this many bytes as soon as they are written."""
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing ``length`` bytes at ``offset`` of ``fd`` to disk without waiting
+    (sync_file_range(2) SYNC_FILE_RANGE_WRITE), so that a final fsync has little left to do.
+    A failure is ignored: the fsync still makes everything durable (and reports errors)."""
+    _libc.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 @dataclass
@@ -329,6 +343,9 @@ def docker_save_stream(images: list[SaveImage], progress: Callable[[int], None] 
 def write_atomically(path: str, chunks: Iterable[bytes], mode: int = 0o644) -> int:
     """Write ``chunks`` to a temporary file beside ``path``, fsync, rename; the byte count.
 
+    The disk writes start while the chunks are produced (every ``WRITEBACK_EVERY``
+    bytes), so the final fsync waits for little more than the last of them.
+
     On any failure the temporary file is removed and ``path`` is untouched.
     """
     directory = os.path.dirname(os.path.abspath(path))
@@ -337,7 +354,7 @@ def write_atomically(path: str, chunks: Iterable[bytes], mode: int = 0o644) -> i
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     except OSError as e:
         raise ImageError(f"cannot write {path}: {e.strerror}") from None
-    total = 0
+    total = started = 0
     try:
         with io.FileIO(fd, "w") as f:
             for chunk in chunks:
@@ -345,6 +362,9 @@ def write_atomically(path: str, chunks: Iterable[bytes], mode: int = 0o644) -> i
                 while view:
                     view = view[f.write(view):]
                 total += len(chunk)
+                if total - started >= WRITEBACK_EVERY:  # the disk works while the rest is produced
+                    _start_writeback(fd, started, total - started)
+                    started = total
             os.fsync(fd)
         os.replace(tmp, path)
     except BaseException:

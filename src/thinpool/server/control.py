@@ -36,11 +36,18 @@ from ..unixsock import bind_private, connect
 log = logging.getLogger("thinpool.control")
 
 VERSION = 1
+CONTROL_SOCKET = "control.sock"
+"""The control socket's name in a pool directory."""
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 4
 _LEN = struct.Struct(">I")
 
 Handler = Callable[[str, dict[str, Any], list[int], Callable[[], bool]], dict[str, Any]]
+
+
+def control_path(directory: str) -> str:
+    """The control socket of the pool server of pool ``directory``."""
+    return os.path.join(os.path.abspath(directory), CONTROL_SOCKET)
 
 
 class ControlError(ThinpoolError):

@@ -30,13 +30,12 @@ from ..nbd.server import NBDServer, TLSConfig
 from ..pool.engine import Pool
 from ..pool.registry import write_json_atomic
 from . import commands
-from .control import ControlServer
+from .control import ControlServer, control_path
 from .exports import PoolCatalog
 from .kernel import KernelDevices, leftovers
 
 log = logging.getLogger("thinpool.server")
 
-CONTROL_SOCKET = "control.sock"
 NBD_SOCKET = "nbd.sock"
 STATE_FILE = "server.json"
 
@@ -51,10 +50,6 @@ class ServerOptions:
     tcp: tuple[str, int] | None = None
     tls: TLSConfig | None = None
     read_only: set[int] = field(default_factory=set)
-
-
-def control_path(directory: str) -> str:
-    return os.path.join(os.path.abspath(directory), CONTROL_SOCKET)
 
 
 def read_state(directory: str) -> dict[str, Any] | None:
