@@ -239,6 +239,9 @@ class DataPath:
                                               "--metadata-size')")
         blocks: list[int] = []
         try:
+            if self.md.data_sm.nr_free < count:  # (blocks allocated and given back in this
+                raise NoDataSpaceError(           # transaction are reused only after a commit)
+                    f"data device has {self.md.data_sm.nr_free} free blocks, {count} needed")
             for _ in range(count):
                 blocks.append(self.md.alloc_data_block())
         except NoDataSpaceError:

@@ -309,7 +309,9 @@ class ThinDevice:
         it once, allocates every new block at once and maps them with one
         metadata insert.  On an error nothing new is mapped, but any write may
         have been done in place: the caller learns which write failed by
-        doing them again one by one (writes are idempotent).
+        doing them again one by one (writes are idempotent).  Short of data
+        space for the whole batch, its writes that need new blocks are done
+        one by one (each waits for space as ``write`` does).
         """
         bs = self.bs
         lo, hi = 1 << 64, -1
@@ -333,8 +335,12 @@ class ThinDevice:
         if rest:
             first = min(offset // bs for offset, _ in rest)
             last = max((offset + len(data) - 1) // bs for offset, data in rest)
-            self._provision(first, last, lambda mapped, fresh: self._write_new(rest, mapped, fresh),
-                            [(offset // bs, (offset + len(data) - 1) // bs) for offset, data in rest])
+            if not self._provision(first, last,
+                                   lambda mapped, fresh: self._write_new(rest, mapped, fresh),
+                                   [(offset // bs, (offset + len(data) - 1) // bs)
+                                    for offset, data in rest]):
+                for offset, data in rest:  # out of data space: each waits on its own
+                    self.write(offset, data)
 
     def _write_in_place(self, offset: int, mv: memoryview, first: int, last: int) -> bool:
         """Write ``mv`` if all its blocks are provisioned and unshared (range held); else False."""
@@ -398,16 +404,18 @@ class ThinDevice:
 
     def _provision(self, first: int, last: int,
                    act: Callable[[dict[int, Mapping], dict[int, int]], None],
-                   spans: list[tuple[int, int]] | None = None) -> None:
+                   spans: list[tuple[int, int]] | None = None) -> bool:
         """Run ``act(mapped, fresh)`` with a new data block for every unmapped or shared
         block of [first, last] (or only of the block ``spans`` inside it), then map the
-        new blocks.
+        new blocks; True when done.
 
         Holds the provision gate shared and the range [first, last] exclusive
         throughout.  Out of data space, everything is given back and released
-        before waiting (so a resize or a delete can run), then it starts over.
+        before waiting (so a resize or a delete can run), then it starts over;
+        with ``spans`` (a batch) it returns False instead of waiting.
         """
         dp, ranges = self.dp, self.state.ranges
+        batch = spans is not None
         if spans is None:
             spans = [(first, last)]
         deadline: float | None = None
@@ -439,7 +447,9 @@ class ThinDevice:
             if fresh is not None:
                 if fresh:
                     dp.low_water_check()
-                return
+                return True
+            if batch:
+                return False
             deadline = dp.wait_for_space(deadline)
 
     def _act_and_map(self, act: Callable[[dict[int, Mapping], dict[int, int]], None],
