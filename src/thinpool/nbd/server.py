@@ -21,7 +21,12 @@ replies of the requests it ran itself while more requests are already
 received, and sends up to ``HELD_REPLIES`` of them in one ``sendmsg`` (before
 it waits for data, hands a request to a worker or has held that many), so a
 pipelining client costs fewer system calls per request and a lone request is
-answered at once. The reader stops reading while
+answered at once. Small WRITEs already received back to back (up to
+``WRITE_BATCH`` of them, ``WRITE_BATCH_BYTES`` of payload) go to the
+export's optional ``write_many`` together, in order, before the reader does
+anything else (a thin volume then provisions them with one allocation and one
+metadata insert); if the batch fails they are done again one by one, so each
+gets its own answer. The reader stops reading while
 the requests in flight hold more than ``inflight_bytes`` of payload or number
 ``max_inflight``, so a client cannot make the server buffer without bound;
 and, while it has requests in flight itself, while those of all connections
@@ -229,6 +234,7 @@ class _TLSTransport:
 
 
 _STOP = object()
+_WriteMany = Callable[[Sequence[tuple[int, memoryview]]], None]
 
 
 class _Connection:
@@ -397,7 +403,7 @@ class _Connection:
         Request, InvalidRequest, NEED_DATA = P.Request, P.InvalidRequest, P.NEED_DATA
         CMD_READ, CMD_WRITE, CMD_BLOCK_STATUS, FUA = (P.CMD_READ, P.CMD_WRITE, P.CMD_BLOCK_STATUS,
                                                       P.CMD_FLAG_FUA)
-        write_many = getattr(self.export, "write_many", None)
+        write_many: _WriteMany | None = getattr(self.export, "write_many", None)
         batch: list[P.Request] = []  # small writes received back to back, not done yet
         batch_bytes = 0
         while True:
@@ -416,7 +422,7 @@ class _Connection:
                         batch_bytes = 0
                     continue
                 if batch:
-                    self._execute_writes(batch, write_many)  # type: ignore[arg-type]
+                    self._execute_writes(batch, write_many)  # type: ignore[arg-type]  # batch => write_many
                     batch_bytes = 0
                 if inline_max is not None and (
                         (cmd == CMD_READ and ev.length <= inline_max) or cmd == CMD_BLOCK_STATUS):
@@ -427,7 +433,7 @@ class _Connection:
                     self._dispatch(ev)
                 continue
             if batch:
-                self._execute_writes(batch, write_many)  # type: ignore[arg-type]
+                self._execute_writes(batch, write_many)  # type: ignore[arg-type]  # batch => write_many
                 batch_bytes = 0
             if ev is NEED_DATA:
                 if self.held:
@@ -454,8 +460,7 @@ class _Connection:
                     log.info("nbd %s: %s", self.peer, ev.reason)
                 return
 
-    def _execute_writes(self, batch: list[P.Request],
-                        write_many: Callable[[Sequence[tuple[int, memoryview]]], None]) -> None:
+    def _execute_writes(self, batch: list[P.Request], write_many: _WriteMany) -> None:
         """Do a batch of small writes with the export's ``write_many`` and hold their
         replies; when it fails, do them one by one (each gets its own answer).  Empties
         ``batch``."""
@@ -463,7 +468,7 @@ class _Connection:
             self._execute(batch.pop(), True)
             return
         try:
-            write_many([(r.offset, r.data) for r in batch])  # type: ignore[misc]
+            write_many([(r.offset, r.data) for r in batch if r.data is not None])
         except Exception as e:
             if not isinstance(e, DataPathError):
                 log.exception("nbd %s: export failed on a batch of %d writes; doing them "
