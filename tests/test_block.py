@@ -507,3 +507,26 @@ def test_write_many_short_of_space_writes_one_by_one(tmp_path: Path) -> None:
             assert e.value.errno == errno.EINVAL
             assert vol.read(0, 2) == b"aa"  # a bad range is found before anything is written
     assert_thin_check_clean(f"{d}/metadata")
+
+
+def test_provisioning_caches_the_new_mappings(tmp_path: Path) -> None:
+    """The mappings a write just made are in the device's cache, equal to what the metadata
+    says (so the next I/O on those blocks needs no lookup), also after a copy-on-write."""
+    with Pool(make_pool(tmp_path)) as pool:
+        pool.create_thin(1, size=16 * BS)
+        with pool.volume(1) as vol:
+            vol.write_many([(0, memoryview(b"a" * 10)), (5 * BS, memoryview(b"b" * BS))])
+            vol.write(9 * BS + 1, b"c")
+            for v in (0, 5, 9):
+                assert vol.state.maps[v] == pool.md.lookup(1, v)
+                assert not vol.state.maps[v].shared
+            pool.create_snap(2, 1)
+            assert vol.state.maps == {}
+            vol.write_many([(1, memoryview(b"d")), (9 * BS, memoryview(b"e"))])
+            for v in (0, 9):
+                assert vol.state.maps[v] == pool.md.lookup(1, v)
+                assert not vol.state.maps[v].shared
+            assert vol.read(0, 2) == b"ad" and vol.read(9 * BS, 2) == b"ec"
+            with pool.volume(2) as snap:
+                assert snap.read(0, 2) == b"aa" and snap.read(9 * BS, 2) == b"\0c"
+    assert_thin_check_clean(os.path.join(str(tmp_path / "pool"), "metadata"))

@@ -178,6 +178,17 @@ class DataPath:
             maps[v] = mapped.get(v)
         self._cached_maps += len(maps) - before
 
+    def remember_new(self, state: DeviceState, new: dict[int, Mapping]) -> None:
+        """Cache mappings just made (md_lock held, their blocks' range held exclusive), so
+        the next I/O on those blocks needs no lookup; skipped when the cache is full."""
+        if state.maps_generation != self.generation or \
+                self._cached_maps + len(new) > MAP_CACHE_LIMIT:
+            return
+        maps = state.maps
+        before = len(maps)
+        maps.update(new)
+        self._cached_maps += len(maps) - before
+
     def forget_mappings(self, state: DeviceState, vblocks: Iterable[int]) -> None:
         """Blocks whose mapping is about to change (md_lock and their range exclusive held)."""
         maps = state.maps

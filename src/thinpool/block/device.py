@@ -24,9 +24,10 @@ Mapping cache: what the metadata said about a device's blocks (mapped, with
 sharing, or unmapped) is kept in its ``DeviceState.maps``, so most lookups
 are a dict get with no metadata lock (and do not wait for a commit that
 holds it).  Every mapping of a device changes only through its own handles
-with the block range held exclusive, which drop the blocks' entries; entries
-are added with the metadata lock held by a thread that holds the blocks'
-range, so nobody can change those mappings meanwhile.  An aborted
+with the block range held exclusive, which drop the blocks' entries (and cache
+the mappings a provisioning just made); entries are added with the metadata
+lock held by a thread that holds the blocks' range, so nobody can change
+those mappings meanwhile.  An aborted
 transaction (``DataPath.generation``) and a snapshot of the device (its
 sharing changes; ``DataPath.quiesced``) drop the whole cache.
 
@@ -44,10 +45,10 @@ import threading
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..errors import DataPathError, MetadataError, NoDataSpaceError, NoMetadataSpaceError
+from ..thin.metadata import Mapping
 from .locks import RangeLock
 
 if TYPE_CHECKING:
-    from ..thin.metadata import Mapping
     from .core import DataPath
 
 HOLE = 1  # unprovisioned (NBD_STATE_HOLE)
@@ -470,6 +471,9 @@ class ThinDevice:
                         raise dp.metadata_exhausted() from None
                     except MetadataError as e:
                         raise dp.metadata_failed(e) from None
+                    now = dp.md.time  # a new mapping is as new as the device's last snapshot
+                    dp.remember_new(self.state, {v: Mapping(d, now, False)
+                                                 for v, d in fresh.items()})
             done = True
         except OSError as e:
             if isinstance(e, DataPathError):
