@@ -390,3 +390,39 @@ def test_protocol_cases_through_libnbd(server: ServerProcess) -> None:
     assert seen["pipelined"] == 64 and seen["multi_conn"]
     assert set(seen["strict_off_errors"]) == {"read beyond end", "write beyond end",
                                               "zero beyond end", "trim beyond end"}
+
+
+def test_pipelined_small_writes_in_batches(workdir: Path) -> None:
+    """Small writes a client sends back to back are done in batches: overlapping ones in
+    order, and when the pool runs out of space (error_if_no_space) each write gets its own
+    answer - exactly the ones that found a free block succeed. A flush, SIGKILL, restart:
+    everything acknowledged is there."""
+    from test_nbd_server import RawClient
+
+    from thinpool.nbd import protocol as P
+
+    d = workdir / "small"
+    ok("pool", "create", d, "--data-size", "1M", "--metadata-size", "8M", "--error-if-no-space")
+    ok("create-thin", d, "0", "--size", "4M")
+    srv = ServerProcess(d)
+    try:
+        with RawClient(srv.nbd_socket) as c:
+            c.go("0")
+            reqs = b""
+            writes = [(100, b"first" * 800), (100, b"later" * 800)]
+            writes += [(v * BS + 7, bytes([v]) * 4096) for v in range(1, 20)]
+            for i, (off, data) in enumerate(writes):
+                reqs += struct.pack(">IHHQQI", 0x25609513, 0, P.CMD_WRITE, i, off, len(data)) + data
+            c.sock.sendall(reqs)
+            errors = dict(c.reply()[:2] for _ in writes)
+            assert errors == {i: 0 if i < 17 else P.NBD_ENOSPC for i in range(len(writes))}
+            c.request(P.CMD_FLUSH, cookie=99)
+            assert c.reply()[:2] == (99, 0)
+    finally:
+        srv.kill()
+    assert_thin_check_clean(d / "metadata")
+    got = tp("read", d, "0", "--length", str(20 * BS)).stdout
+    assert got[100:4100] == b"later" * 800
+    for v in range(1, 20):
+        want = bytes([v]) * 4096 if v < 16 else bytes(4096)
+        assert got[v * BS + 7:v * BS + 4103] == want, v

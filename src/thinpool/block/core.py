@@ -178,6 +178,17 @@ class DataPath:
             maps[v] = mapped.get(v)
         self._cached_maps += len(maps) - before
 
+    def remember_new(self, state: DeviceState, new: dict[int, Mapping]) -> None:
+        """Cache mappings just made (md_lock held, their blocks' range held exclusive), so
+        the next I/O on those blocks needs no lookup; skipped when the cache is full."""
+        if state.maps_generation != self.generation or \
+                self._cached_maps + len(new) > MAP_CACHE_LIMIT:
+            return
+        maps = state.maps
+        before = len(maps)
+        maps.update(new)
+        self._cached_maps += len(maps) - before
+
     def forget_mappings(self, state: DeviceState, vblocks: Iterable[int]) -> None:
         """Blocks whose mapping is about to change (md_lock and their range exclusive held)."""
         maps = state.maps
@@ -239,6 +250,9 @@ class DataPath:
                                               "--metadata-size')")
         blocks: list[int] = []
         try:
+            if self.md.data_sm.nr_free < count:  # (blocks allocated and given back in this
+                raise NoDataSpaceError(           # transaction are reused only after a commit)
+                    f"data device has {self.md.data_sm.nr_free} free blocks, {count} needed")
             for _ in range(count):
                 blocks.append(self.md.alloc_data_block())
         except NoDataSpaceError:

@@ -24,9 +24,10 @@ Mapping cache: what the metadata said about a device's blocks (mapped, with
 sharing, or unmapped) is kept in its ``DeviceState.maps``, so most lookups
 are a dict get with no metadata lock (and do not wait for a commit that
 holds it).  Every mapping of a device changes only through its own handles
-with the block range held exclusive, which drop the blocks' entries; entries
-are added with the metadata lock held by a thread that holds the blocks'
-range, so nobody can change those mappings meanwhile.  An aborted
+with the block range held exclusive, which drop the blocks' entries (and cache
+the mappings a provisioning just made); entries are added with the metadata
+lock held by a thread that holds the blocks' range, so nobody can change
+those mappings meanwhile.  An aborted
 transaction (``DataPath.generation``) and a snapshot of the device (its
 sharing changes; ``DataPath.quiesced``) drop the whole cache.
 
@@ -41,13 +42,13 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..errors import DataPathError, MetadataError, NoDataSpaceError, NoMetadataSpaceError
+from ..thin.metadata import Mapping
 from .locks import RangeLock
 
 if TYPE_CHECKING:
-    from ..thin.metadata import Mapping
     from .core import DataPath
 
 HOLE = 1  # unprovisioned (NBD_STATE_HOLE)
@@ -292,18 +293,74 @@ class ThinDevice:
         first, last = offset // bs, (offset + length - 1) // bs
         hold = ranges.acquire(first, last, False)
         try:
-            mapped = self._mappings(first, last)
-            in_place = len(mapped) == last - first + 1 and \
-                not any(m.shared for m in mapped.values())
-            if in_place:
-                self._pwrite_runs(offset, mv, {v: m.data_block for v, m in mapped.items()})
+            in_place = self._write_in_place(offset, mv, first, last)
         finally:
             ranges.release(hold)
         if not in_place:
             self._provision(first, last, lambda mapped, fresh: self._write_new(
-                offset, mv, mapped, fresh))
+                ((offset, mv),), mapped, fresh))
         if fua:
             dp.flush()
+
+    def write_many(self, writes: Sequence[tuple[int, memoryview]]) -> None:
+        """Do the writes (offset, data), in order, as one batch (no FUA).
+
+        Overwrites of provisioned, unshared blocks go in place; the rest of the
+        batch takes the provision gate and one exclusive range spanning all of
+        it once, allocates every new block at once and maps them with one
+        metadata insert.  On an error nothing new is mapped, but any write may
+        have been done in place: the caller learns which write failed by
+        doing them again one by one (writes are idempotent).  Short of data
+        space for the whole batch, its writes that need new blocks are done
+        one by one (each waits for space as ``write`` does).
+        """
+        bs = self.bs
+        lo, hi = 1 << 64, -1
+        for offset, data in writes:
+            self._check(offset, len(data))
+            lo, hi = min(lo, offset // bs), max(hi, (offset + len(data) - 1) // bs)
+        writes = [(offset, data) for offset, data in writes if len(data)]
+        if not writes:
+            return
+        self.dp.require_writable()
+        ranges = self.state.ranges
+        rest: list[tuple[int, memoryview]] = []
+        hold = ranges.acquire(lo, hi, False)
+        try:
+            for offset, data in writes:
+                if rest or not self._write_in_place(offset, data, offset // bs,
+                                                    (offset + len(data) - 1) // bs):
+                    rest.append((offset, data))  # keeps the order of overlapping writes
+        finally:
+            ranges.release(hold)
+        if rest:
+            first = min(offset // bs for offset, _ in rest)
+            last = max((offset + len(data) - 1) // bs for offset, data in rest)
+            if not self._provision(first, last,
+                                   lambda mapped, fresh: self._write_new(rest, mapped, fresh),
+                                   [(offset // bs, (offset + len(data) - 1) // bs)
+                                    for offset, data in rest]):
+                for offset, data in rest:  # out of data space: each waits on its own
+                    self.write(offset, data)
+
+    def _write_in_place(self, offset: int, mv: memoryview, first: int, last: int) -> bool:
+        """Write ``mv`` if all its blocks are provisioned and unshared (range held); else False."""
+        if first == last:  # the common case: one block
+            st = self.state
+            m = st.maps.get(first) if st.maps_generation == self.dp.generation else None
+            if m is None:
+                m = self._mappings(first, first).get(first)
+                if m is None:
+                    return False
+            if m.shared:
+                return False
+            _pwrite_all(self.dp.data_fd, mv, m.data_block * self.bs + offset % self.bs)
+            return True
+        mapped = self._mappings(first, last)
+        if len(mapped) != last - first + 1 or any(m.shared for m in mapped.values()):
+            return False
+        self._pwrite_runs(offset, mv, {v: m.data_block for v, m in mapped.items()})
+        return True
 
     def _pwrite_runs(self, offset: int, mv: memoryview, blocks: dict[int, int]) -> None:
         """pwrite ``mv`` at volume ``offset`` through the block map, contiguous runs at once."""
@@ -325,38 +382,43 @@ class ThinDevice:
         if run_len:
             _pwrite_all(fd, mv[run_pos:run_pos + run_len], run_file)
 
-    def _write_new(self, offset: int, mv: memoryview, mapped: dict[int, Mapping],
+    def _write_new(self, writes: Sequence[tuple[int, memoryview]], mapped: dict[int, Mapping],
                    fresh: dict[int, int]) -> None:
-        """Fill the new blocks' parts the write does not cover, then write the data."""
+        """Fill the new blocks' parts the writes do not cover, then do the writes in order."""
         bs, dp = self.bs, self.dp
-        length = len(mv)
         for v, new in fresh.items():
-            lo = max(offset, v * bs)
-            hi = min(offset + length, (v + 1) * bs)
-            if hi - lo == bs:
-                continue  # the write covers the whole block
+            vlo, vhi = v * bs, (v + 1) * bs
+            if any(offset <= vlo and offset + len(mv) >= vhi for offset, mv in writes):
+                continue  # a write covers the whole block
             old = mapped.get(v)
             if old is not None:  # copy-on-write of a shared block
                 _copy_range(dp.data_fd, old.data_block * bs, new * bs, bs)
-            elif self.state.origin_fd >= 0 and v * bs < self.state.origin_size:
-                block = os.pread(self.state.origin_fd, bs, v * bs)
+            elif self.state.origin_fd >= 0 and vlo < self.state.origin_size:
+                block = os.pread(self.state.origin_fd, bs, vlo)
                 os.pwrite(dp.data_fd, block.ljust(bs, b"\0"), new * bs)
             elif not dp.policy.skip_block_zeroing:
                 dp.zero_block(new)
         blocks = {v: m.data_block for v, m in mapped.items()}
         blocks.update(fresh)
-        self._pwrite_runs(offset, mv, blocks)
+        for offset, mv in writes:
+            self._pwrite_runs(offset, mv, blocks)
 
     def _provision(self, first: int, last: int,
-                   act: Callable[[dict[int, Mapping], dict[int, int]], None]) -> None:
+                   act: Callable[[dict[int, Mapping], dict[int, int]], None],
+                   spans: list[tuple[int, int]] | None = None) -> bool:
         """Run ``act(mapped, fresh)`` with a new data block for every unmapped or shared
-        block of [first, last], then map the new blocks.
+        block of [first, last] (or only of the block ``spans`` inside it), then map the
+        new blocks; True when done.
 
-        Holds the provision gate shared and the range exclusive throughout.
-        Out of data space, everything is given back and released before
-        waiting (so a resize or a delete can run), then it starts over.
+        Holds the provision gate shared and the range [first, last] exclusive
+        throughout.  Out of data space, everything is given back and released
+        before waiting (so a resize or a delete can run), then it starts over;
+        with ``spans`` (a batch) it returns False instead of waiting.
         """
         dp, ranges = self.dp, self.state.ranges
+        batch = spans is not None
+        if spans is None:
+            spans = [(first, last)]
         deadline: float | None = None
         while True:
             with dp.gate.shared():
@@ -365,11 +427,16 @@ class ThinDevice:
                     dp.require_writable()
                     with dp.md_lock:
                         gen = dp.generation
-                        mapped = self._cached(first, last)
-                        if mapped is None:
-                            mapped = self._lookup(first, last)
-                        need = [v for v in range(first, last + 1)
-                                if (m := mapped.get(v)) is None or m.shared]
+                        mapped: dict[int, Mapping] = {}
+                        need_set: set[int] = set()
+                        for lo, hi in spans:
+                            got = self._cached(lo, hi)
+                            if got is None:
+                                got = self._lookup(lo, hi)
+                            mapped.update(got)
+                            need_set.update(v for v in range(lo, hi + 1)
+                                            if (m := got.get(v)) is None or m.shared)
+                        need = sorted(need_set)
                         try:
                             fresh: dict[int, int] | None = dict(zip(need, dp.allocate(len(need))))
                         except NoDataSpaceError:
@@ -381,7 +448,9 @@ class ThinDevice:
             if fresh is not None:
                 if fresh:
                     dp.low_water_check()
-                return
+                return True
+            if batch:
+                return False
             deadline = dp.wait_for_space(deadline)
 
     def _act_and_map(self, act: Callable[[dict[int, Mapping], dict[int, int]], None],
@@ -402,6 +471,9 @@ class ThinDevice:
                         raise dp.metadata_exhausted() from None
                     except MetadataError as e:
                         raise dp.metadata_failed(e) from None
+                    now = dp.md.time  # a new mapping is as new as the device's last snapshot
+                    dp.remember_new(self.state, {v: Mapping(d, now, False)
+                                                 for v, d in fresh.items()})
             done = True
         except OSError as e:
             if isinstance(e, DataPathError):

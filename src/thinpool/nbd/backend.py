@@ -23,6 +23,11 @@ The server knows nothing about pools or volumes; whoever embeds it passes a
   ``offset`` covering at least one byte, flags built from ``NBD_STATE_HOLE``
   (unprovisioned) and ``NBD_STATE_ZERO`` (reads as zeroes); the server clips
   and merges them.
+* Optional ``write_many(writes)``: do the writes, a sequence of (offset,
+  data) pairs, in order, as if one by one (no FUA).  If it raises, the
+  server does them again one by one to learn which failed, so it must leave
+  nothing behind that a repeated write would not overwrite.  The server
+  hands it the small writes a pipelining client sent back to back.
 * ``write_zeroes(..., may_trim, fast_only, ...)``: afterwards the range reads
   as zeroes; with ``may_trim`` False it must stay provisioned; with
   ``fast_only`` raise ``DataPathError(EOPNOTSUPP)`` at once, contents

@@ -21,7 +21,12 @@ replies of the requests it ran itself while more requests are already
 received, and sends up to ``HELD_REPLIES`` of them in one ``sendmsg`` (before
 it waits for data, hands a request to a worker or has held that many), so a
 pipelining client costs fewer system calls per request and a lone request is
-answered at once. The reader stops reading while
+answered at once. Small WRITEs already received back to back (up to
+``WRITE_BATCH`` of them, ``WRITE_BATCH_BYTES`` of payload) go to the
+export's optional ``write_many`` together, in order, before the reader does
+anything else (a thin volume then provisions them with one allocation and one
+metadata insert); if the batch fails they are done again one by one, so each
+gets its own answer. The reader stops reading while
 the requests in flight hold more than ``inflight_bytes`` of payload or number
 ``max_inflight``, so a client cannot make the server buffer without bound;
 and, while it has requests in flight itself, while those of all connections
@@ -56,7 +61,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, cast
+from typing import Callable, Sequence, cast
 
 from ..errors import DataPathError, ThinpoolError
 from ..unixsock import UnixSocketError, bind_private
@@ -66,7 +71,9 @@ from .backend import Catalog, Export, ExportNotFound
 log = logging.getLogger("thinpool.nbd")
 
 MIN_HOLE_CHUNK = 4096
-HELD_REPLIES = 8  # replies of inline requests sent together at most
+HELD_REPLIES = 16  # replies of inline requests sent together at most
+WRITE_BATCH = 16  # small writes received back to back, done together at most
+WRITE_BATCH_BYTES = 1 << 20  # ... and their payload bytes
 MAX_READ_CHUNKS = 64
 
 
@@ -227,6 +234,7 @@ class _TLSTransport:
 
 
 _STOP = object()
+_WriteMany = Callable[[Sequence[tuple[int, memoryview]]], None]
 
 
 class _Connection:
@@ -393,8 +401,40 @@ class _Connection:
         cond = self.cond
         recv_into = self.transport.recv_into
         Request, InvalidRequest, NEED_DATA = P.Request, P.InvalidRequest, P.NEED_DATA
+        CMD_READ, CMD_WRITE, CMD_BLOCK_STATUS, FUA = (P.CMD_READ, P.CMD_WRITE, P.CMD_BLOCK_STATUS,
+                                                      P.CMD_FLAG_FUA)
+        write_many: _WriteMany | None = getattr(self.export, "write_many", None)
+        batch: list[P.Request] = []  # small writes received back to back, not done yet
+        batch_bytes = 0
         while True:
             ev = proto.next_event()
+            if type(ev) is Request:
+                cmd = ev.command
+                if inline_max is not None and cmd == CMD_WRITE and ev.length <= inline_max \
+                        and not ev.flags & FUA:
+                    if write_many is None:
+                        self._execute(ev, True)
+                        continue
+                    batch.append(ev)
+                    batch_bytes += ev.length
+                    if len(batch) >= WRITE_BATCH or batch_bytes >= WRITE_BATCH_BYTES:
+                        self._execute_writes(batch, write_many)
+                        batch_bytes = 0
+                    continue
+                if batch:
+                    self._execute_writes(batch, write_many)  # type: ignore[arg-type]  # batch => write_many
+                    batch_bytes = 0
+                if inline_max is not None and (
+                        (cmd == CMD_READ and ev.length <= inline_max) or cmd == CMD_BLOCK_STATUS):
+                    self._execute(ev, True)
+                else:
+                    if self.held:
+                        self._send_held()
+                    self._dispatch(ev)
+                continue
+            if batch:
+                self._execute_writes(batch, write_many)  # type: ignore[arg-type]  # batch => write_many
+                batch_bytes = 0
             if ev is NEED_DATA:
                 if self.held:
                     self._send_held()
@@ -411,16 +451,6 @@ class _Connection:
                     log.info("nbd %s: receive failed: %s", self.peer, e)
                     n = 0
                 proto.buffer_updated(n)
-            elif type(ev) is Request:
-                cmd = ev.command
-                if inline_max is not None and (
-                        (cmd == P.CMD_READ and ev.length <= inline_max) or cmd == P.CMD_BLOCK_STATUS
-                        or (cmd == P.CMD_WRITE and ev.length <= inline_max and not ev.flags & P.CMD_FLAG_FUA)):
-                    self._execute(ev, True)
-                else:
-                    if self.held:
-                        self._send_held()
-                    self._dispatch(ev)
             elif type(ev) is InvalidRequest:
                 self._reply([ev.reply], None, True)
             elif isinstance(ev, P.Closed):
@@ -429,6 +459,33 @@ class _Connection:
                 if not ev.clean:
                     log.info("nbd %s: %s", self.peer, ev.reason)
                 return
+
+    def _execute_writes(self, batch: list[P.Request], write_many: _WriteMany) -> None:
+        """Do a batch of small writes with the export's ``write_many`` and hold their
+        replies; when it fails, do them one by one (each gets its own answer).  Empties
+        ``batch``."""
+        if len(batch) == 1:
+            self._execute(batch.pop(), True)
+            return
+        try:
+            write_many([(r.offset, r.data) for r in batch if r.data is not None])
+        except Exception as e:
+            if not isinstance(e, DataPathError):
+                log.exception("nbd %s: export failed on a batch of %d writes; doing them "
+                              "one by one", self.peer, len(batch))
+            for r in batch:
+                self._execute(r, True)
+            batch.clear()
+            return
+        assert self.replies is not None
+        ok, put = self.replies.ok, self.server.buffers.put
+        for r in batch:
+            r.data = None
+            if r.buffer is not None:
+                put(r.buffer)
+                r.buffer = None
+            self._reply([ok(r.cookie)], None, True)
+        batch.clear()
 
     def _dispatch(self, req: P.Request) -> None:
         weight = req.length if req.command in (P.CMD_READ, P.CMD_WRITE) else 0

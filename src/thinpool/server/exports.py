@@ -8,6 +8,7 @@ volume by its id (decimal) and, if it has one, by its name.
 from __future__ import annotations
 
 import errno
+from typing import Sequence
 
 from ..block.device import ThinDevice
 from ..errors import DataPathError, DeviceError
@@ -46,6 +47,10 @@ class VolumeExport:
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         self._writable()
         self.dev.write(offset, data, fua)
+
+    def write_many(self, writes: Sequence[tuple[int, memoryview]]) -> None:
+        self._writable()
+        self.dev.write_many(writes)
 
     def flush(self) -> None:
         if not self.read_only:
