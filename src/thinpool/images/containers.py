@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ImageError, NotFound
+from .errors import ImageError, NotFound, note_or_raise
 from .layers import atomic_write
 
 PLACEHOLDERS: tuple[tuple[str, str], ...] = (
@@ -143,10 +143,7 @@ class ContainerStore:
             try:
                 c = self.load(cid)
             except ImageError as e:
-                if problems is None:
-                    raise
-                if str(e) not in problems:
-                    problems.append(str(e))
+                note_or_raise(e, problems)
                 continue
             if c is not None:
                 out.append(c)

@@ -19,3 +19,12 @@ class Conflict(ImageError):
 
 class DigestMismatch(ImageError):
     """Content whose sha256 is not the one its manifest or config promised."""
+
+
+def note_or_raise(error: ImageError, problems: list[str] | None) -> None:
+    """For listings that may skip unreadable records: raise ``error`` when the caller
+    keeps no ``problems`` list, else note its line there once."""
+    if problems is None:
+        raise error
+    if str(error) not in problems:
+        problems.append(str(error))

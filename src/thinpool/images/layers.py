@@ -44,7 +44,7 @@ from ..graph.driver import CreateOpts, GraphDriver
 from ..graph.fsutil import sync_dir, write_file
 from . import tarsplit
 from .digest import HashingReader, chain_id, check_digest, hex_of
-from .errors import DigestMismatch, ImageError, NotFound
+from .errors import DigestMismatch, ImageError, NotFound, note_or_raise
 
 MAX_DEPTH = 125  # Docker's maxLayerDepth
 
@@ -149,10 +149,7 @@ class LayerDB:
             try:
                 layer = self.get("sha256:" + name)
             except ImageError as e:
-                if problems is None:
-                    raise
-                if str(e) not in problems:
-                    problems.append(str(e))
+                note_or_raise(e, problems)
                 continue
             out[layer.chain_id] = layer
         return out
@@ -184,10 +181,7 @@ class LayerDB:
             try:
                 out[cid] = self.get_mount(cid)
             except ImageError as e:
-                if problems is None:
-                    raise
-                if str(e) not in problems:
-                    problems.append(str(e))
+                note_or_raise(e, problems)
         return out
 
     def get_mount(self, container_id: str) -> RWLayer:
