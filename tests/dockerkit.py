@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
+import imagekit
+
 if TYPE_CHECKING:
     import pytest
 
@@ -189,15 +191,8 @@ def build_busybox_image(dest: Path, tag: str = "thinpool-test/busybox:1") -> Tes
 
 
 def saved_layers(save_tar: Path) -> tuple[list[str], list[bytes]]:
-    """(diff ids from the config, layer tars) of a ``docker save`` output."""
-    with tarfile.open(save_tar) as tar:
-        def member(name: str) -> bytes:
-            f = tar.extractfile(name)
-            assert f is not None, name
-            return f.read()
-        manifest = json.loads(member("manifest.json"))
-        config = json.loads(member(manifest[0]["Config"]))
-        return config["rootfs"]["diff_ids"], [member(name) for name in manifest[0]["Layers"]]
+    """(diff ids from the config, layer tars) of a ``docker save`` output file."""
+    return imagekit.saved_layers(save_tar.read_bytes())
 
 
 def tar_listing(data: bytes) -> dict[str, tuple]:
