@@ -221,6 +221,18 @@ def test_mkfs_refuses_to_format_over_a_filesystem(pool: Path, root: Path) -> Non
     assert (root / "m" / "keep").read_text() == "precious"
     ok("umount", root / "m")
     fails("mount", pool, "0", root / "m", "--mkfs", "nope", match="Invalid value")
+    # mount(8)'s options reach mount(2): flags as flags, the rest as the filesystem's data
+    fails("mount", pool, "0", root / "m", "-o", "nosuchoption=1",
+          match="Invalid argument (a bad option")
+    assert not mounted_under(root / "m") and not any("/.fuse/0" in l for l in loops_under(pool))
+    ok("mount", pool, "0", root / "m", "-o", "ro,noatime,nodelalloc")
+    with open("/proc/self/mountinfo") as f:
+        line = next(l for l in f if l.split()[4] == str(root / "m"))
+    assert line.split()[5].startswith("ro,") and "noatime" in line.split()[5]
+    assert "nodelalloc" in line.split(" - ")[1]
+    with pytest.raises(OSError):
+        (root / "m" / "new").write_text("x")
+    ok("umount", root / "m")
     ok("stop", pool)
 
 
