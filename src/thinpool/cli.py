@@ -1473,14 +1473,17 @@ def docker_ls(docker_root: str, driver_name: str | None, data_path: str | None, 
 @_docker_root_options
 @click.option("-o", "--output", default="-", type=click.Path(dir_okay=False, allow_dash=True),
               help="Write the tar to FILE (default: standard output).")
+@click.option("--reader", type=click.Choice(["auto", "userspace", "kernel"]), default="auto", show_default=True,
+              help="How the device's filesystem is read: ext2/3/4 in userspace from its blocks, through a "
+                   "read-only kernel mount, or the first when it can (the tar is the same).")
 @_clean_errors
 def docker_export(docker_root: str, ref: str, driver_name: str | None, data_path: str | None,
-                  metadata_path: str | None, output: str) -> None:
+                  metadata_path: str | None, output: str, reader: str) -> None:
     """A container's (or an image's) whole filesystem as a tar, like 'docker export'."""
     if output == "-" and sys.stdout.isatty():
         raise click.UsageError("refusing to write a tar to a terminal: use -o FILE or a pipe")
     root = _open_docker_root(docker_root, driver_name, data_path, metadata_path)
-    _write_tar(root.export(ref), output, root.root, f"exporting {ref}")
+    _write_tar(root.export(ref, reader), output, root.root, f"exporting {ref}")
 
 
 @docker_group.command("mount")

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Any, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Iterable, Iterator
 
 from .apply import OPAQUE_XATTR, OVERLAY_XATTR_PREFIXES, WHITEOUT_OPAQUE, WHITEOUT_PREFIX
 from .changes import Change, ChangeKind, change_parts
@@ -61,23 +62,58 @@ def _xattrs(dir_fd: int, name: str) -> dict[str, bytes]:
         return {}  # no xattr support on this filesystem
     out = {}
     for key in keys:
-        if key.startswith(OVERLAY_XATTR_PREFIXES) or key in _SKIPPED_XATTRS:
-            continue
         try:
-            value = os.getxattr(path, key, follow_symlinks=False)
+            out[key] = os.getxattr(path, key, follow_symlinks=False)
         except OSError:
             continue  # removed meanwhile
+    return out
+
+
+def _tar_xattrs(xattrs: dict[str, bytes]) -> dict[str, bytes]:
+    """What of a file's xattrs goes into its tar entry (see the module docstring)."""
+    out = {}
+    for key, value in xattrs.items():
+        if key.startswith(OVERLAY_XATTR_PREFIXES) or key in _SKIPPED_XATTRS:
+            continue
         if key == "security.capability" and len(value) > 3 and value[3] == 3:
             value = value[:3] + b"\x02" + value[4:_CAPS_V2_SIZE]
         out[key] = value
     return out
 
 
-class _Writer:
-    """Tar entries for files found through directory fds."""
+@dataclass(slots=True)
+class Entry:
+    """One file of a tree as a walker found it, for ``TarWriter.entry``.
+
+    ``mode`` is the whole st_mode; ``mtime`` whole seconds (floor of the
+    nanosecond time); ``identity`` is the same for every path of one inode
+    (hard links: a non-directory with ``nlink`` > 1 is written once with its
+    data, later paths as links to the first); ``xattrs`` are what getxattr(2)
+    returns (the writer leaves out and translates what the module docstring
+    says); ``content`` yields a regular file's ``size`` bytes, exactly, in
+    chunks (fewer is an ArchiveError: the file shrank).
+    """
+
+    arcname: str
+    mode: int
+    uid: int
+    gid: int
+    mtime: int
+    nlink: int = 1
+    identity: Hashable = None
+    size: int = 0
+    linkname: str = ""
+    devmajor: int = 0
+    devminor: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    content: Callable[[], Iterator[bytes]] | None = None
+
+
+class TarWriter:
+    """Tar entries of one archive, from ``Entry`` descriptions (any walker's)."""
 
     def __init__(self) -> None:
-        self.links: dict[tuple[int, int], str] = {}
+        self.links: dict[Hashable, str] = {}
 
     def whiteout(self, arcname: str, st: os.stat_result | None = None) -> bytes:
         """An empty regular-file entry ``arcname`` (a ``.wh.`` or opaque marker)."""
@@ -86,70 +122,106 @@ class _Writer:
         return encode_header(arcname, REG, mode=0o600, uid=st.st_uid, gid=st.st_gid,
                              mtime=st.st_mtime_ns // 1_000_000_000)
 
-    def entry(self, dir_fd: int, name: str, arcname: str, st: os.stat_result) -> Iterator[bytes]:
-        """The header (and data) of ``name`` in ``dir_fd``; nothing for a socket."""
-        kind = _type_of(st.st_mode)
+    def entry(self, e: Entry) -> Iterator[bytes]:
+        """The header (and data) of one file; nothing for a socket."""
+        kind = _type_of(e.mode)
         if kind is None:
             return
-        xattrs = _xattrs(dir_fd, name)
+        xattrs = _tar_xattrs(e.xattrs) if e.xattrs else None
 
         def header(typeflag: str, **extra: Any) -> bytes:
-            return encode_header(arcname + ("/" if typeflag == DIR else ""), typeflag,
-                                 mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
-                                 mtime=st.st_mtime_ns // 1_000_000_000, xattrs=xattrs, **extra)
+            return encode_header(e.arcname + ("/" if typeflag == DIR else ""), typeflag,
+                                 mode=stat.S_IMODE(e.mode), uid=e.uid, gid=e.gid, mtime=e.mtime, xattrs=xattrs,
+                                 **extra)
 
         if kind == DIR:
             yield header(DIR)
             return
-        if st.st_nlink > 1:
-            first = self.links.get((st.st_dev, st.st_ino))
+        if e.nlink > 1:
+            first = self.links.get(e.identity)
             if first is not None:
                 yield header(LINK, linkname=first)
                 return
-            self.links[(st.st_dev, st.st_ino)] = arcname
+            self.links[e.identity] = e.arcname
         if kind == SYMLINK:
-            yield header(SYMLINK, linkname=os.readlink(name, dir_fd=dir_fd))
+            yield header(SYMLINK, linkname=e.linkname)
         elif kind in (CHAR, BLOCKDEV):
-            yield header(kind, devmajor=os.major(st.st_rdev), devminor=os.minor(st.st_rdev))
+            yield header(kind, devmajor=e.devmajor, devminor=e.devminor)
         elif kind == FIFO:
             yield header(FIFO)
         else:
-            yield from self._file(dir_fd, name, arcname, st, header(REG, size=st.st_size))
-
-    def _file(self, dir_fd: int, name: str, arcname: str, st: os.stat_result, header: bytes) -> Iterator[bytes]:
-        fd = os.open(name, _READ_FILE, dir_fd=dir_fd)
-        try:
-            now = os.fstat(fd)
-            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-                raise ArchiveError(f"{arcname!r} was replaced while being exported")
-            left = st.st_size
-            if left <= _CHUNK:
-                data = os.read(fd, left) if left else b""
-                if len(data) < left:
-                    data += self._rest(fd, left - len(data), arcname)
-                yield header + data + padding(left)
-                return
-            yield header
-            while left:
-                data = os.read(fd, min(left, _CHUNK))
-                if not data:
-                    raise ArchiveError(f"{arcname!r} shrank while being exported")
-                left -= len(data)
-                yield data
-            yield padding(st.st_size)
-        finally:
-            os.close(fd)
+            yield from self._file(e, header(REG, size=e.size))
 
     @staticmethod
-    def _rest(fd: int, n: int, arcname: str) -> bytes:
-        parts = []
-        while n:
-            data = os.read(fd, n)
+    def _file(e: Entry, header: bytes) -> Iterator[bytes]:
+        assert e.content is not None
+        chunks = e.content()
+        if e.size <= _CHUNK:
+            data = b"".join(chunks)
+            if len(data) != e.size:
+                raise ArchiveError(f"{e.arcname!r} shrank while being exported")
+            yield header + data + padding(e.size)
+            return
+        yield header
+        left = e.size
+        for data in chunks:
+            left -= len(data)
+            if left < 0:
+                raise ArchiveError(f"{e.arcname!r} grew while being exported")
+            yield data
+        if left:
+            raise ArchiveError(f"{e.arcname!r} shrank while being exported")
+        yield padding(e.size)
+
+
+def _dir_entry(dir_fd: int, name: str, arcname: str, st: os.stat_result) -> Entry:
+    """The ``Entry`` of ``name`` in the directory ``dir_fd`` (lstat result ``st``)."""
+    mode = st.st_mode
+    e = Entry(arcname, mode, st.st_uid, st.st_gid, st.st_mtime_ns // 1_000_000_000, st.st_nlink,
+              (st.st_dev, st.st_ino), xattrs=_xattrs(dir_fd, name))
+    if stat.S_ISREG(mode):
+        e.size = st.st_size
+        e.content = lambda: _file_content(dir_fd, name, arcname, st)
+    elif stat.S_ISLNK(mode):
+        e.linkname = os.readlink(name, dir_fd=dir_fd)
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        e.devmajor, e.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    return e
+
+
+def _file_content(dir_fd: int, name: str, arcname: str, st: os.stat_result) -> Iterator[bytes]:
+    """A regular file's ``st.st_size`` bytes (one chunk up to _CHUNK); the file must still be ``st``."""
+    fd = os.open(name, _READ_FILE, dir_fd=dir_fd)
+    try:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            raise ArchiveError(f"{arcname!r} was replaced while being exported")
+        left = st.st_size
+        if left <= _CHUNK:
+            data = os.read(fd, left) if left else b""
+            if len(data) < left:
+                data += _rest(fd, left - len(data), arcname)
+            yield data
+            return
+        while left:
+            data = os.read(fd, min(left, _CHUNK))
             if not data:
-                raise ArchiveError(f"{arcname!r} shrank while being exported")
-            parts.append(data)
-            n -= len(data)
-        return b"".join(parts)
+                return  # the writer says it shrank
+            left -= len(data)
+            yield data
+    finally:
+        os.close(fd)
+
+
+def _rest(fd: int, n: int, arcname: str) -> bytes:
+    parts = []
+    while n:
+        data = os.read(fd, n)
+        if not data:
+            raise ArchiveError(f"{arcname!r} shrank while being exported")
+        parts.append(data)
+        n -= len(data)
+    return b"".join(parts)
 
 
 def _sorted_entries(dir_fd: int) -> list[os.DirEntry[str]]:
@@ -157,7 +229,7 @@ def _sorted_entries(dir_fd: int) -> list[os.DirEntry[str]]:
         return sorted(it, key=lambda e: os.fsencode(e.name))
 
 
-def _walk(writer: _Writer, rd: RootDir, dir_fd: int, prefix: str, opaque_xattr: str | None) -> Iterator[bytes]:
+def _walk(writer: TarWriter, rd: RootDir, dir_fd: int, prefix: str, opaque_xattr: str | None) -> Iterator[bytes]:
     """Pre-order, names sorted at each level (Go's filepath.WalkDir order)."""
     for entry in _sorted_entries(dir_fd):
         st = entry.stat(follow_symlinks=False)
@@ -165,7 +237,7 @@ def _walk(writer: _Writer, rd: RootDir, dir_fd: int, prefix: str, opaque_xattr: 
         if opaque_xattr is not None and stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
             yield writer.whiteout(prefix + WHITEOUT_PREFIX + entry.name, st)
             continue
-        yield from writer.entry(dir_fd, entry.name, arcname, st)
+        yield from writer.entry(_dir_entry(dir_fd, entry.name, arcname, st))
         if stat.S_ISDIR(st.st_mode):
             child = rd.open_dir(dir_fd, entry.name)
             try:
@@ -198,7 +270,7 @@ def export_tree(root: str) -> Iterator[bytes]:
         with RootDir(root) as rd:
             top = rd.open_dir(rd.fd)
             try:
-                yield from _walk(_Writer(), rd, top, "", None)
+                yield from _walk(TarWriter(), rd, top, "", None)
             finally:
                 os.close(top)
         yield END_OF_ARCHIVE
@@ -223,7 +295,7 @@ def export_overlay(upper: str, *, opaque_xattr: str = OPAQUE_XATTR) -> Iterator[
                     st = os.fstat(top)
                     yield encode_header(WHITEOUT_OPAQUE, REG, mode=stat.S_IMODE(st.st_mode) & 0o777,
                                         uid=st.st_uid, gid=st.st_gid)
-                yield from _walk(_Writer(), rd, top, "", opaque_xattr)
+                yield from _walk(TarWriter(), rd, top, "", opaque_xattr)
             finally:
                 os.close(top)
         yield END_OF_ARCHIVE
@@ -241,7 +313,7 @@ def export_changes(root: str, changes: Iterable[Change]) -> Iterator[bytes]:
     ordered = sorted(changes, key=lambda c: os.fsencode(c.path))
 
     def gen() -> Iterator[bytes]:
-        writer = _Writer()
+        writer = TarWriter()
         with RootDir(root) as rd:
             for change in ordered:
                 parts = change_parts(change.path)
@@ -253,6 +325,6 @@ def export_changes(root: str, changes: Iterable[Change]) -> Iterator[bytes]:
                     st = os.stat(parts[-1], dir_fd=pfd, follow_symlinks=False)
                 except FileNotFoundError:
                     raise ArchiveError(f"cannot export {change.path}: it no longer exists under {root}") from None
-                yield from writer.entry(pfd, parts[-1], "/".join(parts), st)
+                yield from writer.entry(_dir_entry(pfd, parts[-1], "/".join(parts), st))
         yield END_OF_ARCHIVE
     return _guarded(root, gen())

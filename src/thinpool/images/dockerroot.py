@@ -47,6 +47,7 @@ import numpy as np
 from ..archive import changes as changes_dirs
 from ..archive import export_changes, export_tree
 from ..errors import DataPathError, ThinpoolError
+from ..extfs import CorruptFilesystem, UnsupportedFilesystem
 from ..fuse import FuseMount
 from ..linux import loop
 from ..graph.driver import GraphDriver
@@ -54,6 +55,7 @@ from ..linux.mounts import is_mountpoint, mount_entry
 from ..thin.reader import MetadataReader, SalvageLog
 from .digest import chain_ids
 from .errors import ImageError, NotFound
+from .exttree import ExtTree
 from .imagedb import Image, ImageStore
 from .containers import Container, ContainerStore, setup_init_layer
 from .layers import Layer, LayerDB, atomic_write, verified_tar
@@ -61,6 +63,7 @@ from .progress import NO_PROGRESS, Progress
 from .store import ImageRoot, IterReader, tar_size
 
 SPECIAL = ("deviceset-metadata", "transaction-metadata")
+READERS = ("auto", "userspace", "kernel")
 SECTOR = 512
 
 
@@ -381,28 +384,39 @@ class DockerRoot:
         kernel to read every file ahead (``POSIX_FADV_WILLNEED``), so the
         FUSE side serves many reads at once instead of one file at a time.
         """
+        with self._volume(hash) as volume:
+            with self._mounted_volume(volume, hash, prefetch) as tree:
+                yield tree
+
+    @contextlib.contextmanager
+    def _volume(self, hash: str) -> Iterator[ThinVolume]:
+        """The layer's thin device, read-only, over the pool's data file (open while in use)."""
         dev = self.device(hash)
         mapping = self.mapping(dev)
         fd = os.open(self.data_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            with mounted_device(ThinVolume(fd, self.block_bytes, dev.size, mapping),
-                                f"device {dev.device_id} ({hash})") as mnt:
-                rootfs = os.path.join(mnt, "rootfs")
-                tree = rootfs if os.path.isdir(rootfs) else mnt
-                if not prefetch:
-                    yield tree
-                    return
-                stop = threading.Event()
-                reader = threading.Thread(target=_read_ahead, args=(tree, stop), daemon=True,
-                                          name="thinpool-read-ahead")
-                reader.start()
-                try:
-                    yield tree
-                finally:
-                    stop.set()
-                    reader.join()
+            yield ThinVolume(fd, self.block_bytes, dev.size, mapping)
         finally:
             os.close(fd)
+
+    @contextlib.contextmanager
+    def _mounted_volume(self, volume: ThinVolume, hash: str, prefetch: bool) -> Iterator[str]:
+        dev = self.device(hash)
+        with mounted_device(volume, f"device {dev.device_id} ({hash})") as mnt:
+            rootfs = os.path.join(mnt, "rootfs")
+            tree = rootfs if os.path.isdir(rootfs) else mnt
+            if not prefetch:
+                yield tree
+                return
+            stop = threading.Event()
+            reader = threading.Thread(target=_read_ahead, args=(tree, stop), daemon=True,
+                                      name="thinpool-read-ahead")
+            reader.start()
+            try:
+                yield tree
+            finally:
+                stop.set()
+                reader.join()
 
     # -- what is there ---------------------------------------------------------------------------
     def _problem(self, line: str, into: list[str] | None = None) -> None:
@@ -501,8 +515,16 @@ class DockerRoot:
                 "Size": layer.size, "Device": self._device_info(dev) if dev is not None else None}
 
     # -- export ----------------------------------------------------------------------------------
-    def export(self, ref: str) -> Iterator[bytes]:
-        """The whole filesystem of a container (its read-write device) or an image (its top layer)."""
+    def export(self, ref: str, reader: str = "auto") -> Iterator[bytes]:
+        """The whole filesystem of a container (its read-write device) or an image (its top layer).
+
+        ``reader``: ``userspace`` reads the device's ext2/3/4 from its blocks
+        (``ExtTree``; a filesystem it does not handle is an ImageError),
+        ``kernel`` through a read-only kernel mount, ``auto`` (default) the
+        first when it can, else the second.  Both write the same tar.
+        """
+        if reader not in READERS:
+            raise ImageError(f"unknown reader {reader!r} (one of {', '.join(READERS)})")
         kind, obj = self.resolve(ref)
         if kind == "container":
             hash = self.layerdb.get_mount(obj.id).mount_id
@@ -513,11 +535,29 @@ class DockerRoot:
                 raise ImageError(f"image {ref} has no layers")
             hash = self.layerdb.get(chains[-1]).cache_id
         self.mapping(self.device(hash))  # a damaged device fails here, before any output
-        return self._export(hash)
+        return self._export(hash, reader)
 
-    def _export(self, hash: str) -> Iterator[bytes]:
-        with self.mounted(hash, prefetch=True) as tree:
-            yield from export_tree(tree)
+    def _export(self, hash: str, reader: str) -> Iterator[bytes]:
+        dev = self.device(hash)
+        what = f"device {dev.device_id} ({hash or 'base'})"
+        with self._volume(hash) as volume:
+            tree = None
+            if reader != "kernel":
+                try:
+                    tree = ExtTree(volume)
+                except UnsupportedFilesystem as e:
+                    if reader == "userspace":
+                        raise ImageError(f"{what}: {e}: read it with the kernel reader") from None
+                except CorruptFilesystem as e:
+                    raise ImageError(f"{what}: {e}") from None
+            if tree is not None:
+                try:
+                    yield from tree.export()
+                except CorruptFilesystem as e:
+                    raise ImageError(f"{what}: {e}") from None
+                return
+            with self._mounted_volume(volume, hash, prefetch=True) as mnt:
+                yield from export_tree(mnt)
 
     # -- migration -------------------------------------------------------------------------------
     def layer_tar(self, layer: Layer) -> Iterator[bytes]:
@@ -677,5 +717,5 @@ def unmount_served(mountpoint: str, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-__all__ = ["Device", "DockerRoot", "RootReport", "ThinVolume", "find_layouts", "mounted_device",
+__all__ = ["Device", "DockerRoot", "READERS", "RootReport", "ThinVolume", "find_layouts", "mounted_device",
            "serve_mount", "unmount_served"]

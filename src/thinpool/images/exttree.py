@@ -1,0 +1,89 @@
+"""A Docker device's tree read in userspace from its ext2/3/4 blocks, as a tar.
+
+``ExtTree(source)`` opens the filesystem on a thin device (any ``extfs``
+block source) and finds the layer's tree the way ``DockerRoot.mounted`` does
+on a kernel mount: ``rootfs/`` when it is a directory, else the whole
+filesystem.  ``export()`` writes the tar ``archive.export_tree`` writes of a
+read-only kernel mount of the same device, byte for byte: pre-order, names
+sorted as bytes at each level, the same ``TarWriter`` for headers, hard links,
+xattrs and data.
+
+Damage is a ``CorruptFilesystem`` naming the path (directory loops and
+directories reached twice included); a filesystem the reader does not handle,
+or a ``rootfs`` that is a symlink (a kernel mount follows it), is
+``UnsupportedFilesystem`` from the constructor, before any output.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Iterator
+
+from ..archive import Entry, TarWriter
+from ..archive.tarformat import END_OF_ARCHIVE
+from ..extfs import ROOT_INO, BlockSource, CorruptFilesystem, Filesystem, Inode, UnsupportedFilesystem
+
+
+class ExtTree:
+    """The layer tree of a device holding ext2/3/4 (see the module docstring)."""
+
+    def __init__(self, source: BlockSource) -> None:
+        self.fs = Filesystem(source)
+        root = self.fs.inode(ROOT_INO)
+        if not stat.S_ISDIR(root.mode):
+            raise CorruptFilesystem("ext: the root inode is not a directory")
+        self.top = root
+        for name, ino in self.fs.entries(root):
+            if name == b"rootfs":
+                node = self.fs.inode(ino)
+                if stat.S_ISDIR(node.mode):
+                    self.top = node
+                elif stat.S_ISLNK(node.mode):
+                    raise UnsupportedFilesystem("rootfs is a symlink")
+                break
+
+    def _children(self, inode: Inode, where: str) -> list[tuple[bytes, int]]:
+        out = sorted(self.fs.entries(inode))
+        for a, b in zip(out, out[1:]):
+            if a[0] == b[0]:
+                raise CorruptFilesystem(f"ext inode {inode.ino}: the name {a[0]!r} appears twice in {where}")
+        return out
+
+    def _entry(self, inode: Inode, arcname: str) -> Entry:
+        mode = inode.mode
+        e = Entry(arcname, mode, inode.uid, inode.gid, inode.mtime_ns // 1_000_000_000, inode.nlink, inode.ino,
+                  xattrs=self.fs.xattrs(inode))
+        if stat.S_ISREG(mode):
+            e.size = inode.size
+            e.content = lambda: self.fs.data(inode)
+        elif stat.S_ISLNK(mode):
+            e.linkname = os.fsdecode(self.fs.readlink(inode))
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            e.devmajor, e.devminor = inode.rdev
+        return e
+
+    def export(self) -> Iterator[bytes]:
+        """The tar of everything below the tree's top (not the top itself), then the end marker."""
+        writer = TarWriter()
+        seen = {self.top.ino}
+        stack = [(iter(self._children(self.top, "the top directory")), "")]
+        while stack:
+            children, prefix = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                continue
+            name, ino = child
+            arcname = prefix + os.fsdecode(name)
+            try:
+                inode = self.fs.inode(ino)
+                yield from writer.entry(self._entry(inode, arcname))
+                if stat.S_ISDIR(inode.mode):
+                    if ino in seen:
+                        raise CorruptFilesystem(f"directory inode {ino} is reached twice (a loop)")
+                    seen.add(ino)
+                    stack.append((iter(self._children(inode, arcname)), arcname + "/"))
+            except CorruptFilesystem as e:
+                raise CorruptFilesystem(f"{arcname}: {e}") from None
+        yield END_OF_ARCHIVE
