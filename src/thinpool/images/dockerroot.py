@@ -19,13 +19,17 @@ shows every device whose mapping tree is whole; a device with a damaged
 tree is reported and refused for export, never guessed at.  Nothing under
 the root is ever opened for writing.
 
-A thin device reaches the kernel as a read-only file on a private FUSE
-mount (``ThinVolume``: reads go straight to the pool's data file through
-the device's block mapping), attached to a read-only loop device and
-mounted ``ro`` without journal replay (ext4 ``noload``; xfs
-``norecovery,nouuid``).  Docker's device holds the layer under
-``rootfs/``.  ``mounted_device`` tears everything down on exit, also on
-failure.
+A thin device is a ``ThinVolume``: reads go straight to the pool's data
+file through the device's block mapping.  ``export`` reads an ext2/3/4
+device in userspace from those blocks (``exttree.ExtTree`` over ``extfs``:
+no FUSE, loop device or mount).  A filesystem that reader does not handle
+(xfs, a journal that needs replaying, a feature it does not implement)
+takes the kernel path, which is also what ``mount`` and ``migrate`` use:
+the volume as a read-only file on a private FUSE mount, attached to a
+read-only loop device and mounted ``ro`` without journal replay (ext4
+``noload``; xfs ``norecovery,nouuid``).  Both paths write the same tar.
+Docker's device holds the layer under ``rootfs/``.  ``mounted_device``
+tears everything down on exit, also on failure.
 """
 
 from __future__ import annotations
