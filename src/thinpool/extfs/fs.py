@@ -381,7 +381,7 @@ class Filesystem:
 
     def _dirents(self, inode: Inode, buf: bytearray, base: int, logical: int) -> Iterator[tuple[bytes, int]]:
         bs = self.block_size
-        limit = self.sb.inodes_count
+        limit, first = self.sb.inodes_count, self.sb.first_ino
         off = 0
         while off < bs:
             if off + 8 > bs:
@@ -393,7 +393,8 @@ class Filesystem:
                 rec_len = 65536
             else:
                 rec_len = (rec_len & 65532) | ((rec_len & 3) << 16)
-            if rec_len < 12 or rec_len % 4 or rec_len < 8 + name_len or off + rec_len > bs or ino > limit:
+            if (rec_len < 12 or rec_len % 4 or rec_len < 8 + name_len or off + rec_len > bs or ino > limit
+                    or (0 < ino < first and ino != ROOT_INO)):  # a reserved inode: the kernel refuses it
                 raise CorruptFilesystem(f"ext inode {inode.ino}: directory block {logical}: bad record at "
                                         f"{off} (length {rec_len}, name length {name_len}, inode {ino})")
             if ino:

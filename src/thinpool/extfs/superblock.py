@@ -72,6 +72,7 @@ class Superblock:
     inode_size: int
     desc_size: int
     groups: int
+    first_ino: int       # the first inode a directory may name (the root, 2, is the exception)
     incompat: int
     ro_compat: int
     uid16: bool          # EXT4_DEFM_UID16: the kernel ignores the high 16 bits of ids
@@ -116,9 +117,11 @@ class Superblock:
         blocks_count = blocks_lo
         if incompat & INCOMPAT_64BIT:
             blocks_count |= int.from_bytes(raw[0x150:0x154], "little") << 32
+        first_ino = 11
         if rev_level == 0:
             inode_size = 128
         else:
+            first_ino = int.from_bytes(raw[0x54:0x58], "little")
             inode_size = int.from_bytes(raw[0x58:0x5A], "little")
             if inode_size < 128 or inode_size > block_size or inode_size & (inode_size - 1):
                 raise CorruptFilesystem(f"ext superblock: inode size {inode_size}")
@@ -140,7 +143,7 @@ class Superblock:
             raise CorruptFilesystem(f"ext superblock: {inodes_count} inodes in {groups} groups")
         uid16 = bool(int.from_bytes(raw[0x100:0x104], "little") & DEFM_UID16)
         return cls(block_size, blocks_count, first_data_block, blocks_per_group, inodes_per_group,
-                   inodes_count, inode_size, desc_size, groups, incompat, ro_compat, uid16)
+                   inodes_count, inode_size, desc_size, groups, first_ino, incompat, ro_compat, uid16)
 
     def inode_tables(self, table: bytes) -> list[int]:
         """The first block of each group's inode table, from the group descriptor table."""
