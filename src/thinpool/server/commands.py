@@ -154,7 +154,11 @@ def create_snap(pool: Pool, args: Args, fds: list[int], cancelled: Cancelled) ->
 
 
 def delete(pool: Pool, args: Args, fds: list[int], cancelled: Cancelled) -> dict[str, Any]:
-    pool.delete(args["id"], transaction=_transaction(args))
+    """Delete a volume; ``discard: true`` also discards the data blocks only it held."""
+    discard = args.get("discard", False)
+    if not isinstance(discard, bool):
+        raise CommandError(f"discard must be true or false, not {discard!r}")
+    pool.delete(args["id"], transaction=_transaction(args), discard=discard)
     return {}
 
 
