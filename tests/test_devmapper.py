@@ -244,8 +244,14 @@ def test_options(drivers: Drivers) -> None:
 
 def test_min_free_space_refuses_snapshots(drivers: Drivers, tmp_path: Path) -> None:
     d = drivers.new("dm.min_free_space=99%")
+    tid = drivers.pool_call("status")["status"]["transaction_id"]
     with pytest.raises(GraphError, match="free (data|metadata) blocks which is less than minimum"):
         d.create("x", None)
+    # refused by the pool server before any change: no record, no device, nothing left open
+    assert not d.exists("x") and not (drivers.home / "metadata" / "x").exists()
+    assert record(drivers.home, "transaction-metadata")["open_transaction_id"] == tid
+    assert drivers.pool_call("status")["status"]["transaction_id"] == tid
+    assert d.check() == []
 
 
 def test_thinpooldev_uses_an_existing_pool(drivers: Drivers, tmp_path: Path) -> None:

@@ -460,11 +460,22 @@ class DevmapperDriver(NaiveDiff):
                         self._call("create-thin", id=dev_id, size=size)
                         self._close_transaction()
                     else:
+                        # dm.min_free_space is checked by the pool server in the same request
                         self._call("create-snap", id=dev_id, origin_id=origin.device_id,
-                                   transaction=[self.transaction_id, self.open_transaction_id])
+                                   transaction=[self.transaction_id, self.open_transaction_id],
+                                   min_free_percent=self.opts.min_free_space)
                         self.transaction_id = self.open_transaction_id
                     break
                 except ThinpoolError as e:
+                    if "ENOSPC" in str(e) and "minimum required" in str(e):
+                        # refused before any change: nothing is left open
+                        self.open_transaction_id = self.transaction_id
+                        _write_json(os.path.join(self.meta_dir, "transaction-metadata"), {
+                            "open_transaction_id": self.transaction_id, "device_hash": hash,
+                            "device_id": dev_id})
+                        raise GraphError(f"devmapper: {e}. Create more free space in thin pool "
+                                         "or use dm.min_free_space option to change behavior") \
+                            from None
                     if "EEXIST" not in str(e):
                         raise
                     log.error("devmapper: Device ID %d exists in pool but it is supposed to be "
@@ -630,7 +641,6 @@ class DevmapperDriver(NaiveDiff):
             if size < base.size:
                 raise GraphError(f"devmapper: Container size cannot be smaller than "
                                  f"{human_size(base.size)}")
-            self._check_free_space()
             info = self._create_device(id, base.size, base)
             if size > base.size:
                 try:
@@ -638,20 +648,6 @@ class DevmapperDriver(NaiveDiff):
                 except BaseException:
                     self._delete_device(id, sync=True)
                     raise
-
-    def _check_free_space(self) -> None:
-        pct = self.opts.min_free_space
-        if not pct:
-            return
-        st = self._pool_status()
-        for what, used, total in (("data", st["used_data"], st["total_data"]),
-                                  ("metadata", st["used_metadata"], st["total_metadata"])):
-            free, need = total - used, total * pct // 100
-            if free < need:
-                raise GraphError(f"devmapper: Thin Pool has {free} free {what} blocks which is "
-                                 f"less than minimum required {need} free {what} blocks. Create "
-                                 "more free space in thin pool or use dm.min_free_space option "
-                                 "to change behavior")
 
     def remove(self, id: str) -> None:
         """Remove a layer: with deferred deletion its device is deleted in the background

@@ -187,7 +187,12 @@ class PoolServer:
         origin = _snapshot_origin(command, args)
         if origin is not None:
             with kernel.frozen(origin):
-                return commands.run(self.pool, command, args, fds, cancelled)
+                result = commands.run(self.pool, command, args, fds, cancelled)
+            if command == "create-snap" and args.get("attach"):
+                # the new device straight away (one request instead of two); if the attach
+                # fails the snapshot stays, as after a create-snap and a failed attach
+                result["device"] = kernel.attach(int(args["id"]))
+            return result
         return commands.run(self.pool, command, args, fds, cancelled)
 
     def _check(self) -> dict[str, Any]:
