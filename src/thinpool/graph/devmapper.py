@@ -37,9 +37,9 @@ seconds (at the latest ``DELETION_LATEST`` seconds after the removal).  A
 crash before it finishes leaves the pending record, and the next start
 deletes the device (as Docker's start deletes devices marked deleted); a
 failed deletion is logged and retried every ``DELETION_RETRY`` seconds and at
-the next start.  Busy devices are marked deleted under their own id and
-retried the same way (Docker's deferred deletion).  With deferred deletion
-off, ``remove`` deletes before it returns.
+the next start.  Records Docker itself marked deleted under their own id
+(busy devices) are retried the same way.  With deferred deletion off,
+``remove`` deletes before it returns.
 """
 
 from __future__ import annotations
