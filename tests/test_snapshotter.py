@@ -728,8 +728,9 @@ def test_remove_frees_the_key_at_once_and_survives_a_kill(short_tmp: Path, drive
         assert seen_queued
     finally:
         assert sn.stop() == 0
-    r = _check(root)
-    assert (r.returncode, r.stdout) == (0, "clean\n"), r.stdout + r.stderr
+    for graph in (False, True):  # 'thinpool graph check' on a snapshotter root too
+        r = _check(root, graph=graph)
+        assert (r.returncode, r.stdout) == (0, "clean\n"), r.stdout + r.stderr
     if driver == "devicemapper":
         r = subprocess.run(["thin_check", str(root / "pool" / "metadata")],
                            capture_output=True, text=True)
