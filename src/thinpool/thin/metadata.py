@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, Sequence
+import numpy as np
 
 from ..errors import DeviceError, MetadataError, ThinpoolError
 from ..ondisk.checksum import Salt
@@ -59,6 +60,13 @@ class _DataBlockValue:
     def inc(self, value: int) -> None:
         self.sm.inc(value >> 24)
 
+    def inc_all(self, values: list[int]) -> None:
+        if len(values) < 16:  # numpy's set-up costs more than a few increments
+            for v in values:
+                self.sm.inc(v >> 24)
+        else:
+            self.sm.inc_many(np.array(values, dtype=np.uint64) >> np.uint64(24))
+
     def dec(self, value: int) -> None:
         if self.sm.dec(value >> 24) == 0 and self.freed is not None:
             self.freed.append(value >> 24)
@@ -75,6 +83,10 @@ class _SubtreeValue:
 
     def inc(self, value: int) -> None:
         self.tm.sm.inc(value)
+
+    def inc_all(self, values: list[int]) -> None:
+        for v in values:
+            self.tm.sm.inc(v)
 
     def dec(self, value: int) -> None:
         self.bottom.release(value)
