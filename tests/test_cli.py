@@ -82,6 +82,12 @@ def test_pool_lifecycle(tmp_path: Path) -> None:
     ok("discard", d, "1", "--offset", "0", "--length", "65536")
     assert ok("status", d, "--thin", "1").strip() == "0 -"
     ok("delete", d, "1")
+    ok("create-snap", d, "2", "0")
+    ok("write", d, "2", "--offset", "1M", "-", input=b"x" * 65536)  # one block of its own
+    used = int(ok("status", d).split()[2].split("/")[0])
+    ok("delete", d, "2", "--discard")  # frees (and punches) that block, not the shared ones
+    assert int(ok("status", d).split()[2].split("/")[0]) == used - 1
+    assert ok("read", d, "0", "--offset", "10", "--length", "24") == "hello world, I am a base"
     img = tmp_path / "img"
     ok("export-image", d, "0", img)
     assert img.read_bytes()[10:34] == b"hello world, I am a base"

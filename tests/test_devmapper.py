@@ -102,7 +102,11 @@ def test_dockers_layout_and_records(drivers: Drivers) -> None:
     assert dict(d.status())["Pool Blocksize"] == "65.54kB"
     d.put("ctr")
     d.remove("ctr")
-    assert not (home / "metadata" / "ctr").exists()
+    assert not (home / "metadata" / "ctr").exists() and not d.exists("ctr")
+    pending = record(home, f"deleted:{rec['device_id']}")  # deleted in the background
+    assert pending["deleted"] and pending["device_id"] == rec["device_id"]
+    d.finish_deletions()
+    assert not (home / "metadata" / f"deleted:{rec['device_id']}").exists()
     assert drivers.pool_call("status")["status"]["transaction_id"] == 4  # the delete too
 
 
@@ -203,15 +207,20 @@ def test_busy_device_is_deleted_later(drivers: Drivers) -> None:
     d.create("busy", None)
     dev_id = record(drivers.home, "busy")["device_id"]
     drivers.pool_call("attach", id=dev_id)  # held by something else (a loop device)
-    d.remove("busy")  # deferred: marked deleted
-    assert record(drivers.home, "busy")["deleted"] is True
+    d.remove("busy")  # the layer is gone; its device waits
+    assert not d.exists("busy") and not (drivers.home / "metadata" / "busy").exists()
+    d.finish_deletions()  # EBUSY: stays pending
+    assert record(drivers.home, f"deleted:{dev_id}")["deleted"] is True
     assert dict(d.status())["Deferred Deleted Device Count"] == "1"
-    with pytest.raises(GraphError, match="deferred deletion"):
-        d.get("busy")
+    d.create("busy", None)  # the id is free at once; the new layer has a new device
+    assert record(drivers.home, "busy")["device_id"] != dev_id
+    d.remove("busy")
+    d.finish_deletions()
     drivers.pool_call("detach", target=str(dev_id))
     d.cleanup()
     d2 = drivers.new()  # a start retries marked devices
-    assert not d2.exists("busy") and not (drivers.home / "metadata" / "busy").exists()
+    assert not d2.exists("busy") and not (drivers.home / "metadata" / f"deleted:{dev_id}").exists()
+    assert dev_id not in [v["dev_id"] for v in drivers.pool_call("list")["volumes"]]
 
 
 def test_options(drivers: Drivers) -> None:
@@ -235,8 +244,14 @@ def test_options(drivers: Drivers) -> None:
 
 def test_min_free_space_refuses_snapshots(drivers: Drivers, tmp_path: Path) -> None:
     d = drivers.new("dm.min_free_space=99%")
+    tid = drivers.pool_call("status")["status"]["transaction_id"]
     with pytest.raises(GraphError, match="free (data|metadata) blocks which is less than minimum"):
         d.create("x", None)
+    # refused by the pool server before any change: no record, no device, nothing left open
+    assert not d.exists("x") and not (drivers.home / "metadata" / "x").exists()
+    assert record(drivers.home, "transaction-metadata")["open_transaction_id"] == tid
+    assert drivers.pool_call("status")["status"]["transaction_id"] == tid
+    assert d.check() == []
 
 
 def test_thinpooldev_uses_an_existing_pool(drivers: Drivers, tmp_path: Path) -> None:
@@ -290,7 +305,11 @@ def test_pool_stays_consistent(drivers: Drivers) -> None:
         d2.remove("a")
 
 
-def test_check_finds_and_repairs(drivers: Drivers) -> None:
+def test_check_finds_and_repairs(drivers: Drivers, monkeypatch: pytest.MonkeyPatch) -> None:
+    from thinpool.graph import devmapper
+
+    monkeypatch.setattr(devmapper, "DELETION_QUIET", 600.0)  # the worker stays out of it
+    monkeypatch.setattr(devmapper, "DELETION_LATEST", 600.0)
     d = drivers.new()
     d.create("keep", None)
     d.create("gone", None)
@@ -302,8 +321,7 @@ def test_check_finds_and_repairs(drivers: Drivers) -> None:
     drivers.pool_call("message", text=f"delete {gone_id}")  # record without a device
     drivers.pool_call("message", text="create_thin 4242")  # device without a record
     drivers.pool_call("attach", id=busy_id)
-    d.remove("busy")  # busy: marked for deferred deletion
-    drivers.pool_call("detach", target=str(busy_id))
+    d.remove("busy")  # busy: its deletion stays pending
     (home / "mnt" / "stray").mkdir(parents=True)
     tid = drivers.pool_call("status")["status"]["transaction_id"]
     (home / "metadata" / "transaction-metadata").write_text(json.dumps(
@@ -312,8 +330,10 @@ def test_check_finds_and_repairs(drivers: Drivers) -> None:
     assert any("opened but never closed" in p for p in problems), problems
     assert any(f"layer gone: device {gone_id} is not in the pool" in p for p in problems)
     assert any("device 4242 is in the pool but no layer records it" in p for p in problems)
-    assert any("layer busy is marked for deferred deletion" in p for p in problems)
+    assert any(f"device {busy_id} of a removed layer is marked for deferred deletion" in p
+               for p in problems)
     assert any("mnt/stray belongs to no layer" in p for p in problems)
+    drivers.pool_call("detach", target=str(busy_id))
     fixed = d.check(repair=True)
     assert all(f.repaired for f in fixed), [f.problem for f in fixed if not f.repaired]
     assert d.check() == []
@@ -355,6 +375,7 @@ def test_blkdiscard_gives_a_removed_layers_space_back(drivers: Drivers, blkdisca
     d.put("big")
     before = data.stat().st_blocks * 512
     d.remove("big")
+    d.finish_deletions()
     freed = before - data.stat().st_blocks * 512
     if blkdiscard:
         assert freed >= 60 << 20

@@ -436,3 +436,59 @@ def test_cli_default_driver_is_devicemapper(base: Path) -> None:
         assert p.call("GraphDriver.Cleanup") == {}   # as dockerd stopping: the pool server stops
     finally:
         p.cleanup()
+
+
+@pytest.mark.skipif("devicemapper" not in plugin_drivers(), reason="devicemapper not registered")
+def test_devicemapper_removal_survives_a_killed_plugin(base: Path) -> None:
+    """Remove returns before the device is deleted (in the background): a plugin SIGKILLed
+    right after Remove leaves the durable pending record, and the restarted plugin deletes the
+    device; the layer id is free at once, the records and the pool check clean."""
+    from graphkit import TEST_OPTIONS
+    from thinmodel import assert_thin_check_clean
+    from thinpool.server.control import request
+    from thinpool.server.daemon import control_path
+
+    from test_cli import tp
+
+    opts = TEST_OPTIONS["devicemapper"]
+    p = K.PluginProcess(K.unique_plugin_name(), "devicemapper", *opts, log_dir=base,
+                        socket_path=base / "p.sock")
+    home = base / "home"
+    dm_home = home / "devicemapper"
+    pool = dm_home / "devicemapper"
+    try:
+        p.start()
+        assert p.call("GraphDriver.Init", {"Home": str(home)}) == {}
+        assert p.call("GraphDriver.Create", {"ID": "img"}) == {}
+        status, _ = raw_call(p, apply_head("img") + chunked(small_tar("etc/one", "etc/two")))
+        assert status == 200
+        for rnd in range(3):
+            assert p.call("GraphDriver.CreateReadWrite", {"ID": "ctr", "Parent": "img"}) == {}
+            dev = json.loads((dm_home / "metadata" / "ctr").read_text())["device_id"]
+            mnt = p.call("GraphDriver.Get", {"ID": "ctr"})["Dir"]
+            Path(mnt, "written").write_bytes(os.urandom(1 << 20))
+            assert p.call("GraphDriver.Put", {"ID": "ctr"}) == {}
+            assert p.call("GraphDriver.Remove", {"ID": "ctr"}) == {}
+            if rnd < 2:
+                p.kill()  # before the deletion worker's quiet time is up
+                assert (dm_home / "metadata" / f"deleted:{dev}").exists()
+                assert not (dm_home / "metadata" / "ctr").exists()
+                p.start()  # the driver's start deletes the pending device
+            assert p.call("GraphDriver.Exists", {"ID": "ctr"}) == {"Exists": False}
+            deadline = time.monotonic() + 10
+            while (dm_home / "metadata" / f"deleted:{dev}").exists() and \
+                    time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not (dm_home / "metadata" / f"deleted:{dev}").exists()
+            volumes = request(control_path(str(pool)), "list", {})["volumes"]
+            assert dev not in [v["dev_id"] for v in volumes]
+        args = ["graph", "--root", str(home), "--driver", "devicemapper",
+                *[a for o in opts for a in ("--storage-opt", o)]]
+        r = tp(*args, "check")
+        assert r.returncode == 0 and r.stdout.decode().strip() == "clean", r.stdout + r.stderr
+        assert p.call("GraphDriver.Cleanup") == {}  # stops the pool server
+        assert_thin_check_clean(pool / "metadata")
+    finally:
+        p.cleanup()
+        K.stop_pool_servers(base)
+        K.unmount_under(base)

@@ -69,7 +69,9 @@ def open_root(driver: str, path: Path) -> ImageRoot:
 
 
 def layer_listing(driver: str, path: Path) -> list[str]:
-    return sorted(os.listdir(path / LAYER_DIRS[driver]))
+    """The driver's layers as its directory shows them (devicemapper's records of removed
+    layers whose devices wait for the background deletion, ``deleted:N``, are no layers)."""
+    return sorted(n for n in os.listdir(path / LAYER_DIRS[driver]) if not n.startswith("deleted:"))
 
 
 # -- load / ls / save / rm ----------------------------------------------------------------------------

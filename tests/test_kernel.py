@@ -125,6 +125,37 @@ def test_attach_detach_and_errors(pool: Path, root: Path) -> None:
     ok("stop", pool)
 
 
+def test_create_snap_attached_in_one_request_and_its_free_space_check(pool: Path) -> None:
+    """The control request create-snap with ``attach`` makes the snapshot and attaches it
+    (one round trip); ``min_free_percent`` refuses it with ENOSPC on a pool short of space
+    and leaves nothing behind; bad values are one-line errors."""
+    from thinpool.server.control import RemoteError, request
+    from thinpool.server.daemon import control_path
+
+    ok("attach", pool, "0")  # starts the server
+    ok("detach", pool, "0")
+    ctl = control_path(str(pool))
+    r = request(ctl, "create-snap", {"id": 1, "origin_id": 0, "attach": True,
+                                     "min_free_percent": 10, "transaction": [0, 1]})
+    assert r["device"].startswith("/dev/loop")
+    assert request(ctl, "server-info", {})["attached"] == {"1": r["device"]}
+    assert request(ctl, "status", {})["status"]["transaction_id"] == 1
+    with pytest.raises(RemoteError, match=r"free metadata blocks which is less than minimum "
+                                          r"required \d+ free metadata blocks \(99%\) \(ENOSPC\)"):
+        request(ctl, "create-snap", {"id": 2, "origin_id": 0, "attach": True,
+                                     "min_free_percent": 99})
+    for bad in (100, -1, "10", True):
+        with pytest.raises(RemoteError, match="min_free_percent must be an integer"):
+            request(ctl, "create-snap", {"id": 2, "origin_id": 0, "min_free_percent": bad})
+    assert [v["dev_id"] for v in request(ctl, "list", {})["volumes"]] == [0, 1]
+    request(ctl, "detach", {"target": "1"})
+    request(ctl, "delete", {"id": 1, "discard": True})
+    with pytest.raises(RemoteError, match="discard must be true or false"):
+        request(ctl, "delete", {"id": 0, "discard": "yes"})
+    ok("stop", pool)
+    assert_thin_check_clean(pool / "metadata")
+
+
 def test_mount_snapshot_beside_origin_and_fsck(pool: Path, root: Path) -> None:
     for m in ("m0", "m1", "busy"):
         (root / m).mkdir()

@@ -153,6 +153,38 @@ def test_fifty_deep_snapshot_chain(tmp_path: Path) -> None:
     verify(meta, model)
 
 
+def test_overflow_counts_rise_and_fall_in_one_commit(tmp_path: Path) -> None:
+    """Data blocks whose counts pass 2 live in the overflow tree: a commit that raises some
+    counts above 2 (new snapshots breaking shared leaves) and drops others below 3 (deleted
+    snapshots) edits that tree both ways in one go; the counts thin_check recomputes agree."""
+    meta = new_pool(tmp_path)
+    model: dict[int, dict[int, int]] = {}
+    with PoolMetadata(meta) as md:
+        md.create_thin(0)
+        base = {v: md.alloc_data_block() for v in range(700)}
+        for v, b in base.items():
+            md.insert(0, v, b)
+        model[0] = dict(base)
+        md.commit()
+        next_id = 1
+        for round_ in range(4):
+            for dev in [d for d in model if d != 0][:5]:  # counts fall (some below 3)
+                md.delete(dev)
+                del model[dev]
+            for _ in range(6):  # counts rise: each snapshot breaks the sharing of 3 leaves
+                md.create_snap(next_id, 0)
+                mapping = dict(base)
+                for v in (round_ * 7 + 1, 250 + next_id, 600 - next_id):
+                    mapping[v] = md.alloc_data_block()
+                    md.insert(next_id, v, mapping[v])
+                model[next_id] = mapping
+                next_id += 1
+            md.commit()
+            assert max(md.data_block_count(b) for b in base.values()) >= 3
+            assert_thin_check_clean(meta)  # the committed counts, overflow tree included
+    verify(meta, model)
+
+
 def test_held_metadata_snapshot(tmp_path: Path) -> None:
     meta = new_pool(tmp_path)
     with PoolMetadata(meta) as md:

@@ -194,6 +194,45 @@ def test_discard_passdown_punches_holes_after_commit(tmp_path: Path) -> None:
             assert bytes(vol.read(BS, BS)) == bytes(BS)
 
 
+def test_delete_with_discard_punches_only_what_the_device_held(tmp_path: Path) -> None:
+    """delete(discard=True) frees and punches the blocks only the deleted device mapped (what a
+    whole-device discard before the delete would), never a block a snapshot still shares."""
+    d = make_pool(tmp_path)
+    with Pool(d) as pool:
+        pool.create_thin(0, size=8 << 20)
+        with pool.volume(0) as vol:
+            vol.write(0, os.urandom(4 << 20))
+            vol.flush()
+        pool.create_snap(1, 0)
+        with pool.volume(1) as snap:
+            snap.write(4 << 20, os.urandom(2 << 20))  # 32 blocks of its own
+            snap.write(0, b"x" * BS)  # one copied block; the origin keeps the shared original
+            snap.flush()
+        base = allocated(f"{d}/data")
+        used = pool.status().used_data
+        pool.create_snap(2, 1)
+        pool.delete(1, discard=True)  # all shared with snapshot 2: nothing freed
+        assert pool.status().used_data == used and allocated(f"{d}/data") == base
+        pool.delete(2, discard=True)  # the 33 blocks of its own go back, as holes
+        assert pool.status().used_data == used - 33
+        assert allocated(f"{d}/data") <= base - 33 * BS
+        pool.create_snap(3, 0)
+        pool.delete(3)  # without discard nothing is punched (the kernel's delete)
+        with pool.volume(0) as vol:
+            assert pool.thin_status(0).mapped_sectors == 64 * 128
+            vol.read(0, BS)
+    assert_thin_check_clean(f"{d}/metadata")
+    d2 = make_pool(tmp_path / "b", no_discard_passdown=True)
+    with Pool(d2) as pool:
+        pool.create_thin(0, size=1 << 20)
+        with pool.volume(0) as vol:
+            vol.write(0, os.urandom(1 << 20))
+            vol.flush()
+        before = allocated(f"{d2}/data")
+        pool.delete(0, discard=True)
+        assert allocated(f"{d2}/data") == before and pool.status().used_data == 0
+
+
 def test_no_passdown_and_ignore_discard(tmp_path: Path) -> None:
     d = make_pool(tmp_path, no_discard_passdown=True)
     with Pool(d) as pool:

@@ -474,10 +474,13 @@ def create_snap(directory: str, dev_id: int, origin_id: int, name: str | None) -
 @cli.command("delete")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.argument("dev_id", type=DEV_ID)
+@click.option("--discard", is_flag=True,
+              help="Also discard the blocks only this volume held (their space goes back to "
+                   "a sparse data file), as a discard of the whole volume first would.")
 @_clean_errors
-def delete_cmd(directory: str, dev_id: int) -> None:
+def delete_cmd(directory: str, dev_id: int, discard: bool) -> None:
     """Delete a thin volume and release its blocks."""
-    _call(directory, "delete", {"id": dev_id})
+    _call(directory, "delete", {"id": dev_id, "discard": discard})
 
 
 @cli.command("list")

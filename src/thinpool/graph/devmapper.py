@@ -24,8 +24,22 @@ next start.  Device ids are 24-bit, allocated from a bitmap rebuilt from the
 records, with EEXIST retry.  The base device is formatted ext4 (or xfs) with
 Docker's mkfs flags and its UUID recorded and checked on every start; each
 layer is a ``create_snap`` of its parent; a container's ``size`` storage
-option grows its filesystem.  Busy devices are marked deleted and deleted
-later (deferred deletion).  Diffs are naive (mount both layers, compare).
+option grows its filesystem.  Diffs are naive (mount both layers, compare).
+
+Removal (``dm.use_deferred_deletion``, on by default): ``remove`` only moves
+the layer's record aside, durably, as a pending deletion - ``metadata/
+deleted:<device id>`` with ``deleted: true``, a name no layer id can take -
+and returns; the layer id is free at once (a new layer of that id gets a new
+device).  A background worker deletes pending devices (a delete transaction
+each, with ``dm.blkdiscard``'s discard of what only that device held in the
+same pool commit) after the driver has had no call for ``DELETION_QUIET``
+seconds (at the latest ``DELETION_LATEST`` seconds after the removal).  A
+crash before it finishes leaves the pending record, and the next start
+deletes the device (as Docker's start deletes devices marked deleted); a
+failed deletion is logged and retried every ``DELETION_RETRY`` seconds and at
+the next start.  Records Docker itself marked deleted under their own id
+(busy devices) are retried the same way.  With deferred deletion off,
+``remove`` deletes before it returns.
 """
 
 from __future__ import annotations
@@ -38,7 +52,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ..errors import ThinpoolError
@@ -57,6 +71,9 @@ log = logging.getLogger("thinpool.graph.devicemapper")
 
 MAX_DEVICE_ID = 0xFFFFFF
 DELETION_RETRY = 30.0  # seconds between deferred-deletion attempts (Docker's worker)
+DELETION_QUIET = 0.1  # seconds without a driver call before pending deletions run
+DELETION_LATEST = 2.0  # ... or this long after a removal, whatever the calls
+PENDING = "deleted:"  # record name prefix of a pending deletion (never a valid layer id)
 SPECIAL = ("deviceset-metadata", "transaction-metadata")
 
 
@@ -231,6 +248,8 @@ class DevmapperDriver(NaiveDiff):
         self.base_fs = ""
         self._used_ids: set[int] = set()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a removal queued a pending deletion
+        self._last_call = time.monotonic()  # of a layer call, for the deletion worker's quiet
         self._worker: threading.Thread | None = None
         self._server_proc: subprocess.Popen[bytes] | None = None
         self._closed = False
@@ -334,6 +353,7 @@ class DevmapperDriver(NaiveDiff):
                 continue
             self.devices["" if name == "base" else name] = info
             self._used_ids.add(info.device_id)
+        self._drop_removed_records()
         try:
             with open(os.path.join(self.meta_dir, "deviceset-metadata"), encoding="utf-8") as f:
                 raw = json.load(f)
@@ -346,6 +366,16 @@ class DevmapperDriver(NaiveDiff):
             raise GraphError(f"devmapper: deviceset-metadata is unreadable: {e}") from None
         self.transaction_id = int(self._pool_status()["transaction_id"])
         self._process_pending_transaction()
+
+    def _drop_removed_records(self) -> None:
+        """A layer record naming the device of a pending deletion is one whose removal a crash
+        interrupted after the pending record was made durable: finish the removal."""
+        pending = {i.device_id for h, i in self.devices.items() if h.startswith(PENDING)}
+        for hash in [h for h, i in self.devices.items()
+                     if i.device_id in pending and not h.startswith(PENDING)]:
+            log.warning("devmapper: finishing the interrupted removal of layer %s", hash or "base")
+            del self.devices[hash]
+            os.unlink(self._record_path(hash))
 
     def _migrate_old_json(self) -> None:
         """Pre-0.12 Docker kept every device in ``devicemapper/json``."""
@@ -430,11 +460,22 @@ class DevmapperDriver(NaiveDiff):
                         self._call("create-thin", id=dev_id, size=size)
                         self._close_transaction()
                     else:
+                        # dm.min_free_space is checked by the pool server in the same request
                         self._call("create-snap", id=dev_id, origin_id=origin.device_id,
-                                   transaction=[self.transaction_id, self.open_transaction_id])
+                                   transaction=[self.transaction_id, self.open_transaction_id],
+                                   min_free_percent=self.opts.min_free_space)
                         self.transaction_id = self.open_transaction_id
                     break
                 except ThinpoolError as e:
+                    if "ENOSPC" in str(e) and "minimum required" in str(e):
+                        # refused before any change: nothing is left open
+                        self.open_transaction_id = self.transaction_id
+                        _write_json(os.path.join(self.meta_dir, "transaction-metadata"), {
+                            "open_transaction_id": self.transaction_id, "device_hash": hash,
+                            "device_id": dev_id})
+                        raise GraphError(f"devmapper: {e}. Create more free space in thin pool "
+                                         "or use dm.min_free_space option to change behavior") \
+                            from None
                     if "EEXIST" not in str(e):
                         raise
                     log.error("devmapper: Device ID %d exists in pool but it is supposed to be "
@@ -581,6 +622,7 @@ class DevmapperDriver(NaiveDiff):
             check_id(parent)
         if id == "base" or id in SPECIAL:
             raise InvalidLayerId(f"devmapper: {id!r} names one of the driver's own records")
+        self._last_call = time.monotonic()
         size_opt = None
         for key, value in (opts.storage_opt if opts else {}).items():
             if key.lower() != "size":
@@ -599,7 +641,6 @@ class DevmapperDriver(NaiveDiff):
             if size < base.size:
                 raise GraphError(f"devmapper: Container size cannot be smaller than "
                                  f"{human_size(base.size)}")
-            self._check_free_space()
             info = self._create_device(id, base.size, base)
             if size > base.size:
                 try:
@@ -608,22 +649,11 @@ class DevmapperDriver(NaiveDiff):
                     self._delete_device(id, sync=True)
                     raise
 
-    def _check_free_space(self) -> None:
-        pct = self.opts.min_free_space
-        if not pct:
-            return
-        st = self._pool_status()
-        for what, used, total in (("data", st["used_data"], st["total_data"]),
-                                  ("metadata", st["used_metadata"], st["total_metadata"])):
-            free, need = total - used, total * pct // 100
-            if free < need:
-                raise GraphError(f"devmapper: Thin Pool has {free} free {what} blocks which is "
-                                 f"less than minimum required {need} free {what} blocks. Create "
-                                 "more free space in thin pool or use dm.min_free_space option "
-                                 "to change behavior")
-
     def remove(self, id: str) -> None:
+        """Remove a layer: with deferred deletion its device is deleted in the background
+        (see the module docstring), else before this returns."""
         check_id(id)
+        self._last_call = time.monotonic()
         with self._layers.hold(id):
             mp = os.path.join(self.mnt_dir, id)
             with self._lock:
@@ -636,17 +666,38 @@ class DevmapperDriver(NaiveDiff):
                 if children:
                     raise LayerBusy(f"devmapper: layer {id} has child layers "
                                     f"({', '.join(children)}): remove them first")
-                self._delete_device(id, sync=False)
+                if self.opts.deferred_deletion:
+                    self._queue_deletion(id)
+                else:
+                    self._delete_device(id, sync=False)
             try:
                 os.rmdir(mp)
             except OSError:
                 pass
 
     def _children(self, dev_id: int) -> list[str]:
-        """Layers snapshotted from device ``dev_id`` (the pool records each snapshot's origin)."""
-        by_id = {i.device_id: h for h, i in self.devices.items()}
+        """Layers snapshotted from device ``dev_id`` (the pool records each snapshot's origin);
+        devices whose deletion is pending do not count."""
+        by_id = {i.device_id: h for h, i in self.devices.items() if not h.startswith(PENDING)}
         return sorted(by_id[v["dev_id"]] for v in self._call("list")["volumes"]
                       if v["snapshot_of"] == dev_id and v["dev_id"] in by_id)
+
+    def _queue_deletion(self, hash: str) -> None:
+        """Move layer ``hash``'s record aside as a pending deletion and wake the worker (lock
+        held).  The pending record is durable before the layer's record goes; the unlink
+        is not synced on its own (a start drops a record whose device a pending deletion
+        names, and any later record write syncs the directory)."""
+        info = self.devices[hash]
+        pending = f"{PENDING}{info.device_id}"
+        self.devices[pending] = replace(info, deleted=True)
+        try:
+            self._save(pending)
+        except BaseException:
+            del self.devices[pending]
+            raise
+        del self.devices[hash]
+        os.unlink(self._record_path(hash))
+        self._wake.set()
 
     def _delete_device(self, hash: str, sync: bool) -> None:
         """Docker's DeleteDevice: a delete transaction; a busy device is marked deleted.
@@ -658,13 +709,18 @@ class DevmapperDriver(NaiveDiff):
         transaction, as Docker always does.
         """
         info = self.devices[hash]
-        if self.opts.blkdiscard:
-            self._discard_unused(info)
+        if info.deleted and not os.path.exists(self._record_path(hash)):
+            del self.devices[hash]  # another driver object on this home deleted it
+            self._used_ids.discard(info.device_id)
+            return
         self._open_transaction(hash, info.device_id)
         os.unlink(self._record_path(hash))
         try:
+            # dm.blkdiscard (Docker's issueDiscard before the delete): what only this device
+            # held is discarded in the delete's own commit, so it goes back to the data file
             self._call("delete", id=info.device_id,
-                       transaction=[self.transaction_id, self.open_transaction_id])
+                       transaction=[self.transaction_id, self.open_transaction_id],
+                       discard=self.opts.blkdiscard)
             self.transaction_id = self.open_transaction_id
         except ThinpoolError as e:
             if "ENODATA" not in str(e):
@@ -681,39 +737,50 @@ class DevmapperDriver(NaiveDiff):
         del self.devices[hash]
         self._used_ids.discard(info.device_id)
 
-    def _discard_unused(self, info: DevInfo) -> None:
-        """Docker's issueDiscard (``dm.blkdiscard``): unless the device is open, discard all
-        of it before it is deleted, so its blocks go back to the data file as holes.
-
-        The pool is made with ``skip_block_zeroing``: a block given out again is not zeroed,
-        so without this a new layer could find an old layer's bytes around a partial write.
-        """
-        if str(info.device_id) in self._call("server-info").get("attached", {}):
-            return  # open: the delete will be refused (and deferred) anyway
-        try:
-            # not synced on its own: the delete's commit right after carries it
-            self._call("discard", id=info.device_id, offset=0, length=info.size, sync=False)
-        except ThinpoolError as e:
-            log.warning("devmapper: discarding device %d before deleting it: %s",
-                        info.device_id, e)
-
-    def _delete_marked(self) -> None:
+    def _delete_marked(self, pending_only: bool = False) -> None:
+        """Delete the devices marked deleted (only the pending deletions with
+        ``pending_only``); failures are logged, the marks stay for the next try."""
         with self._lock:
-            for hash in [h for h, i in self.devices.items() if i.deleted]:
+            marked = [h for h, i in self.devices.items()
+                      if i.deleted and (h.startswith(PENDING) or not pending_only)]
+        for hash in marked:
+            with self._lock:  # one at a time: layer calls go on in between
+                if hash not in self.devices:
+                    continue
                 try:
                     self._delete_device(hash, sync=False)
-                except GraphError as e:
-                    log.warning("%s", e)
+                except (ThinpoolError, OSError) as e:
+                    log.warning("devmapper: deferred deletion of %s: %s", hash or "base", e)
+
+    def finish_deletions(self) -> None:
+        """Delete the devices of removed layers now rather than in the background (a device
+        that cannot be deleted yet stays pending; the failure is logged)."""
+        self._delete_marked(pending_only=True)
 
     def _deletion_worker(self) -> None:
-        while not self._stop.wait(DELETION_RETRY):
+        """Pending deletions once the driver is quiet; every marked device each
+        ``DELETION_RETRY`` seconds."""
+        while not self._stop.is_set():
+            woken = self._wake.wait(DELETION_RETRY)
+            if self._stop.is_set():
+                return
+            if woken:
+                self._wake.clear()
+                latest = time.monotonic() + DELETION_LATEST
+                while not self._stop.is_set():
+                    now = time.monotonic()
+                    wait = min(self._last_call + DELETION_QUIET, latest) - now
+                    if wait <= 0:
+                        break
+                    self._stop.wait(wait)
             try:
-                self._delete_marked()
-            except ThinpoolError as e:
+                self._delete_marked(pending_only=woken)
+            except (ThinpoolError, OSError) as e:  # the pool server is gone: a start retries
                 log.warning("devmapper: deferred deletion: %s", e)
 
     def get(self, id: str, mount_label: str = "") -> str:
         mp = os.path.join(self.mnt_dir, check_id(id))
+        self._last_call = time.monotonic()
         rootfs = os.path.join(mp, "rootfs")
         with self._layers.hold(id):
             with self._lock:
@@ -754,6 +821,7 @@ class DevmapperDriver(NaiveDiff):
 
     def put(self, id: str) -> None:
         mp = os.path.join(self.mnt_dir, check_id(id))
+        self._last_call = time.monotonic()
         with self._layers.hold(id):
             if id not in self.devices:
                 raise LayerNotFound(f"devmapper: Unknown device {id}")
@@ -812,7 +880,8 @@ class DevmapperDriver(NaiveDiff):
     def layer_usage(self) -> dict[str, dict[str, int]]:
         """Layer id -> mapped, exclusive and shared bytes, from the pool's mappings (thin_ls)."""
         with self._lock:
-            by_dev = {i.device_id: h for h, i in self.devices.items()}
+            by_dev = {i.device_id: h for h, i in self.devices.items()
+                      if not h.startswith(PENDING)}
         out: dict[str, dict[str, int]] = {}
         stack = list(self._call("list", tree=True)["tree"])
         while stack:
@@ -835,7 +904,8 @@ class DevmapperDriver(NaiveDiff):
         ``repair``: the transaction is rolled back, dangling records and
         orphan devices removed, marked devices deleted if they are not busy,
         stale mount points removed.  Two records on one device are only
-        reported (which layer owns the data cannot be known).
+        reported (which layer owns the data cannot be known).  A removed layer's
+        device still waiting for its deletion counts as marked for deferred deletion.
         """
         findings: list[Finding] = []
         with self._lock:
@@ -885,7 +955,9 @@ class DevmapperDriver(NaiveDiff):
                         f_.problem += f"; not deleted: {e}"
                 findings.append(f_)
             for hash in [h for h, i in self.devices.items() if i.deleted]:
-                f_ = Finding(f"layer {hash} is marked for deferred deletion")
+                what = f"device {self.devices[hash].device_id} of a removed layer" \
+                    if hash.startswith(PENDING) else f"layer {hash}"
+                f_ = Finding(f"{what} is marked for deferred deletion")
                 if repair:
                     try:
                         self._delete_device(hash, sync=True)
@@ -913,14 +985,16 @@ class DevmapperDriver(NaiveDiff):
     def device_ids(self) -> dict[str, int]:
         """Layer id -> thin device id (``""`` is the base), for tools above the driver."""
         with self._lock:
-            return {h: i.device_id for h, i in self.devices.items()}
+            return {h: i.device_id for h, i in self.devices.items() if not h.startswith(PENDING)}
 
     def cleanup(self) -> None:
         """Daemon shutdown: save, unmount every layer, stop the pool server.  Idempotent."""
         if self._closed:
             return
         self._closed = True
+        self.finish_deletions()  # leave no removed layer's device behind
         self._stop.set()
+        self._wake.set()
         if self._worker is not None:
             self._worker.join()
         with self._lock:

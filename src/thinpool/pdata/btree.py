@@ -34,6 +34,9 @@ class ValueType(Protocol):
 
     def inc(self, value: Any) -> None: ...
 
+    def inc_all(self, values: list[Any]) -> None:
+        """``inc`` of each of ``values`` (a shadowed shared leaf's)."""
+
     def dec(self, value: Any) -> None: ...
 
 
@@ -44,6 +47,9 @@ class PlainValue:
         self.codec = codec
 
     def inc(self, value: Any) -> None:
+        pass
+
+    def inc_all(self, values: list[Any]) -> None:
         pass
 
     def dec(self, value: Any) -> None:
@@ -181,9 +187,7 @@ class BTree:
 
     def _inc_children(self, node: Node) -> None:
         if node.leaf:
-            inc = self.vt.inc
-            for v in node.values:
-                inc(v)
+            self.vt.inc_all(node.values)
         else:
             sm_inc = self.tm.sm.inc
             for child in node.values:

@@ -194,7 +194,11 @@ class SpaceMap:
         cur, com = self._current[i], self._committed[i]
         base = i * ENTRIES_PER_BITMAP
         out: list[tuple[int, int | None]] = []
-        for j in np.flatnonzero((cur >= 3) | (com >= 3)).tolist():
+        # only where the count moved since the commit, or the tree was edited since: elsewhere
+        # the tree holds the committed count, which is the current one
+        moved = set(np.flatnonzero(((cur >= 3) | (com >= 3)) & (cur != com)).tolist())
+        moved.update(b - base for b in self._overflow_now if base <= b < base + ENTRIES_PER_BITMAP)
+        for j in sorted(moved):
             b = base + j
             want = int(cur[j]) if cur[j] >= 3 else None
             have = self._overflow_now.get(b, int(com[j]) if com[j] >= 3 else None)
@@ -203,12 +207,17 @@ class SpaceMap:
         return out
 
     def _apply_overflow(self, edits: list[tuple[int, int | None]]) -> None:
+        """Apply ``edits`` (blocks in ascending order): removals one by one, the inserts and
+        overwrites as one batch (each node on the way shadowed once, not once per block)."""
+        puts = []
         for b, want in edits:
             if want is None:
                 self.ref_count_root, _ = self.overflow.remove(self.ref_count_root, b)
             else:
-                self.ref_count_root, _ = self.overflow.insert(self.ref_count_root, b, want)
+                puts.append((b, want))
             self._overflow_now[b] = want  # type: ignore[assignment]
+        if puts:
+            self.ref_count_root, _ = self.overflow.insert_many(self.ref_count_root, puts)
 
     def _bitmap_location(self, i: int) -> tuple[int, bool]:
         """A location for bitmap i that may be written now; True if it changed."""

@@ -91,15 +91,19 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: str, payload: object) -> None:
-    """Write, sync, rename over ``path``, sync the directory."""
+def write_json_atomic(path: str, payload: object, durable: bool = True) -> None:
+    """Write, sync, rename over ``path``, sync the directory.  Without ``durable`` nothing is
+    synced: a process that dies leaves the old or the new file, but a machine that crashes
+    may lose either (for state that does not outlive the running system anyway)."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(json.dumps(payload, separators=(",", ":"), sort_keys=True))
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
+    if durable:
+        _fsync_dir(os.path.dirname(path) or ".")
 
 
 def _parse_line(line: bytes) -> list[_Op]:

@@ -26,7 +26,7 @@ import stat
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..errors import DataPathError, ThinpoolError
+from ..errors import DataPathError, DeviceError, ThinpoolError
 from ..outputs import claim_output, refuse_input
 from ..pdata.blockio import device_size
 from ..pool.engine import Pool
@@ -147,14 +147,38 @@ def _transaction(args: Args) -> tuple[int, int] | None:
     return t[0], t[1]
 
 
+def _require_free(pool: Pool, args: Args) -> None:
+    """``min_free_percent``: refuse (ENOSPC) unless that share of the pool's data and of its
+    metadata blocks is free (Docker's and containerd's ``dm.min_free_space``)."""
+    pct = args.get("min_free_percent")
+    if pct is None:
+        return
+    if type(pct) is not int or not 0 <= pct <= 99:
+        raise CommandError(f"min_free_percent must be an integer 0..99, not {pct!r}")
+    st = pool.status()
+    for what, used, total in (("data", st.used_data, st.total_data),
+                              ("metadata", st.used_metadata, st.total_metadata)):
+        free, need = total - used, total * pct // 100
+        if free < need:
+            raise DeviceError("ENOSPC", f"the pool has {free} free {what} blocks which is less "
+                                        f"than minimum required {need} free {what} blocks "
+                                        f"({pct}%)")
+
+
 def create_snap(pool: Pool, args: Args, fds: list[int], cancelled: Cancelled) -> dict[str, Any]:
+    """Snapshot a volume; ``min_free_percent`` refuses it on a pool short of space first."""
+    _require_free(pool, args)
     pool.create_snap(args["id"], args["origin_id"], name=args.get("name"),
                      transaction=_transaction(args))
     return {}
 
 
 def delete(pool: Pool, args: Args, fds: list[int], cancelled: Cancelled) -> dict[str, Any]:
-    pool.delete(args["id"], transaction=_transaction(args))
+    """Delete a volume; ``discard: true`` also discards the data blocks only it held."""
+    discard = args.get("discard", False)
+    if not isinstance(discard, bool):
+        raise CommandError(f"discard must be true or false, not {discard!r}")
+    pool.delete(args["id"], transaction=_transaction(args), discard=discard)
     return {}
 
 

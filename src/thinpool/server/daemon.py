@@ -115,13 +115,17 @@ class PoolServer:
                  control_path(self.directory))
 
     def _save_state(self) -> None:
-        """``server.json``: who serves, where, and the kernel devices it holds (for recovery)."""
+        """``server.json``: who serves, where, and the kernel devices it holds (for recovery).
+
+        Replaced atomically but not synced (it changes with every attach, mount, umount and
+        detach): what it describes - this process, its loop devices and mounts - is gone
+        after a machine crash anyway, and a process crash loses no written file."""
         assert self.nbd is not None
         write_json_atomic(os.path.join(self.directory, STATE_FILE), {
             "pid": os.getpid(), "nbd_socket": self.nbd_socket,
             "tcp": list(self.nbd.tcp_address) if self.nbd.tcp_address else None,
             "control_socket": control_path(self.directory), "started": self._started_at,
-            **(self.kernel.state() if self.kernel is not None else {})})
+            **(self.kernel.state() if self.kernel is not None else {})}, durable=False)
 
     def request_stop(self) -> None:
         """Ask ``serve_forever`` to stop (signal handlers, the stop command)."""
@@ -187,7 +191,12 @@ class PoolServer:
         origin = _snapshot_origin(command, args)
         if origin is not None:
             with kernel.frozen(origin):
-                return commands.run(self.pool, command, args, fds, cancelled)
+                result = commands.run(self.pool, command, args, fds, cancelled)
+            if command == "create-snap" and args.get("attach"):
+                # the new device straight away (one request instead of two); if the attach
+                # fails the snapshot stays, as after a create-snap and a failed attach
+                result["device"] = kernel.attach(int(args["id"]))
+            return result
         return commands.run(self.pool, command, args, fds, cancelled)
 
     def _check(self) -> dict[str, Any]:

@@ -4,8 +4,8 @@ What a restart or ``Cleanup`` would have to fix, found without changing
 anything (the records are read, the pool through its server when one runs,
 else read-only from its files):
 
-* rows a crash left ``creating`` or ``removing`` (a start rolls them back or
-  forward);
+* rows a crash left ``creating`` or ``removing``, and removals queued but not
+  done (a start rolls them back or forward);
 * ``devicemapper``: the records' transaction id against the pool's (equal,
   or the pool one ahead with a change in flight); snapshots whose thin
   device is missing; thin devices no record names (``Cleanup`` removes
@@ -127,6 +127,7 @@ def _check(root: str) -> list[Finding]:
     store = Store(os.path.join(root, DATABASE))
     try:
         recs = store.all(state=None)
+        queued = store.removals()
         recorded = store.transaction()
     finally:
         store.close()
@@ -134,8 +135,10 @@ def _check(root: str) -> list[Finding]:
                    + ("creation (the next start rolls it back)" if r.state == "creating" else
                       "removal (the next start finishes it)"))
            for r in recs if r.state != "ready"]
+    out += [Finding(f"snapshot #{sid}: a removal not yet done (the next start finishes it)")
+            for sid in queued]
     ready = {r.id for r in recs if r.state == "ready"}
-    known = {r.id for r in recs}
+    known = {r.id for r in recs} | set(queued)
     if driver == "devicemapper":
         out += _devicemapper(root, ready, known, recorded, ready != known)
     else:

@@ -12,18 +12,24 @@
   (labels replaced, usage recorded - or counted and recorded by the first
   ``usage`` when the backend defers it; ``FailedPrecondition`` for a view);
 * ``remove`` (``FailedPrecondition``, "cannot remove ...", while it has
-  children or is mounted);
+  children or is mounted): the record goes and the key is free when it
+  returns; the storage is removed in the background (see below);
 * ``stat``, ``update`` (labels only), ``list`` (containerd's filters),
   ``usage`` and ``cleanup`` (storage no record names).
 
 Order of every change, for the crash story (``store`` explains the states):
 a creation writes its ``creating`` row, makes the storage, then marks the
-row ready together with the backend's new transaction id; a removal marks
-its row ``removing``, removes the storage, then deletes the row with the
-new transaction id.  Changes that touch the backend's transaction id run
-one at a time, so at a crash the backend is at most one change ahead of the
-records.  ``recover`` (run by ``open``) rolls ``creating`` rows back and
-``removing`` rows forward.
+row ready together with the backend's new transaction id; a removal deletes
+its row and queues its id in one transaction, and a background thread
+removes the storage, then drops the queue entry with the new transaction
+id.  The thread runs once no call has come for ``REMOVAL_QUIET`` seconds
+(at the latest ``REMOVAL_LATEST`` seconds after the removal), so the work
+stays out of the way of the next container's start; a failure is logged and
+retried every ``REMOVAL_RETRY`` seconds and at the next start.  Changes that
+touch the backend's transaction id run one at a time, so at a crash the
+backend is at most one change ahead of the records.  ``recover`` (run by
+``open``) rolls ``creating`` rows back and finishes queued removals (and
+``removing`` rows of earlier versions); ``close`` finishes queued removals.
 """
 
 from __future__ import annotations
@@ -31,16 +37,20 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 from .backend import Backend, Mount, Usage
-from .errors import AlreadyExists, FailedPrecondition, NotFound
+from .errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 from .filters import parse_all
 from .store import ACTIVE, COMMITTED, KIND_NAMES, VIEW, Record, Store, check_key
 
 log = logging.getLogger("thinpool.snapshotter")
 
 DATABASE = "snapshots.db"
+REMOVAL_QUIET = 0.1  # seconds without a call before queued removals run
+REMOVAL_LATEST = 2.0  # ... or this long after the removal, whatever the calls
+REMOVAL_RETRY = 30.0  # seconds between retries of removals that failed
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,9 @@ class Snapshotter:
         self.store = Store(os.path.join(root, DATABASE))
         self._changes = threading.Lock()  # one backend change at a time (transaction ids)
         self._closed = False
+        self._stop = threading.Event()
+        self._wake = threading.Event()  # a removal was queued
+        self._last_call = time.monotonic()
         try:
             recorded = self.store.transaction()
             current = backend.open(recorded)
@@ -76,6 +89,9 @@ class Snapshotter:
             backend.close()
             self.store.close()
             raise
+        self._remover = threading.Thread(target=self._removal_worker, daemon=True,
+                                         name="snapshot-removals")
+        self._remover.start()
 
     # -- crash recovery -------------------------------------------------------------------------
     def _recover(self, current: int | None) -> None:
@@ -89,12 +105,48 @@ class Snapshotter:
                 log.info("finishing the interrupted removal of snapshot %s", rec.key)
                 self.backend.remove(rec.id)
                 self.store.delete(rec.id, self.backend.transaction)
+        for sid in self.store.removals():
+            log.info("finishing the queued removal of snapshot #%s", sid)
+            self.backend.remove(sid)
+            self.store.finish_removal(sid, self.backend.transaction)
         if current is not None and self.backend.transaction is not None:
             self.store.set_transaction(self.backend.transaction)
+
+    # -- queued removals ------------------------------------------------------------------------
+    def finish_removals(self) -> list[int]:
+        """Remove the storage of every queued removal now; the ids still queued (a failure
+        is logged, and retried later)."""
+        for sid in self.store.removals():
+            with self._changes:
+                try:
+                    self.backend.remove(sid)
+                    self.store.finish_removal(sid, self.backend.transaction)
+                except Exception as e:  # noqa: BLE001 - kept queued: retried, and at a start
+                    log.warning("removing the storage of snapshot #%s: %s", sid, e)
+        return self.store.removals()
+
+    def _removal_worker(self) -> None:
+        while not self._stop.is_set():
+            woken = self._wake.wait(REMOVAL_RETRY)
+            self._wake.clear()
+            if woken:
+                latest = time.monotonic() + REMOVAL_LATEST
+                while not self._stop.is_set():
+                    wait = min(self._last_call + REMOVAL_QUIET, latest) - time.monotonic()
+                    if wait <= 0:
+                        break
+                    self._stop.wait(wait)
+            if self._stop.is_set():
+                return
+            self.finish_removals()
 
     def close(self) -> None:
         if self._closed:
             return
+        self._stop.set()
+        self._wake.set()
+        self._remover.join()
+        self.finish_removals()
         self._closed = True
         with self._changes:
             self.backend.close()
@@ -108,6 +160,19 @@ class Snapshotter:
         return self._create(key, parent, labels, VIEW)
 
     def _create(self, key: str, parent: str, labels: dict[str, str], kind: int) -> list[Mount]:
+        """A new snapshot; short of space, queued removals are finished first and it is
+        tried once more."""
+        self._last_call = time.monotonic()
+        try:
+            return self._create_once(key, parent, labels, kind)
+        except ResourceExhausted:
+            if not self.store.removals():
+                raise
+        self.finish_removals()
+        return self._create_once(key, parent, labels, kind)
+
+    def _create_once(self, key: str, parent: str, labels: dict[str, str], kind: int
+                     ) -> list[Mount]:
         with self._changes:
             rec = self.store.begin_create(key, parent, kind, labels)
             parents = self.store.chain(rec)
@@ -125,12 +190,14 @@ class Snapshotter:
         return self.backend.mounts(rec, parents)
 
     def mounts(self, key: str) -> list[Mount]:
+        self._last_call = time.monotonic()
         rec = self.store.get(key)
         if rec.kind == COMMITTED:
             raise FailedPrecondition(f"requested snapshot {key} not active or view")
         return self.backend.mounts(rec, self.store.chain(rec))
 
     def commit(self, name: str, key: str, labels: dict[str, str]) -> None:
+        self._last_call = time.monotonic()
         check_key(name, "name")
         rec = self.store.get(key)
         if rec.kind != ACTIVE:
@@ -148,17 +215,13 @@ class Snapshotter:
                           usage.inodes if usage else -1)
 
     def remove(self, key: str) -> None:
+        """The record goes (durably) and the storage is queued for the background removal."""
+        self._last_call = time.monotonic()
         rec = self.store.get(key)
         self.store.check_childless(rec)
         self.backend.check_idle(rec)
-        with self._changes:
-            rec = self.store.begin_remove(key)
-            try:
-                self.backend.remove(rec.id)
-            except BaseException:
-                self.store.undo_remove(rec.id)
-                raise
-            self.store.delete(rec.id, self.backend.transaction)
+        self.store.queue_remove(key)
+        self._wake.set()
 
     def stat(self, key: str) -> Info:
         return _info(self.store.get(key))

@@ -327,28 +327,29 @@ class DevmapperBackend(Backend):
     def transaction(self) -> int | None:
         return self._txn
 
-    def _check_space(self) -> None:
-        if not self.min_free:
-            return
-        st = self._call("status")["status"]
-        for what, used, total in (("data", st["used_data"], st["total_data"]),
-                                  ("metadata", st["used_metadata"], st["total_metadata"])):
-            free, need = total - used, total * self.min_free // 100
-            if free < need:
-                raise ResourceExhausted(f"pool {self.pool_dir} has {free} free {what} blocks, "
-                                        f"less than the {need} (dm.min_free_space="
-                                        f"{self.min_free}%) a new snapshot needs; remove "
-                                        "snapshots or grow the pool ('thinpool pool resize')")
-
     # -- the backend contract -----------------------------------------------------------------------
     def create(self, rec: Record, parents: list[Record]) -> None:
-        self._check_space()
+        """One pool request: the free-space check (``dm.min_free_space``), ``create_snap``
+        with the transaction id swapped in its commit, and the attach ``mounts`` needs."""
         origin = parents[0].id if parents else BASE
         with self._lock:
             assert self._txn is not None
-            self._call("create-snap", id=rec.id, origin_id=origin,
-                       transaction=[self._txn, self._txn + 1])
+            try:
+                r = self._call("create-snap", id=rec.id, origin_id=origin,
+                               transaction=[self._txn, self._txn + 1],
+                               min_free_percent=self.min_free, attach=True)
+            except ResourceExhausted as e:
+                raise ResourceExhausted(f"{e}; a new snapshot needs dm.min_free_space="
+                                        f"{self.min_free}% free: remove snapshots or grow the "
+                                        "pool ('thinpool pool resize')") from None
+            except control.RemoteError:
+                # the snapshot may have been made before its attach failed: follow the pool
+                # (the core removes it again)
+                if int(self._call("status")["status"]["transaction_id"]) == self._txn + 1:
+                    self._txn += 1
+                raise
             self._txn += 1
+            self._attached[rec.id] = str(r["device"])
 
     def mounts(self, rec: Record, parents: list[Record]) -> list[Mount]:
         device = self._attach(rec.id)

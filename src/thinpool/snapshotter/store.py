@@ -9,15 +9,18 @@ update times (nanoseconds, UTC), usage recorded at commit, labels, and a
 * ``creating`` - the row is written and committed *before* the backend
   makes the snapshot's storage; it becomes ``ready`` after;
 * ``ready`` - the snapshot exists, as far as any client was told;
-* ``removing`` - written before the backend removes the storage; the row
-  goes after.
+* ``removing`` - written by earlier versions before the backend removed the
+  storage (the row went after); a restart still finishes such a removal.
 
-So a crash at any point leaves rows that say what might be half done: a
-restart rolls ``creating`` back (storage removed if it got made, row
-deleted: no client was told it exists) and ``removing`` forward (the client
-asked for the removal).  The ``meta`` table keeps the backend's transaction
-id (the pool's, for devicemapper) as of the last change, and the schema
-version.
+A removal deletes the row (and its labels) and, in the same transaction,
+queues the id in the ``removals`` table: the key is free at once, and the
+storage is removed afterwards (``core``), the queue entry going with the
+backend's new transaction id.  So a crash at any point leaves rows that
+say what might be half done: a restart rolls ``creating`` back (storage
+removed if it got made, row deleted: no client was told it exists) and
+finishes queued removals.  The ``meta`` table keeps the backend's
+transaction id (the pool's, for devicemapper) as of the last change, and
+the schema version.
 
 The database runs in WAL mode with ``synchronous=FULL``: a transaction is
 durable when its COMMIT returns.  One connection serves every thread, behind
@@ -55,6 +58,7 @@ CREATE TABLE IF NOT EXISTS snapshots (
     inodes INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent);
+CREATE TABLE IF NOT EXISTS removals (id INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS labels (
     snapshot INTEGER NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
     name TEXT NOT NULL,
@@ -208,9 +212,15 @@ class Store:
             return self._records("WHERE s.state = ? ORDER BY s.id", (state,))
 
     def ids(self) -> set[int]:
-        """Every row's id, whatever its state."""
+        """Every row's id, whatever its state, and every queued removal's."""
         with self._lock:
-            return {int(r[0]) for r in self._db.execute("SELECT id FROM snapshots")}
+            return {int(r[0]) for r in self._db.execute(
+                "SELECT id FROM snapshots UNION SELECT id FROM removals")}
+
+    def removals(self) -> list[int]:
+        """Ids whose storage is still to be removed, oldest first."""
+        with self._lock:
+            return [int(r[0]) for r in self._db.execute("SELECT id FROM removals ORDER BY id")]
 
     # -- changes --------------------------------------------------------------------------------
     def begin_create(self, key: str, parent_key: str, kind: int, labels: dict[str, str]) -> Record:
@@ -253,22 +263,24 @@ class Store:
             raise FailedPrecondition(f"cannot remove snapshot {rec.key}: it has {len(children)} "
                                      f"child snapshot(s) ({shown}); remove them first")
 
-    def begin_remove(self, key: str) -> Record:
-        """Mark ``key`` ``removing``; ``FailedPrecondition`` if it has children."""
-        with self._tx():
+    def queue_remove(self, key: str) -> Record:
+        """Drop ready snapshot ``key`` and queue its storage for removal, in one transaction;
+        ``FailedPrecondition`` if it has children.  Its record as it was."""
+        with self._tx() as db:
             recs = self._records("WHERE s.key = ? AND s.state = 'ready'", (key,))
             if not recs:
                 raise NotFound(f"snapshot {key} does not exist")
             rec = recs[0]
             self.check_childless(rec)
-            self._db.execute("UPDATE snapshots SET state = 'removing' WHERE id = ?", (rec.id,))
-        rec.state = "removing"
+            db.execute("INSERT INTO removals (id) VALUES (?)", (rec.id,))
+            db.execute("DELETE FROM snapshots WHERE id = ?", (rec.id,))
         return rec
 
-    def undo_remove(self, sid: int) -> None:
+    def finish_removal(self, sid: int, transaction: int | None) -> None:
+        """The storage of queued removal ``sid`` is gone (at backend ``transaction``)."""
         with self._tx() as db:
-            db.execute("UPDATE snapshots SET state = 'ready' WHERE id = ? AND "
-                       "state = 'removing'", (sid,))
+            db.execute("DELETE FROM removals WHERE id = ?", (sid,))
+            self._set_transaction(db, transaction)
 
     def delete(self, sid: int, transaction: int | None) -> None:
         """Drop a row (a finished removal, or a rolled-back creation)."""

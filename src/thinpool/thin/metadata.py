@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, Sequence
+import numpy as np
 
 from ..errors import DeviceError, MetadataError, ThinpoolError
 from ..ondisk.checksum import Salt
@@ -47,18 +48,28 @@ class Mapping(NamedTuple):
 
 
 class _DataBlockValue:
-    """Bottom-level leaf values reference data blocks."""
+    """Bottom-level leaf values reference data blocks; ``freed``, when set, collects the data
+    blocks whose last reference goes."""
 
     codec = U64
 
     def __init__(self, sm: DataSpaceMap) -> None:
         self.sm = sm
+        self.freed: list[int] | None = None
 
     def inc(self, value: int) -> None:
         self.sm.inc(value >> 24)
 
+    def inc_all(self, values: list[int]) -> None:
+        if len(values) < 16:  # numpy's set-up costs more than a few increments
+            for v in values:
+                self.sm.inc(v >> 24)
+        else:
+            self.sm.inc_many(np.array(values, dtype=np.uint64) >> np.uint64(24))
+
     def dec(self, value: int) -> None:
-        self.sm.dec(value >> 24)
+        if self.sm.dec(value >> 24) == 0 and self.freed is not None:
+            self.freed.append(value >> 24)
 
 
 class _SubtreeValue:
@@ -72,6 +83,10 @@ class _SubtreeValue:
 
     def inc(self, value: int) -> None:
         self.tm.sm.inc(value)
+
+    def inc_all(self, values: list[int]) -> None:
+        for v in values:
+            self.tm.sm.inc(v)
 
     def dec(self, value: int) -> None:
         self.bottom.release(value)
@@ -115,7 +130,8 @@ class PoolMetadata:
         tm.sm = MetadataSpaceMap(tm, sb.metadata_sm, BTree(tm, PlainValue(U32), "metadata overflow"))
         self.data_sm = DataSpaceMap(tm, sb.data_sm, BTree(tm, PlainValue(INDEX_ENTRY), "data index"),
                                     BTree(tm, PlainValue(U32), "data overflow"))
-        self.bottom = BTree(tm, _DataBlockValue(self.data_sm), "mapping tree")
+        self._data_values = _DataBlockValue(self.data_sm)
+        self.bottom = BTree(tm, self._data_values, "mapping tree")
         self.top = BTree(tm, _SubtreeValue(tm, self.bottom), "top-level mapping tree")
         self.details_tree = BTree(tm, PlainValue(DEVICE_DETAILS), "device details tree")
         self.time = sb.time
@@ -209,12 +225,20 @@ class PoolMetadata:
             DeviceDetails(origin.details.mapped_blocks, self.trans_id, self.time, self.time),
             origin.root, changed=True)
 
-    def delete(self, dev_id: int) -> None:
+    def delete(self, dev_id: int) -> list[int]:
+        """Delete a thin device; the data blocks only it referenced (now free), in the order
+        they were freed.  Shared mapping subtrees are not walked."""
         self._writable()
         self._require(dev_id)
-        self.mapping_root, _ = self.top.remove(self.mapping_root, dev_id)
+        freed: list[int] = []
+        self._data_values.freed = freed
+        try:
+            self.mapping_root, _ = self.top.remove(self.mapping_root, dev_id)
+        finally:
+            self._data_values.freed = None
         self.details_root, _ = self.details_tree.remove(self.details_root, dev_id)
         del self._devices[dev_id]
+        return freed
 
     def set_transaction_id(self, old: int, new: int) -> None:
         self._writable()
