@@ -1567,9 +1567,14 @@ def docker_umount(mountpoint: str) -> None:
               help="The new data root (missing or empty).")
 @click.option("--storage-opt", "storage_opt", multiple=True, metavar="KEY=VALUE",
               help="Option of the new driver (repeatable).")
+@click.option("--reader", type=click.Choice(["auto", "userspace", "kernel"]), default="auto", show_default=True,
+              help="How the layers' filesystems are read: ext2/3/4 in userspace from their blocks, through "
+                   "read-only kernel mounts, or the first when it can (the layers are the same; containers' "
+                   "changes are always read through kernel mounts).")
 @_clean_errors
 def docker_migrate(docker_root: str, driver_name: str | None, data_path: str | None,
-                   metadata_path: str | None, to_driver: str, dest: str, storage_opt: tuple[str, ...]) -> None:
+                   metadata_path: str | None, to_driver: str, dest: str, storage_opt: tuple[str, ...],
+                   reader: str) -> None:
     """Copy every image and container into a new data root on another driver, diff ids unchanged.
 
     Start dockerd with --data-root DEST --storage-driver DRIVER afterwards:
@@ -1588,7 +1593,7 @@ def docker_migrate(docker_root: str, driver_name: str | None, data_path: str | N
         raise click.UsageError(f"--dest {dest} is not empty")
     with _progress() as progress:
         counts = root.migrate(dest, lambda: new_driver(dest, to_driver, list(storage_opt)), progress,
-                              log=lambda line: click.echo(f"migrated {line}", err=True))
+                              log=lambda line: click.echo(f"migrated {line}", err=True), reader=reader)
     click.echo(f"{counts['images']} images, {counts['layers']} layers, {counts['containers']} containers "
                f"migrated to {dest} ({to_driver})")
 

@@ -20,14 +20,15 @@ tree is reported and refused for export, never guessed at.  Nothing under
 the root is ever opened for writing.
 
 A thin device is a ``ThinVolume``: reads go straight to the pool's data
-file through the device's block mapping.  ``export`` reads an ext2/3/4
-device in userspace from those blocks (``exttree.ExtTree`` over ``extfs``:
-no FUSE, loop device or mount).  A filesystem that reader does not handle
-(xfs, a journal that needs replaying, a feature it does not implement)
-takes the kernel path, which is also what ``mount`` and ``migrate`` use:
-the volume as a read-only file on a private FUSE mount, attached to a
-read-only loop device and mounted ``ro`` without journal replay (ext4
-``noload``; xfs ``norecovery,nouuid``).  Both paths write the same tar.
+file through the device's block mapping.  ``export`` and ``migrate`` (its
+layers) read an ext2/3/4 device in userspace from those blocks
+(``exttree.ExtTree`` over ``extfs``: no FUSE, loop device or mount).  A
+filesystem that reader does not handle (xfs, a journal that needs
+replaying, a feature it does not implement) takes the kernel path, which
+is also what ``mount`` and ``migrate``'s containers use: the volume as a
+read-only file on a private FUSE mount, attached to a read-only loop
+device and mounted ``ro`` without journal replay (ext4 ``noload``; xfs
+``norecovery,nouuid``).  Both paths write the same tars.
 Docker's device holds the layer under ``rootfs/``.  ``mounted_device``
 tears everything down on exit, also on failure.
 """
@@ -65,6 +66,7 @@ from .containers import Container, ContainerStore, setup_init_layer
 from .layers import Layer, LayerDB, atomic_write, verified_tar
 from .progress import NO_PROGRESS, Progress
 from .store import ImageRoot, IterReader, tar_size
+from .tarsplit import DirSource
 
 SPECIAL = ("deviceset-metadata", "transaction-metadata")
 READERS = ("auto", "userspace", "kernel")
@@ -171,6 +173,27 @@ def filesystem_of(volume: ThinVolume) -> str:
     if head[1080:1082] == b"\x53\xef":
         return "ext4"
     return ""
+
+
+def _check_reader(reader: str) -> None:
+    if reader not in READERS:
+        raise ImageError(f"unknown reader {reader!r} (one of {', '.join(READERS)})")
+
+
+def _userspace_tree(volume: ThinVolume, what: str, reader: str) -> ExtTree | None:
+    """The volume's ext2/3/4 read in userspace, or None when the kernel is to read it: ``reader``
+    is ``kernel``, or ``auto`` and the filesystem is one ``ExtTree`` does not handle (with
+    ``userspace`` that is an ImageError).  Damage is an ImageError naming ``what``."""
+    if reader == "kernel":
+        return None
+    try:
+        return ExtTree(volume)
+    except UnsupportedFilesystem as e:
+        if reader == "userspace":
+            raise ImageError(f"{what}: {e}: read it with the kernel reader") from None
+        return None
+    except CorruptFilesystem as e:
+        raise ImageError(f"{what}: {e}") from None
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -527,8 +550,7 @@ class DockerRoot:
         ``kernel`` through a read-only kernel mount, ``auto`` (default) the
         first when it can, else the second.  Both write the same tar.
         """
-        if reader not in READERS:
-            raise ImageError(f"unknown reader {reader!r} (one of {', '.join(READERS)})")
+        _check_reader(reader)
         kind, obj = self.resolve(ref)
         if kind == "container":
             hash = self.layerdb.get_mount(obj.id).mount_id
@@ -545,15 +567,7 @@ class DockerRoot:
         dev = self.device(hash)
         what = f"device {dev.device_id} ({hash or 'base'})"
         with self._volume(hash) as volume:
-            tree = None
-            if reader != "kernel":
-                try:
-                    tree = ExtTree(volume)
-                except UnsupportedFilesystem as e:
-                    if reader == "userspace":
-                        raise ImageError(f"{what}: {e}: read it with the kernel reader") from None
-                except CorruptFilesystem as e:
-                    raise ImageError(f"{what}: {e}") from None
+            tree = _userspace_tree(volume, what, reader)
             if tree is not None:
                 try:
                     yield from tree.export()
@@ -564,24 +578,44 @@ class DockerRoot:
                 yield from export_tree(mnt)
 
     # -- migration -------------------------------------------------------------------------------
-    def layer_tar(self, layer: Layer) -> Iterator[bytes]:
-        """A layer's original tar (tar-split + its device's files), verified against its diff id."""
-        with self.mounted(layer.cache_id, prefetch=True) as tree:
-            yield from verified_tar(self.layerdb, layer, tree, lambda: None)
+    def layer_tar(self, layer: Layer, reader: str = "auto") -> Iterator[bytes]:
+        """A layer's original tar (tar-split + its device's files), verified against its diff id.
+
+        The files are read as ``export`` reads them (``reader``): in
+        userspace (``ExtTree``) or from a read-only kernel mount.
+        """
+        _check_reader(reader)
+        dev = self.device(layer.cache_id)
+        what = f"device {dev.device_id} ({layer.cache_id})"
+        with self._volume(layer.cache_id) as volume:
+            ext = _userspace_tree(volume, what, reader)
+            if ext is not None:
+                try:
+                    yield from verified_tar(self.layerdb, layer, ext)
+                except CorruptFilesystem as e:
+                    raise ImageError(f"{what}: {e}") from None
+                return
+            with self._mounted_volume(volume, layer.cache_id, prefetch=True) as tree, DirSource(tree) as files:
+                yield from verified_tar(self.layerdb, layer, files)
 
     def migrate(self, dest: str, make_driver: Callable[[], GraphDriver], progress: Progress = NO_PROGRESS,
-                log: Callable[[str], None] = lambda line: None) -> dict[str, int]:
+                log: Callable[[str], None] = lambda line: None, reader: str = "auto") -> dict[str, int]:
         """Copy every image and container into a new data root on ``driver``; counts of what was made.
 
         Layers keep their diff ids and chain ids (each tar is rebuilt from
         tar-split, verified, and applied with the driver's ``apply_diff``);
-        images keep their configs (so their ids) and tags; containers keep
-        their ids, names and records, get a fresh ``-init`` layer and their
-        changes (against their init device) applied on the new read-write
-        layer.  Everything is checked readable before the destination is
-        touched (``make_driver`` makes the new root's driver only then).
-        A failure later says the new root is incomplete.
+        their files are read as ``export`` reads them (``reader``, see
+        ``layer_tar``).  Images keep their configs (so their ids) and tags;
+        containers keep their ids, names and records, get a fresh ``-init``
+        layer and their changes (against their init device) applied on the
+        new read-write layer; those changes are always found on kernel
+        mounts of both devices, whatever ``reader`` says.  Everything is
+        checked readable before the destination is touched (``make_driver``
+        makes the new root's driver only then; with ``userspace``, every
+        layer's filesystem is checked to be one it reads).  A failure later
+        says the new root is incomplete.
         """
+        _check_reader(reader)
         unreadable: list[str] = []
         images = self.image_list(unreadable)
         self.layerdb.all(unreadable)
@@ -600,7 +634,12 @@ class DockerRoot:
                 layer = self.layerdb.get(chain)
                 if self.layerdb.tar_split(chain) is None:
                     raise ImageError(f"layer {chain} has no tar-split record: its diff id cannot be kept")
-                self.mapping(self.device(layer.cache_id))
+                if reader == "userspace":
+                    dev = self.device(layer.cache_id)
+                    with self._volume(layer.cache_id) as volume:  # its mapping read whole, too
+                        _userspace_tree(volume, f"device {dev.device_id} ({layer.cache_id})", reader)
+                else:
+                    self.mapping(self.device(layer.cache_id))
                 plan.append(layer)
         containers = []
         for c in self.containers.all():
@@ -610,25 +649,25 @@ class DockerRoot:
             containers.append((c, m))
         total = sum(tar_size(self.layerdb.tar_split(layer.chain_id) or []) for layer in plan)
         try:
-            return self._copy(dest, make_driver(), plan, images, containers, total, progress, log)
+            return self._copy(dest, make_driver(), plan, images, containers, total, progress, log, reader)
         except ThinpoolError as e:
             raise ImageError(f"{e} (the new root {dest} is incomplete: remove it before trying "
                              "again)") from None
 
     def _copy(self, dest: str, driver: GraphDriver, plan: list[Layer], images: list[tuple[Image, list[str]]],
               containers: list[tuple[Container, Any]], total: int, progress: Progress,
-              log: Callable[[str], None]) -> dict[str, int]:
+              log: Callable[[str], None], reader: str) -> dict[str, int]:
         counts = {"layers": 0, "images": 0, "containers": 0}
         with ImageRoot(dest, driver) as target:
             task = progress.task("migrating layers", total)
             for layer in plan:
                 split = self.layerdb.tar_split(layer.chain_id)
-                reader = IterReader(self.layer_tar(layer))
+                stream = IterReader(self.layer_tar(layer, reader))
                 try:
-                    target.layers.register(reader, layer.parent, layer.diff_id,  # type: ignore[arg-type]
+                    target.layers.register(stream, layer.parent, layer.diff_id,  # type: ignore[arg-type]
                                            task.advance, split=split)
                 finally:
-                    reader.close()
+                    stream.close()
                 counts["layers"] += 1
                 log(f"layer {layer.diff_id}")
             task.finish()

@@ -8,6 +8,11 @@ read-only kernel mount of the same device, byte for byte: pre-order, names
 sorted as bytes at each level, the same ``TarWriter`` for headers, hard links,
 xattrs and data.
 
+``read(parts, size)`` gives one regular file's contents by path (a
+``tarsplit.FileSource``, for rebuilding a layer's tar): found as
+``tarsplit.DirSource`` finds it on the mounted tree, with the same reasons
+when there is no regular file at the path.
+
 Damage is a ``CorruptFilesystem`` naming the path (directory loops and
 directories reached twice included); a filesystem the reader does not handle,
 or a ``rootfs`` that is a symlink (a kernel mount follows it), is
@@ -16,13 +21,18 @@ or a ``rootfs`` that is a symlink (a kernel mount follows it), is
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from typing import Iterator
 
 from ..archive import Entry, TarWriter
+from ..archive.fsroot import MAX_SYMLINKS
 from ..archive.tarformat import END_OF_ARCHIVE
 from ..extfs import ROOT_INO, BlockSource, CorruptFilesystem, Filesystem, Inode, UnsupportedFilesystem
+from .tarsplit import NOT_REGULAR, Unreadable
+
+_DIR_CACHE = 1 << 20  # directory entries kept for lookups
 
 
 class ExtTree:
@@ -34,6 +44,8 @@ class ExtTree:
         if not stat.S_ISDIR(root.mode):
             raise CorruptFilesystem("ext: the root inode is not a directory")
         self.top = root
+        self._dirs: dict[int, dict[bytes, int]] = {}
+        self._cached = 0
         for name, ino in self.fs.entries(root):
             if name == b"rootfs":
                 node = self.fs.inode(ino)
@@ -87,3 +99,68 @@ class ExtTree:
             except CorruptFilesystem as e:
                 raise CorruptFilesystem(f"{arcname}: {e}") from None
         yield END_OF_ARCHIVE
+
+    def _lookup_dir(self, inode: Inode) -> dict[bytes, int]:
+        """Name -> inode number of a directory's entries (kept for the next lookups)."""
+        found = self._dirs.get(inode.ino)
+        if found is None:
+            pairs = list(self.fs.entries(inode))
+            found = dict(pairs)
+            if len(found) < len(pairs):
+                self._children(inode, f"directory inode {inode.ino}")  # names the duplicate
+            if self._cached + len(found) > _DIR_CACHE:
+                self._dirs.clear()
+                self._cached = 0
+            self._dirs[inode.ino] = found
+            self._cached += len(found)
+        return found
+
+    def _lookup(self, parts: list[str]) -> Inode:
+        """The regular file at ``parts`` below the top: intermediate symlinks resolved as in a
+        chroot at the top (``archive.fsroot.RootDir`` with ``follow=True``), the last never."""
+        dirs = parts[:-1]
+        real: list[tuple[str, Inode]] = []  # the directories walked into, from the top
+        todo = list(reversed(dirs))
+        links = 0
+        while todo:
+            comp = todo.pop()
+            if comp in ("", "."):
+                continue
+            if comp == "..":
+                real = real[:-1]
+                continue
+            here = real[-1][1] if real else self.top
+            ino = self._lookup_dir(here).get(os.fsencode(comp))
+            if ino is None:
+                raise Unreadable(os.strerror(errno.ENOENT))
+            node = self.fs.inode(ino)
+            if stat.S_ISLNK(node.mode):
+                links += 1
+                if links > MAX_SYMLINKS:
+                    raise Unreadable(f"too many levels of symlinks resolving {'/'.join(dirs)!r}")
+                target = os.fsdecode(self.fs.readlink(node))
+                if not target:
+                    raise Unreadable(f"{'/'.join([n for n, _ in real] + [comp])!r} is an empty symlink")
+                if target.startswith("/"):
+                    real = []
+                todo.extend(reversed(target.split("/")))
+                continue
+            if not stat.S_ISDIR(node.mode):
+                raise Unreadable(f"{'/'.join([n for n, _ in real] + [comp])!r} is not a directory")
+            real.append((comp, node))
+        ino = self._lookup_dir(real[-1][1] if real else self.top).get(os.fsencode(parts[-1]))
+        if ino is None:
+            raise Unreadable(os.strerror(errno.ENOENT))
+        node = self.fs.inode(ino)
+        if not stat.S_ISREG(node.mode):
+            raise Unreadable(NOT_REGULAR)
+        return node
+
+    def read(self, parts: list[str], size: int) -> Iterator[bytes]:
+        """The first ``size`` bytes of the regular file at ``parts`` (fewer when it is shorter), in
+        chunks (``tarsplit.FileSource``); damage on the way is a ``CorruptFilesystem`` naming the path."""
+        try:
+            inode = self._lookup(parts)
+            yield from self.fs.data(inode, min(size, inode.size))
+        except CorruptFilesystem as e:
+            raise CorruptFilesystem(f"{'/'.join(parts)}: {e}") from None

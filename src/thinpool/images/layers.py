@@ -408,29 +408,30 @@ class _Counting:
 def layer_tar(store: LayerStore, layer: Layer) -> Iterator[bytes]:
     """``verified_tar`` of a layer of ``store``'s driver (taken with ``get`` when reading starts)."""
     path = store.driver.get(layer.cache_id)
-    yield from verified_tar(store, layer, path, lambda: store.driver.put(layer.cache_id))
+    try:
+        with tarsplit.DirSource(path) as files:
+            yield from verified_tar(store, layer, files)
+    finally:
+        store.driver.put(layer.cache_id)
 
 
-def verified_tar(db: LayerDB, layer: Layer, path: str, release: Callable[[], None]) -> Iterator[bytes]:
-    """The layer's original tar, rebuilt from its tar-split and the driver's tree, verified.
+def verified_tar(db: LayerDB, layer: Layer, files: tarsplit.FileSource) -> Iterator[bytes]:
+    """The layer's original tar, rebuilt from its tar-split and the layer's tree (``files``), verified.
 
     The whole stream is checked against the diff id at its end
     (``DigestMismatch``): a caller writes it somewhere it can discard.
     """
-    try:
-        split = db.tar_split(layer.chain_id)
-        if split is None:
-            raise ImageError(f"layer {layer.chain_id} has no tar-split record: its tar cannot be "
-                             "rebuilt byte for byte")
-        h = hashlib.sha256()
-        for chunk in tarsplit.assemble(split, path):
-            h.update(chunk)
-            yield chunk
-        if "sha256:" + h.hexdigest() != layer.diff_id:
-            raise DigestMismatch(f"layer {layer.diff_id} rebuilt with digest sha256:{h.hexdigest()} "
-                                 "(its files changed since it was applied)")
-    finally:
-        release()
+    split = db.tar_split(layer.chain_id)
+    if split is None:
+        raise ImageError(f"layer {layer.chain_id} has no tar-split record: its tar cannot be "
+                         "rebuilt byte for byte")
+    h = hashlib.sha256()
+    for chunk in tarsplit.assemble(split, files):
+        h.update(chunk)
+        yield chunk
+    if "sha256:" + h.hexdigest() != layer.diff_id:
+        raise DigestMismatch(f"layer {layer.diff_id} rebuilt with digest sha256:{h.hexdigest()} "
+                             "(its files changed since it was applied)")
 
 
 __all__ = ["Layer", "LayerDB", "LayerStore", "RWLayer", "atomic_write", "layer_tar", "new_id"]

@@ -27,8 +27,9 @@ import gzip
 import io
 import json
 import os
+import stat
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import fastcrc
 
@@ -264,40 +265,83 @@ def _clean(name: bytes) -> list[str]:
     return parts
 
 
-def assemble(entries: list[Entry], root: str, chunk: int = 1 << 20) -> Iterator[bytes]:
-    """The original tar: segments as recorded, file contents read from the tree at ``root``.
+class Unreadable(ImageError):
+    """A ``FileSource`` has no regular file at a path; the message is the reason alone."""
 
-    Files are looked up inside ``root`` only (symlinks resolved as in a
-    chroot); a missing or short file is an ``ImageError``.
+
+NOT_REGULAR = "not a regular file"
+
+
+class FileSource(Protocol):
+    """Where ``assemble`` reads file contents from: a layer's tree."""
+
+    def read(self, parts: list[str], size: int) -> Iterator[bytes]:
+        """The first ``size`` bytes of the regular file at the root-relative path ``parts`` (fewer
+        when it is shorter), in chunks.  Intermediate symlinks resolve as in a chroot, the last
+        component is never followed; no regular file there is ``Unreadable`` with the reason."""
+        ...
+
+
+class DirSource:
+    """The files of a directory tree (a mounted layer), looked up inside it with
+    ``archive.fsroot.RootDir``; a context manager (holds directory fds while open)."""
+
+    def __init__(self, root: str, chunk: int = 1 << 20) -> None:
+        self.rd = RootDir(root)
+        self.chunk = chunk
+
+    def __enter__(self) -> DirSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.rd.close()
+
+    def read(self, parts: list[str], size: int) -> Iterator[bytes]:
+        try:
+            pfd, _ = self.rd.parent(parts, follow=True)
+            if not stat.S_ISREG(os.stat(parts[-1], dir_fd=pfd, follow_symlinks=False).st_mode):
+                raise Unreadable(NOT_REGULAR)  # never opened: a device or fifo has effects
+            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=pfd)
+        except OSError as err:
+            raise Unreadable(err.strerror) from None
+        except ArchiveError as err:
+            raise Unreadable(str(err)) from None
+        try:
+            left = size
+            while left:
+                data = os.read(fd, min(self.chunk, left))
+                if not data:
+                    return
+                left -= len(data)
+                yield data
+        finally:
+            os.close(fd)
+            self.rd.collect()
+
+
+def assemble(entries: list[Entry], files: FileSource) -> Iterator[bytes]:
+    """The original tar: segments as recorded, file contents from ``files``.
+
+    A missing, irregular or short file, or contents that fail the entry's
+    CRC-64, is an ``ImageError`` naming the file.
     """
-    with RootDir(root) as rd:
-        for e in entries:
-            if e.type == SEGMENT:
-                if e.payload:
-                    yield e.payload
-                continue
-            if not e.size:
-                continue
-            parts = _clean(e.name)
-            try:
-                pfd, _ = rd.parent(parts, follow=True)
-                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-            except (OSError, ArchiveError) as err:
-                raise ImageError(f"layer file {os.fsdecode(e.name)!r} cannot be read: "
-                                 f"{getattr(err, 'strerror', None) or err}") from None
-            crc: int | None = None
-            try:
-                left = e.size
-                while left:
-                    data = os.read(fd, min(chunk, left))
-                    if not data:
-                        raise ImageError(f"layer file {os.fsdecode(e.name)!r} is shorter than "
-                                         f"its {e.size} bytes")
-                    left -= len(data)
-                    crc = fastcrc.crc64.go_iso(data, initial=crc)
-                    yield data
-            finally:
-                os.close(fd)
-            if e.payload and crc is not None and crc.to_bytes(8, "big") != e.payload:
-                raise ImageError(f"file integrity checksum failed for {os.fsdecode(e.name)!r}")
-            rd.collect()
+    for e in entries:
+        if e.type == SEGMENT:
+            if e.payload:
+                yield e.payload
+            continue
+        if not e.size:
+            continue
+        crc: int | None = None
+        got = 0
+        try:
+            for data in files.read(_clean(e.name), e.size):
+                got += len(data)
+                crc = fastcrc.crc64.go_iso(data, initial=crc)
+                yield data
+        except Unreadable as err:
+            raise ImageError(f"layer file {os.fsdecode(e.name)!r} cannot be read: {err}") from None
+        if got < e.size:
+            raise ImageError(f"layer file {os.fsdecode(e.name)!r} is shorter than its {e.size} bytes")
+        if e.payload and crc is not None and crc.to_bytes(8, "big") != e.payload:
+            raise ImageError(f"file integrity checksum failed for {os.fsdecode(e.name)!r}")
