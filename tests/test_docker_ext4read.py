@@ -28,14 +28,15 @@ import pytest
 from crc32c import crc32c
 
 import dockerkit as K
-from archivetools import needs_root
-from graphkit import base_layer, child_layer, unmount_tree
+from archivetools import build_tar, dir_, hard, needs_root, reg, sym
+from graphkit import T0, base_layer, child_layer, tree, unmount_tree
 from imagekit import docker_save, tree_digest
 from thinpool.archive import export_tree
 from thinpool.extfs import CorruptFilesystem, FileSource
 from thinpool.graph import registry
 from thinpool.images.dockerroot import DockerRoot
 from thinpool.images.errors import ImageError
+from thinpool.images import tarsplit
 from thinpool.images.exttree import ExtTree
 from thinpool.images.store import ImageRoot
 
@@ -152,6 +153,66 @@ def test_image_file_matches_the_kernel_mount(mkfs: list[str], tmp_path: Path) ->
         os.close(fd)
 
 
+def read_outcome(files: tarsplit.FileSource, path: str, size: int) -> bytes | str:
+    """The bytes ``files`` gives for ``path``, or the reason it gives none."""
+    try:
+        return b"".join(files.read(path.split("/"), size))
+    except tarsplit.Unreadable as e:
+        return f"unreadable: {e}"
+
+
+def test_file_lookup_matches_the_mounted_tree(tmp_path: Path) -> None:
+    """``ExtTree.read`` (what migrate rebuilds layer tars from) finds what ``DirSource`` finds on a
+    read-only kernel mount of the same filesystem, refusing the same paths for the same reasons."""
+    img, mnt = tmp_path / "fs.img", tmp_path / "mnt"
+    mnt.mkdir()
+    with open(img, "wb") as f:
+        f.truncate(128 << 20)
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", str(img)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
+    big = os.urandom(3_000_000)  # several chunks
+    try:
+        r = mnt / "rootfs"
+        (r / "etc").mkdir(parents=True)
+        (r / "etc/motd").write_bytes(big)
+        (r / "var").mkdir()
+        (r / "many").mkdir()                                           # an htree
+        for i in range(3000):
+            (r / "many" / f"entry-{i:05d}-{'n' * 40}").write_text(str(i))
+        (r / "file").write_text("plain")
+        os.symlink("etc", r / "rel")
+        os.symlink("/var/../etc", r / "abs")                           # restarts at the top
+        os.symlink("../../../../etc", r / "var/up")                    # ".." stops at the top
+        os.symlink("loop", r / "loop")
+        os.symlink("etc/motd", r / "filelink")
+        os.mkfifo(r / "fifo")
+        os.mknod(r / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        (r / os.fsdecode(b"latin1-\xe9")).write_bytes(b"not utf-8")
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    subprocess.run(["mount", "-o", "loop,ro,noload", str(img), str(mnt)], check=True)
+    cases = [("etc/motd", 5_000_000), ("etc/motd", 1000), ("many/entry-02999-" + "n" * 40, 10), ("rel/motd", 10),
+             ("abs/motd", 10), ("var/up/motd", 10), (os.fsdecode(b"latin1-\xe9"), 100), ("missing", 1),
+             ("etc/missing", 1), ("missing/x", 1), ("file/x", 1), ("filelink/x", 1), ("filelink", 1),
+             ("etc", 1), ("fifo", 1), ("null", 1), ("loop/x", 1), ("rel", 1)]
+    fd = os.open(img, os.O_RDONLY)
+    try:
+        ext = ExtTree(FileSource(fd))
+        with tarsplit.DirSource(str(mnt / "rootfs")) as tree:
+            got = {(path, size): read_outcome(ext, path, size) for path, size in cases}
+            assert got == {(path, size): read_outcome(tree, path, size) for path, size in cases}
+    finally:
+        os.close(fd)
+        subprocess.run(["umount", str(mnt)], check=True)
+    assert got[("etc/motd", 5_000_000)] == big and got[("etc/motd", 1000)] == big[:1000]
+    assert got[("abs/motd", 10)] == got[("var/up/motd", 10)] == big[:10]
+    assert got[("many/entry-02999-" + "n" * 40, 10)] == b"2999"
+    assert got[("missing/x", 1)] == "unreadable: No such file or directory"
+    assert got[("filelink/x", 1)] == "unreadable: 'etc/motd' is not a directory"
+    assert got[("fifo", 1)] == got[("filelink", 1)] == got[("etc", 1)] == "unreadable: not a regular file"
+    assert "too many levels of symlinks" in str(got[("loop/x", 1)])
+
+
 # -- Docker roots -------------------------------------------------------------------------------------
 @dataclass
 class Root:
@@ -162,13 +223,24 @@ class Root:
     init: str
 
 
+def lookup_layer() -> bytes:
+    """On top of child_layer(): files migrate finds by path - thousands in a directory, one over
+    several read chunks (and hard-linked), some written through symlinks (relative; absolute with "..")."""
+    return build_tar(
+        dir_("lots", mtime=T0), *[reg(f"lots/f-{i:05d}", str(i).encode(), mtime=T0) for i in range(2000)],
+        reg("big", os.urandom(3_000_000), mtime=T0), hard("big-link", "big", mtime=T0),
+        sym("alias", "opt/keep", mtime=T0), reg("alias/z", b"through a symlink", mtime=T0),
+        sym("abs", "/var/lib/../../etc", mtime=T0), reg("abs/motd", b"through an absolute symlink", mtime=T0),
+    )
+
+
 @pytest.fixture(scope="module", params=["ext4", "ext3"])
 def droot(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Root]:
     """A devicemapper Docker root whose container 'web' holds everything ``populate`` makes."""
     base = tmp_path_factory.mktemp(f"ext4read-{request.param}")
     root = base / "docker"
     archive = base / "app.tar"
-    docker_save(archive, [base_layer(), child_layer()], TAG)
+    docker_save(archive, [base_layer(), child_layer(), lookup_layer()], TAG)
     opts = ["dm.basesize=1G", "dm.loopdatasize=4G", "dm.loopmetadatasize=64M", "dm.fs=ext4"]
     if request.param == "ext3":
         opts += ["dm.mkfsarg=-t", "dm.mkfsarg=ext3"]
@@ -369,3 +441,77 @@ def test_damaged_filesystem_is_a_one_line_error(untouched: Root, damage: str, tm
                 pass
     finally:
         os.close(fd)
+
+
+# -- migrate ------------------------------------------------------------------------------------------
+def migrated_layers(dest: Path) -> dict[str, tuple[str, dict[str, tuple]]]:
+    """chain id -> (diff id, every path's metadata and content) of a root migrated to vfs.
+
+    Directory mtimes are left out: applying a file through a symlink sets its directory's to the
+    time of the apply (the layer's tar does not hold that directory)."""
+    out = {}
+    for d in (dest / "image" / "vfs" / "layerdb" / "sha256").iterdir():
+        meta = tree(dest / "vfs" / "dir" / (d / "cache-id").read_text())
+        out[d.name] = ((d / "diff").read_text(), {path: v[:5] + v[6:] if stat.S_ISDIR(v[0]) else v
+                                                   for path, v in meta.items()})
+    return out
+
+
+def migrate(root: Path, dest: Path, reader: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    return cli("docker", "migrate", str(root), "--to", "vfs", "--dest", str(dest), "--reader", reader, ok=ok)
+
+
+def test_migrate_reads_layers_in_userspace(untouched: Root, tmp_path: Path) -> None:
+    """The userspace reader and the kernel mount give the same new root: same diff ids, same trees."""
+    layers, containers = {}, {}
+    for reader in ("userspace", "kernel"):
+        dest = tmp_path / reader
+        assert "1 images, 3 layers, 1 containers" in migrate(untouched.root, dest, reader).stdout
+        layers[reader] = migrated_layers(dest)
+        with ImageRoot(str(dest), registry.new_driver(str(dest), "vfs", [])) as r:
+            containers[reader] = K.tar_listing(b"".join(r.export("web")))
+    assert layers["userspace"] == layers["kernel"]
+    source = DockerRoot(str(untouched.root)).layerdb.all()
+    assert {chain: diff for chain, (diff, _) in layers["kernel"].items()} == {
+        layer.chain_id.removeprefix("sha256:"): layer.diff_id for layer in source.values()}
+    assert containers["userspace"] == containers["kernel"]
+    paths = [path for _, tree in layers["kernel"].values() for path in tree]
+    assert "opt/keep/z" in paths and "etc/motd" in paths and "lots/f-01999" in paths
+
+
+@pytest.mark.parametrize("droot", ["ext4"], indirect=True)
+def test_migrate_falls_back_to_the_kernel(untouched: Root, tmp_path: Path) -> None:
+    """A layer whose journal needs replaying: ``--reader userspace`` refuses before making anything,
+    ``auto`` reads that layer through the kernel and gives the same root."""
+    root = copy_root(untouched.root, tmp_path / "unclean")
+    dr = DockerRoot(str(root))
+    [top] = [layer for layer in dr.layerdb.all().values() if
+             not any(other.parent == layer.chain_id for other in dr.layerdb.all().values())]
+    set_feature(Device(root, top.cache_id), 0x4)  # needs_recovery
+    before = tree_digest(root)
+    dest = tmp_path / "new"
+    err = migrate(root, dest, "userspace", ok=False).stderr
+    assert err.count("\n") == 1 and "needs_recovery" in err and top.cache_id in err, err
+    assert not dest.exists()
+    migrate(root, dest, "auto")
+    migrate(untouched.root, tmp_path / "kernel", "kernel")
+    assert migrated_layers(dest) == migrated_layers(tmp_path / "kernel")
+    assert tree_digest(root) == before
+
+
+@pytest.mark.parametrize("droot", ["ext4"], indirect=True)
+def test_migrate_damaged_layer_file_is_a_one_line_error(untouched: Root, tmp_path: Path) -> None:
+    root = copy_root(untouched.root, tmp_path / "damaged")
+    dr = DockerRoot(str(root))
+    [top] = [layer for layer in dr.layerdb.all().values() if
+             not any(other.parent == layer.chain_id for other in dr.layerdb.all().values())]
+    dev = Device(root, top.cache_id)
+    ino, at = inode_offset(dev.image(tmp_path / "device.img"), "/rootfs/big")
+    dev.patch(at + 0x28, b"\x0b\xad")
+    before = tree_digest(root)
+    for reader in ("auto", "userspace"):  # damage is never a reason to fall back
+        err = migrate(root, tmp_path / reader, reader, ok=False).stderr.splitlines()
+        assert [line for line in err if not line.startswith("migrated layer ")] == err[-1:], err  # one error
+        assert f"{top.cache_id}): big: ext inode {ino}: bad extent header" in err[-1], err
+        assert "is incomplete" in err[-1]
+    assert tree_digest(root) == before
