@@ -32,7 +32,8 @@ from ..archive.tarformat import END_OF_ARCHIVE
 from ..extfs import ROOT_INO, BlockSource, CorruptFilesystem, Filesystem, Inode, UnsupportedFilesystem
 from .tarsplit import NOT_REGULAR, Unreadable
 
-_DIR_CACHE = 1 << 20  # directory entries kept for lookups
+_DIR_CACHE = 1 << 20    # directory entries kept for lookups
+_PARENT_CACHE = 4096     # resolved directory paths kept for lookups
 
 
 class ExtTree:
@@ -46,6 +47,7 @@ class ExtTree:
         self.top = root
         self._dirs: dict[int, dict[bytes, int]] = {}
         self._cached = 0
+        self._parents: dict[str, Inode] = {}
         for name, ino in self.fs.entries(root):
             if name == b"rootfs":
                 node = self.fs.inode(ino)
@@ -115,10 +117,13 @@ class ExtTree:
             self._cached += len(found)
         return found
 
-    def _lookup(self, parts: list[str]) -> Inode:
-        """The regular file at ``parts`` below the top: intermediate symlinks resolved as in a
-        chroot at the top (``archive.fsroot.RootDir`` with ``follow=True``), the last never."""
-        dirs = parts[:-1]
+    def _parent(self, dirs: list[str]) -> Inode:
+        """The directory at ``dirs`` below the top, symlinks resolved as in a chroot at the top
+        (``archive.fsroot.RootDir`` with ``follow=True``); kept for the next lookups."""
+        key = "/".join(dirs)
+        found = self._parents.get(key)
+        if found is not None:
+            return found
         real: list[tuple[str, Inode]] = []  # the directories walked into, from the top
         todo = list(reversed(dirs))
         links = 0
@@ -129,15 +134,14 @@ class ExtTree:
             if comp == "..":
                 real = real[:-1]
                 continue
-            here = real[-1][1] if real else self.top
-            ino = self._lookup_dir(here).get(os.fsencode(comp))
+            ino = self._lookup_dir(real[-1][1] if real else self.top).get(os.fsencode(comp))
             if ino is None:
                 raise Unreadable(os.strerror(errno.ENOENT))
             node = self.fs.inode(ino)
             if stat.S_ISLNK(node.mode):
                 links += 1
                 if links > MAX_SYMLINKS:
-                    raise Unreadable(f"too many levels of symlinks resolving {'/'.join(dirs)!r}")
+                    raise Unreadable(f"too many levels of symlinks resolving {key!r}")
                 target = os.fsdecode(self.fs.readlink(node))
                 if not target:
                     raise Unreadable(f"{'/'.join([n for n, _ in real] + [comp])!r} is an empty symlink")
@@ -148,7 +152,15 @@ class ExtTree:
             if not stat.S_ISDIR(node.mode):
                 raise Unreadable(f"{'/'.join([n for n, _ in real] + [comp])!r} is not a directory")
             real.append((comp, node))
-        ino = self._lookup_dir(real[-1][1] if real else self.top).get(os.fsencode(parts[-1]))
+        found = real[-1][1] if real else self.top
+        if len(self._parents) >= _PARENT_CACHE:
+            self._parents.clear()
+        self._parents[key] = found
+        return found
+
+    def _lookup(self, parts: list[str]) -> Inode:
+        """The regular file at ``parts`` below the top (the last component never followed)."""
+        ino = self._lookup_dir(self._parent(parts[:-1])).get(os.fsencode(parts[-1]))
         if ino is None:
             raise Unreadable(os.strerror(errno.ENOENT))
         node = self.fs.inode(ino)
