@@ -17,7 +17,9 @@ data carries the CRC-64 (Go's ISO table, big-endian) of its contents in its
 rebuilt stream against the layer's diff id as well.
 
 ``Recorder`` wraps the uncompressed stream on its way to the driver and
-records while it passes; ``assemble`` rebuilds.
+records while it passes; ``assemble`` rebuilds, reading file contents from
+a ``FileSource``: ``DirSource`` (a directory tree, such as a mounted layer)
+or ``exttree.ExtTree`` (a layer's ext2/3/4 device read in userspace).
 """
 
 from __future__ import annotations
