@@ -66,6 +66,7 @@ from .containers import Container, ContainerStore, setup_init_layer
 from .layers import Layer, LayerDB, atomic_write, verified_tar
 from .progress import NO_PROGRESS, Progress
 from .store import ImageRoot, IterReader, tar_size
+from . import tarsplit
 from .tarsplit import DirSource
 
 SPECIAL = ("deviceset-metadata", "transaction-metadata")
@@ -578,11 +579,13 @@ class DockerRoot:
                 yield from export_tree(mnt)
 
     # -- migration -------------------------------------------------------------------------------
-    def layer_tar(self, layer: Layer, reader: str = "auto") -> Iterator[bytes]:
+    def layer_tar(self, layer: Layer, reader: str = "auto",
+                  split: list[tarsplit.Entry] | None = None) -> Iterator[bytes]:
         """A layer's original tar (tar-split + its device's files), verified against its diff id.
 
         The files are read as ``export`` reads them (``reader``): in
-        userspace (``ExtTree``) or from a read-only kernel mount.
+        userspace (``ExtTree``) or from a read-only kernel mount.  ``split``:
+        the layer's parsed tar-split when the caller has it.
         """
         _check_reader(reader)
         dev = self.device(layer.cache_id)
@@ -591,12 +594,12 @@ class DockerRoot:
             ext = _userspace_tree(volume, what, reader)
             if ext is not None:
                 try:
-                    yield from verified_tar(self.layerdb, layer, ext)
+                    yield from verified_tar(self.layerdb, layer, ext, split)
                 except CorruptFilesystem as e:
                     raise ImageError(f"{what}: {e}") from None
                 return
             with self._mounted_volume(volume, layer.cache_id, prefetch=True) as tree, DirSource(tree) as files:
-                yield from verified_tar(self.layerdb, layer, files)
+                yield from verified_tar(self.layerdb, layer, files, split)
 
     def migrate(self, dest: str, make_driver: Callable[[], GraphDriver], progress: Progress = NO_PROGRESS,
                 log: Callable[[str], None] = lambda line: None, reader: str = "auto") -> dict[str, int]:
@@ -625,6 +628,7 @@ class DockerRoot:
             raise ImageError(f"{self.root}: refusing to migrate, Docker's records are damaged: "
                              f"{'; '.join(unreadable)}")
         plan: list[Layer] = []
+        total = 0
         seen: set[str] = set()
         for image, _ in images:
             for chain in chain_ids(image.diff_ids):
@@ -632,8 +636,10 @@ class DockerRoot:
                     continue
                 seen.add(chain)
                 layer = self.layerdb.get(chain)
-                if self.layerdb.tar_split(chain) is None:
+                split = self.layerdb.tar_split(chain)
+                if split is None:
                     raise ImageError(f"layer {chain} has no tar-split record: its diff id cannot be kept")
+                total += tar_size(split)
                 if reader == "userspace":
                     dev = self.device(layer.cache_id)
                     with self._volume(layer.cache_id) as volume:  # its mapping read whole, too
@@ -647,7 +653,6 @@ class DockerRoot:
             self.mapping(self.device(m.mount_id))
             self.mapping(self.device(m.init_id))
             containers.append((c, m))
-        total = sum(tar_size(self.layerdb.tar_split(layer.chain_id) or []) for layer in plan)
         try:
             return self._copy(dest, make_driver(), plan, images, containers, total, progress, log, reader)
         except ThinpoolError as e:
@@ -662,7 +667,7 @@ class DockerRoot:
             task = progress.task("migrating layers", total)
             for layer in plan:
                 split = self.layerdb.tar_split(layer.chain_id)
-                stream = IterReader(self.layer_tar(layer, reader))
+                stream = IterReader(self.layer_tar(layer, reader, split))
                 try:
                     target.layers.register(stream, layer.parent, layer.diff_id,  # type: ignore[arg-type]
                                            task.advance, split=split)

@@ -415,13 +415,16 @@ def layer_tar(store: LayerStore, layer: Layer) -> Iterator[bytes]:
         store.driver.put(layer.cache_id)
 
 
-def verified_tar(db: LayerDB, layer: Layer, files: tarsplit.FileSource) -> Iterator[bytes]:
-    """The layer's original tar, rebuilt from its tar-split and the layer's tree (``files``), verified.
+def verified_tar(db: LayerDB, layer: Layer, files: tarsplit.FileSource,
+                 split: list[tarsplit.Entry] | None = None) -> Iterator[bytes]:
+    """The layer's original tar, rebuilt from its tar-split (``split`` when the caller has parsed
+    it, else read from ``db``) and the layer's tree (``files``), verified.
 
     The whole stream is checked against the diff id at its end
     (``DigestMismatch``): a caller writes it somewhere it can discard.
     """
-    split = db.tar_split(layer.chain_id)
+    if split is None:
+        split = db.tar_split(layer.chain_id)
     if split is None:
         raise ImageError(f"layer {layer.chain_id} has no tar-split record: its tar cannot be "
                          "rebuilt byte for byte")
