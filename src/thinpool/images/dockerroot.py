@@ -67,7 +67,6 @@ from .layers import Layer, LayerDB, atomic_write, verified_tar
 from .progress import NO_PROGRESS, Progress
 from .store import ImageRoot, IterReader, tar_size
 from . import tarsplit
-from .tarsplit import DirSource
 
 SPECIAL = ("deviceset-metadata", "transaction-metadata")
 READERS = ("auto", "userspace", "kernel")
@@ -598,8 +597,9 @@ class DockerRoot:
                 except CorruptFilesystem as e:
                     raise ImageError(f"{what}: {e}") from None
                 return
-            with self._mounted_volume(volume, layer.cache_id, prefetch=True) as tree, DirSource(tree) as files:
-                yield from verified_tar(self.layerdb, layer, files, split)
+            with self._mounted_volume(volume, layer.cache_id, prefetch=True) as tree:
+                with tarsplit.DirSource(tree) as files:
+                    yield from verified_tar(self.layerdb, layer, files, split)
 
     def migrate(self, dest: str, make_driver: Callable[[], GraphDriver], progress: Progress = NO_PROGRESS,
                 log: Callable[[str], None] = lambda line: None, reader: str = "auto") -> dict[str, int]:
