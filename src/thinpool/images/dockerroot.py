@@ -175,6 +175,11 @@ def filesystem_of(volume: ThinVolume) -> str:
     return ""
 
 
+def _named(dev: Device) -> str:
+    """A device as messages name it."""
+    return f"device {dev.device_id} ({dev.hash or 'base'})"
+
+
 def _check_reader(reader: str) -> None:
     if reader not in READERS:
         raise ImageError(f"unknown reader {reader!r} (one of {', '.join(READERS)})")
@@ -371,7 +376,7 @@ class DockerRoot:
     def mapping(self, dev: Device) -> np.ndarray:
         """Virtual block -> data block (-1 unmapped) of a device; ImageError if it is damaged."""
         if not dev.intact:
-            raise ImageError(f"device {dev.device_id} ({dev.hash or 'base'}) cannot be read: "
+            raise ImageError(f"{_named(dev)} cannot be read: "
                              f"{dev.problem or ('marked deleted' if dev.deleted else 'unknown')}")
         nblocks = -(-dev.size // self.block_bytes)
         out = np.full(nblocks, -1, dtype=np.int64)
@@ -383,7 +388,7 @@ class DockerRoot:
         if not log.complete:
             dev.problem = (f"its block mapping is damaged ({len(log.bad_nodes)} unreadable nodes, "
                            f"{log.dropped} entries dropped)")
-            raise ImageError(f"device {dev.device_id} ({dev.hash or 'base'}) cannot be read whole: "
+            raise ImageError(f"{_named(dev)} cannot be read whole: "
                              f"{dev.problem}")
         return out
 
@@ -428,8 +433,7 @@ class DockerRoot:
 
     @contextlib.contextmanager
     def _mounted_volume(self, volume: ThinVolume, hash: str, prefetch: bool) -> Iterator[str]:
-        dev = self.device(hash)
-        with mounted_device(volume, f"device {dev.device_id} ({hash})") as mnt:
+        with mounted_device(volume, _named(self.device(hash))) as mnt:
             rootfs = os.path.join(mnt, "rootfs")
             tree = rootfs if os.path.isdir(rootfs) else mnt
             if not prefetch:
@@ -564,18 +568,25 @@ class DockerRoot:
         return self._export(hash, reader)
 
     def _export(self, hash: str, reader: str) -> Iterator[bytes]:
-        dev = self.device(hash)
-        what = f"device {dev.device_id} ({hash or 'base'})"
+        with self._files(hash, reader) as tree:
+            yield from tree.export() if isinstance(tree, ExtTree) else export_tree(tree)
+
+    @contextlib.contextmanager
+    def _files(self, hash: str, reader: str) -> Iterator[ExtTree | str]:
+        """The layer's files as ``reader`` chooses: an ``ExtTree`` read in userspace, or the
+        path of its tree on a read-only kernel mount (read ahead).  Damage the userspace
+        reader meets while in use is an ImageError naming the device."""
+        what = _named(self.device(hash))
         with self._volume(hash) as volume:
-            tree = _userspace_tree(volume, what, reader)
-            if tree is not None:
-                try:
-                    yield from tree.export()
-                except CorruptFilesystem as e:
-                    raise ImageError(f"{what}: {e}") from None
+            ext = _userspace_tree(volume, what, reader)
+            if ext is None:
+                with self._mounted_volume(volume, hash, prefetch=True) as tree:
+                    yield tree
                 return
-            with self._mounted_volume(volume, hash, prefetch=True) as mnt:
-                yield from export_tree(mnt)
+            try:
+                yield ext
+            except CorruptFilesystem as e:
+                raise ImageError(f"{what}: {e}") from None
 
     # -- migration -------------------------------------------------------------------------------
     def layer_tar(self, layer: Layer, reader: str = "auto",
@@ -587,17 +598,10 @@ class DockerRoot:
         the layer's parsed tar-split when the caller has it.
         """
         _check_reader(reader)
-        dev = self.device(layer.cache_id)
-        what = f"device {dev.device_id} ({layer.cache_id})"
-        with self._volume(layer.cache_id) as volume:
-            ext = _userspace_tree(volume, what, reader)
-            if ext is not None:
-                try:
-                    yield from verified_tar(self.layerdb, layer, ext, split)
-                except CorruptFilesystem as e:
-                    raise ImageError(f"{what}: {e}") from None
-                return
-            with self._mounted_volume(volume, layer.cache_id, prefetch=True) as tree:
+        with self._files(layer.cache_id, reader) as tree:
+            if isinstance(tree, ExtTree):
+                yield from verified_tar(self.layerdb, layer, tree, split)
+            else:
                 with tarsplit.DirSource(tree) as files:
                     yield from verified_tar(self.layerdb, layer, files, split)
 
@@ -641,9 +645,8 @@ class DockerRoot:
                     raise ImageError(f"layer {chain} has no tar-split record: its diff id cannot be kept")
                 total += tar_size(split)
                 if reader == "userspace":
-                    dev = self.device(layer.cache_id)
                     with self._volume(layer.cache_id) as volume:  # its mapping read whole, too
-                        _userspace_tree(volume, f"device {dev.device_id} ({layer.cache_id})", reader)
+                        _userspace_tree(volume, _named(self.device(layer.cache_id)), reader)
                 else:
                     self.mapping(self.device(layer.cache_id))
                 plan.append(layer)
