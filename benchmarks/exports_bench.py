@@ -26,7 +26,11 @@ kernel       A block device. ``thinpool attach`` (FUSE file + loop, direct I/O)
              (``thinpool mount`` for ours) and fio on a 512 MiB file in it
              (fs-*): 1 MiB iodepth 8 sequential, 4 KiB iodepth 16 random.
 concurrency  8 fio clients on 8 volumes (one connection each) against one
-             client on one volume, aggregate throughput; and read latency (4 KiB
+             client on one volume, aggregate throughput; the same jobs in the
+             same rounds on 8 qemu-nbd processes (one per qcow2) and 8 ``nbdkit
+             file`` processes (one per raw file), each image filled first like
+             thinpool's volumes: their 8 / 1 ratios show what the machine
+             allows (targets ``qemu-nbd``, ``nbdkit``). And read latency (4 KiB
              random reads, queue depth 1) on one volume idle and while another
              volume takes copy-on-write writes (a fresh snapshot of a fully
              written origin, one 4 KiB write into every block, iodepth 16).
@@ -441,7 +445,8 @@ class Targets:
 
 
 TARGETS = Targets()
-ALL_TARGETS = ("thinpool", "qcow2", "nbdkit", "raw", "overlay", "qemu-nbdfuse", "raw-loop")
+ALL_TARGETS = ("thinpool", "qcow2", "nbdkit", "raw", "overlay", "qemu-nbdfuse", "raw-loop",
+               "qemu-nbd")
 
 
 def baseline_report(book: Book) -> str:
@@ -745,24 +750,47 @@ def multi_fio(uris: list[str], rw: str, bs: str, depth: int, size: int, seconds:
     return job_result(job, rw, bs == "4k")
 
 
-def part_concurrency(book: Book, p: Params, work: Path, src: Path, r: int) -> None:
-    d = work / f"conc-{r}"
-    d.mkdir()
-    part = "concurrency"
-    t0 = time.monotonic()
+CONC_PEERS = ("qemu-nbd", "nbdkit")  # 8 processes, one per image: what the machine allows
+
+
+def conc_jobs(book: Book, target: str, pids: list[int], uris: list[str], p: Params, r: int) -> None:
+    """The CONC jobs with 1 client and with 8 (one per URI), the order alternating by round."""
+    for name, rw, bs, depth in CONC:
+        for clients in ((1, 8) if r % 2 == 0 else (8, 1)):
+            measured(book, "concurrency", f"{name} x{clients}", target, pids,
+                     lambda: multi_fio(uris[:clients], rw, bs, depth, p.copy, p.seconds),
+                     "IOPS" if bs == "4k" else "MiB/s")
+
+
+def conc_peer(book: Book, target: str, d: Path, src: Path, p: Params, r: int) -> None:
+    """``target`` (qemu-nbd on qcow2 images or nbdkit file on raw files) as 8 processes, one
+    per image, each image filled from ``src`` through its server first."""
+    servers: list[NbdProcess] = []
+    try:
+        for i in range(8):
+            img = qcow2(d / f"c{i}.qcow2", p.copy) if target == "qemu-nbd" else \
+                new_sparse(d / f"c{i}.raw", p.copy)
+            servers.append(NbdProcess(target, img, d / f"c{i}.sock"))
+        for s in servers:
+            nbdcopy(str(src), s.uri, p.copy)
+        settle()
+        conc_jobs(book, target, [pid for s in servers for pid in s.pids],
+                  [s.uri for s in servers], p, r)
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def conc_thinpool(book: Book, d: Path, src: Path, p: Params, r: int) -> None:
+    """thinpool serving 8 volumes, each filled from ``src``: the CONC jobs, then read latency on
+    one volume, idle and beside copy-on-write writes to another."""
     srv = ThinpoolServer(d / "pool", 8 * p.copy + 3 * p.origin + 4 * GiB)
     try:
         vols = [srv.create_thin(p.copy) for _ in range(8)]
         for v in vols:
             nbdcopy(str(src), srv.uri(v), p.copy)
         settle()
-        for name, rw, bs, depth in CONC:
-            for clients in ((1, 8) if r % 2 == 0 else (8, 1)):
-                measured(book, part, f"{name} x{clients}", "thinpool", srv.pids,
-                         lambda: multi_fio([srv.uri(v) for v in vols[:clients]], rw, bs, depth,
-                                           p.copy, p.seconds),
-                         "IOPS" if bs == "4k" else "MiB/s")
-        # read latency on one volume, idle and beside copy-on-write writes to another
+        conc_jobs(book, "thinpool", srv.pids, [srv.uri(v) for v in vols], p, r)
         origin = srv.create_thin(p.origin)
         fio_one(nbd_target(srv.uri(origin)), "write", "1M", 8, p.origin)
         settle()
@@ -770,7 +798,25 @@ def part_concurrency(book: Book, p: Params, work: Path, src: Path, r: int) -> No
                      lambda: None, p, r)
     finally:
         srv.stop()
-        shutil.rmtree(d, ignore_errors=True)
+
+
+def part_concurrency(book: Book, p: Params, work: Path, src: Path, r: int) -> None:
+    d = work / f"conc-{r}"
+    part = "concurrency"
+    for target in rotate(["thinpool"] + TARGETS.select(list(CONC_PEERS)), r):
+        t0 = time.monotonic()
+        d.mkdir()
+        try:
+            if target == "thinpool":
+                conc_thinpool(book, d, src, p, r)
+            else:
+                conc_peer(book, target, d, src, p, r)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+        print(f"  concurrency round {r + 1} {target:8s} {time.monotonic() - t0:5.0f} s: "
+              + ", ".join(f"{w} {vals[target][-1]:,.1f}" for w, vals in book.values[part].items()
+                          if w.endswith((" x1", " x8")) and target in vals), flush=True)
+    t0 = time.monotonic()
     # the same latency test on qemu-nbd: one process per image, a qcow2 overlay takes the writes
     d.mkdir()
     try:
@@ -802,11 +848,10 @@ def part_concurrency(book: Book, p: Params, work: Path, src: Path, r: int) -> No
             qa.stop()
     finally:
         shutil.rmtree(d, ignore_errors=True)
-    print(f"  concurrency round {r + 1} {time.monotonic() - t0:5.0f} s: "
-          + ", ".join(f"{w} {vals['thinpool'][-1]:,.1f}" for w, vals in book.values[part].items()
-                      if not w.endswith((" p50", " p99")) and "thinpool" in vals)
-          + f"; qemu-nbd read p99 idle {book.get(part, 'read p99 idle', 'qemu-nbd')[-1]:,.0f}, "
-          f"cow {book.get(part, 'read p99 cow', 'qemu-nbd')[-1]:,.0f}", flush=True)
+    print(f"  concurrency round {r + 1} latency {time.monotonic() - t0:5.0f} s: read p99 idle, "
+          "cow: " + "; ".join(f"{t} {book.get(part, 'read p99 idle', t)[-1]:,.0f}, "
+                             f"{book.get(part, 'read p99 cow', t)[-1]:,.0f}"
+                             for t in ("thinpool", "qemu-nbd")), flush=True)
 
 
 def read_latency(book: Book, target: str, reader_uri: str, cow_uri: Callable[[], str],
@@ -959,18 +1004,42 @@ def report(book: Book, p: Params) -> str:
         out.append(table(["job", "unit", "thinpool", "qemu-nbd + nbdfuse"], rows))
     conc = book.values.get("concurrency", {})
     if conc:
+        def eight_over_one(name: str, t: str) -> float:
+            one = book.get("concurrency", f"{name} x1", t)
+            eight = book.get("concurrency", f"{name} x8", t)
+            return median([b / a for a, b in zip(one, eight) if a])
         rows = []
         for name, _, bs, _ in CONC:
-            one = book.get("concurrency", f"{name} x1", "thinpool")
-            eight = book.get("concurrency", f"{name} x8", "thinpool")
-            x = median([b / a for a, b in zip(one, eight) if a])
-            rows.append([name, "IOPS" if bs == "4k" else "MiB/s", median(one), median(eight),
-                         fmt_ratio(x), ">= 1.0", verdict(x, 1.0),
-                         book.cpu_median("concurrency", f"{name} x1", "thinpool"),
-                         book.cpu_median("concurrency", f"{name} x8", "thinpool")])
-        out.append("\nconcurrency: 8 clients on 8 volumes vs 1 client\n")
-        out.append(table(["job", "unit", "1 client", "8 clients", "8 / 1", "goal", "",
-                          "CPU 1", "CPU 8"], rows))
+            x = eight_over_one(name, "thinpool")
+            cells: list[object] = [name, "IOPS" if bs == "4k" else "MiB/s",
+                                   median(book.get("concurrency", f"{name} x1", "thinpool")),
+                                   median(book.get("concurrency", f"{name} x8", "thinpool")),
+                                   fmt_ratio(x)]
+            cells += [fmt_ratio(eight_over_one(name, t)) for t in CONC_PEERS]
+            cells += [">= 1.0", verdict(x, 1.0),
+                      book.cpu_median("concurrency", f"{name} x1", "thinpool"),
+                      book.cpu_median("concurrency", f"{name} x8", "thinpool")]
+            rows.append(cells)
+        out.append("\nconcurrency: 8 clients on 8 volumes vs 1 client (8 / 1: medians of same-round "
+                   "ratios; qemu-nbd, nbdkit: 8 processes, one per image, in the same rounds: what "
+                   "the machine allows; CPU: server µs per request, s per GiB)\n")
+        out.append(table(["job", "unit", "1 client", "8 clients", "8 / 1"]
+                         + [f"{t} 8 / 1" for t in CONC_PEERS]
+                         + ["goal", "", "CPU 1", "CPU 8"], rows))
+        rows = []
+        for name, _, bs, _ in CONC:
+            for t in CONC_PEERS:
+                if book.get("concurrency", f"{name} x1", t):
+                    rows.append([name, t, "IOPS" if bs == "4k" else "MiB/s",
+                                 median(book.get("concurrency", f"{name} x1", t)),
+                                 median(book.get("concurrency", f"{name} x8", t)),
+                                 fmt_ratio(eight_over_one(name, t)),
+                                 book.cpu_median("concurrency", f"{name} x1", t),
+                                 book.cpu_median("concurrency", f"{name} x8", t)])
+        if rows:
+            out.append("\nconcurrency peers (CPU: all 8 server processes together)\n")
+            out.append(table(["job", "server", "unit", "1 client", "8 clients", "8 / 1", "CPU 1",
+                              "CPU 8"], rows))
         rows = []
         for t in ("thinpool", "qemu-nbd"):
             idle = book.get("concurrency", "read p99 idle", t)
@@ -1015,7 +1084,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float)
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--targets", default=None,
-                    help=f"only these targets of the nbd and kernel parts ({','.join(ALL_TARGETS)})")
+                    help="only these targets of the nbd and kernel parts and these peers of the "
+                    "concurrency part (qemu-nbd, nbdkit; thinpool always runs there) "
+                    f"({','.join(ALL_TARGETS)})")
     ap.add_argument("--baseline-src", default=None, type=Path,
                     help="also run thinpool from this source tree as target 'baseline' (A/B)")
     ap.add_argument("--tmp", default=None, help="work directory parent (default /tmp)")
