@@ -79,6 +79,26 @@ class NBDClient:
     def read(self, offset: int, length: int) -> bytes:
         return self._request(CMD_READ, offset, length)
 
+    def read_pipelined(self, offsets: list[int], length: int) -> dict[int, bytes]:
+        """READs of ``length`` at each offset, all sent in one write before any reply is
+        read (a pipelining client); offset -> data."""
+        cookies: dict[int, int] = {}
+        out = bytearray()
+        for offset in offsets:
+            self.cookie += 1
+            cookies[self.cookie] = offset
+            out += struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_READ, self.cookie, offset, length)
+        self.sock.sendall(out)
+        got: dict[int, bytes] = {}
+        for _ in offsets:
+            magic, error, cookie = struct.unpack(">IIQ", self._recv(16))
+            if magic != SIMPLE_REPLY_MAGIC or cookie not in cookies:
+                raise ConnectionError("bad reply")
+            if error:
+                raise NBDError(error, f"read at {cookies[cookie]}+{length}")
+            got[cookies.pop(cookie)] = self._recv(length)
+        return got
+
     def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         self._request(CMD_WRITE, offset, len(data), FLAG_FUA if fua else 0, data)
 

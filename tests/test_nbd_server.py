@@ -946,3 +946,65 @@ def test_stop_cuts_idle_and_stuck_connections(tmp_path: Path, sockdir: Path) -> 
         c.sock.close()
     assert fx.catalog.open_count() == 0 and not _nbd_threads()
     assert _open_fds() <= fds
+
+
+# -- threads of pipelining connections share one CPU ------------------------------------------
+
+def _reader_cpus() -> list[set[int]]:
+    """The CPUs each connection's reader thread may run on."""
+    out = []
+    for t in threading.enumerate():
+        if t.name.startswith("nbd-conn") and t.native_id is not None:
+            try:
+                out.append(os.sched_getaffinity(t.native_id))
+            except OSError:  # the thread just ended
+                pass
+    return out
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs or more")
+def test_pipelining_connections_share_a_cpu_and_lone_requests_do_not(srv: ServerFixture) -> None:
+    """Two clients pipelining small reads get one CPU for their reader threads (the
+    GIL is handed over on that CPU); a client sending one request at a time keeps every
+    CPU; after a pause, a member leaves and the other gets every CPU back."""
+    from nbdclient import NBDClient
+
+    every = os.sched_getaffinity(0)
+    assert srv.server is not None and srv.server.shared_cpu is not None
+    with open(srv.disk, "r+b") as f:
+        f.write(bytes(range(256)) * 64)
+    with NBDClient(str(srv.sock), "disk") as a, NBDClient(str(srv.sock), "disk") as b, \
+            NBDClient(str(srv.sock), "disk") as lone:
+        offsets = [i * 512 for i in range(32)]
+        for _ in range(50):  # a burst usually arrives in one receive; allow for splits
+            for c in (a, b):
+                got = c.read_pipelined(offsets, 512)
+                assert got[512] == bytes(range(256)) * 2
+            for _ in range(3):
+                lone.read(0, 512)
+            if srv.server.shared_cpu.cpu is not None:
+                break
+        cpu = srv.server.shared_cpu.cpu
+        assert cpu in every
+        assert sorted(map(len, _reader_cpus())) == [1, 1, len(every)]
+        assert {cpu} in _reader_cpus()
+        time.sleep(0.05)  # a pause: the next request makes a reader leave
+        a.read(0, 512)
+        assert srv.server.shared_cpu.cpu is None
+        assert _reader_cpus() == [every] * 3
+    assert srv.server.shared_cpu.cpu is None
+
+
+def test_share_cpu_off(tmp_path: Path, sockdir: Path) -> None:
+    from nbdclient import NBDClient
+
+    fx = ServerFixture(tmp_path, sockdir)
+    server = fx.start(share_cpu=False)
+    try:
+        assert server.shared_cpu is None
+        with NBDClient(str(fx.sock), "disk") as a, NBDClient(str(fx.sock), "disk") as b:
+            for c in (a, b):
+                assert c.read_pipelined([0, 512, 1024], 512)[1024] == bytes(512)
+            assert _reader_cpus() == [os.sched_getaffinity(0)] * 2
+    finally:
+        fx.stop()

@@ -35,6 +35,16 @@ with the number of clients. A
 client that vanishes, sends garbage or stops reading its replies (after
 ``send_timeout``) loses only its own connection.
 
+Readers whose clients pipeline small requests (more than one done inline
+between two receives) join the server's ``linux.cpu.SharedCpu``: while two
+or more do, their threads run on one CPU, where handing the GIL over is a
+plain switch instead of a cross-CPU wake-up on every system call (8 such
+connections: 33k -> 60k reads/s here, 32 -> 16 µs of CPU per request). A
+reader leaves when its client pauses (a receive waits over ``IDLE_LEAVE``)
+or sends a large WRITE (payloads are received on any CPU); worker threads
+and readers of clients that wait for each reply (latency-bound) keep every
+CPU. ``share_cpu=False`` turns this off.
+
 Structured READs of at least ``sparse_read_min`` bytes (not DF) ask the
 export for its extents first and send ranges that read as zeroes as hole
 chunks, so unprovisioned space crosses the socket as 32 bytes per run.
@@ -64,6 +74,7 @@ from pathlib import Path
 from typing import Callable, Sequence, cast
 
 from ..errors import DataPathError, ThinpoolError
+from ..linux.cpu import SharedCpu
 from ..unixsock import UnixSocketError, bind_private
 from . import protocol as P
 from .backend import Catalog, Export, ExportNotFound
@@ -75,6 +86,7 @@ HELD_REPLIES = 16  # replies of inline requests sent together at most
 WRITE_BATCH = 16  # small writes received back to back, done together at most
 WRITE_BATCH_BYTES = 1 << 20  # ... and their payload bytes
 MAX_READ_CHUNKS = 64
+IDLE_LEAVE = 0.01  # a pipelining reader waiting this long for data leaves the shared CPU
 
 
 class NBDServerError(ThinpoolError):
@@ -258,6 +270,7 @@ class _Connection:
         self.held: list[bytes | memoryview] = []  # reader thread only: replies not sent yet
         self.held_buffers: list[bytearray] = []  # ... and the buffers they point into
         self.held_count = 0
+        self.on_shared_cpu = False  # reader thread only: a member of the server's SharedCpu
         self.thread = threading.Thread(target=self.run, name=f"nbd-conn {peer}", daemon=True)
 
     # -- lifecycle ----------------------------------------------------------
@@ -272,7 +285,14 @@ class _Connection:
         finally:
             self._finish()
 
+    def _leave_shared_cpu(self) -> None:
+        assert self.server.shared_cpu is not None
+        self.server.shared_cpu.leave()
+        self.on_shared_cpu = False
+
     def _finish(self) -> None:
+        if self.on_shared_cpu:
+            self._leave_shared_cpu()
         with self.cond:
             while self.inflight:
                 self.waiting = True
@@ -404,14 +424,17 @@ class _Connection:
         CMD_READ, CMD_WRITE, CMD_BLOCK_STATUS, FUA = (P.CMD_READ, P.CMD_WRITE, P.CMD_BLOCK_STATUS,
                                                       P.CMD_FLAG_FUA)
         write_many: _WriteMany | None = getattr(self.export, "write_many", None)
+        shared_cpu = server.shared_cpu
         batch: list[P.Request] = []  # small writes received back to back, not done yet
         batch_bytes = 0
+        received = 0  # small requests done here since the last receive
         while True:
             ev = proto.next_event()
             if type(ev) is Request:
                 cmd = ev.command
                 if inline_max is not None and cmd == CMD_WRITE and ev.length <= inline_max \
                         and not ev.flags & FUA:
+                    received += 1
                     if write_many is None:
                         self._execute(ev, True)
                         continue
@@ -426,10 +449,13 @@ class _Connection:
                     batch_bytes = 0
                 if inline_max is not None and (
                         (cmd == CMD_READ and ev.length <= inline_max) or cmd == CMD_BLOCK_STATUS):
+                    received += 1
                     self._execute(ev, True)
                 else:
                     if self.held:
                         self._send_held()
+                    if cmd == CMD_WRITE and self.on_shared_cpu:
+                        self._leave_shared_cpu()  # large payloads are received on any CPU
                     self._dispatch(ev)
                 continue
             if batch:
@@ -445,11 +471,18 @@ class _Connection:
                             cond.wait()
                 if server.total_inflight > total_max and self.inflight_bytes:
                     server.wait_for_budget(self)
+                if shared_cpu is not None and received > 1 and not self.on_shared_cpu:
+                    shared_cpu.join()  # the client pipelines small requests: GIL-bound
+                    self.on_shared_cpu = True
+                received = 0
+                started = time.monotonic() if self.on_shared_cpu else 0.0
                 try:
                     n = recv_into(proto.get_buffer())
                 except (OSError, ssl.SSLError) as e:
                     log.info("nbd %s: receive failed: %s", self.peer, e)
                     n = 0
+                if self.on_shared_cpu and time.monotonic() - started > IDLE_LEAVE:
+                    self._leave_shared_cpu()  # the client paused: every CPU again
                 proto.buffer_updated(n)
             elif type(ev) is InvalidRequest:
                 self._reply([ev.reply], None, True)
@@ -502,6 +535,8 @@ class _Connection:
         self.queue.put(req)
 
     def _work(self) -> None:
+        if self.server.shared_cpu is not None:
+            self.server.shared_cpu.release_inherited()  # large I/O and flushes use any CPU
         q, cond, execute = self.queue, self.cond, self._execute
         while True:
             req = q.get()
@@ -674,7 +709,7 @@ class NBDServer:
     ``tcp_address``). ``tls`` (a ``TLSConfig``) enables STARTTLS in its mode;
     without it STARTTLS is refused. ``start`` raises ``NBDServerError``
     when a socket cannot be bound or the credentials do not load. Limits:
-    ``max_connections`` (more are accepted and closed at once),
+    ``max_connections`` (more are accepted and closed at once), ``share_cpu``,
     ``handshake_timeout`` seconds for the whole negotiation, ``send_timeout``
     seconds for a reply to make progress; see the module docstring for the
     others. One start/stop cycle per object.
@@ -686,7 +721,8 @@ class NBDServer:
                  handshake_timeout: float = 10.0, send_timeout: float = 60.0,
                  inflight_bytes: int = 64 << 20, max_inflight: int = 128,
                  total_inflight_bytes: int = 64 << 20,
-                 inline_max: int | None = 128 << 10, sparse_read_min: int | None = 64 << 10) -> None:
+                 inline_max: int | None = 128 << 10, sparse_read_min: int | None = 64 << 10,
+                 share_cpu: bool = True) -> None:
         if unix_path is None and tcp is None:
             raise NBDServerError("the NBD server needs a unix socket path or a TCP address")
         self.catalog = catalog
@@ -707,6 +743,7 @@ class NBDServer:
         self._budget_waiters = 0
         self.inline_max = inline_max
         self.sparse_read_min = sparse_read_min
+        self.shared_cpu = SharedCpu() if share_cpu else None
         self.buffers = _BufferPool()
         self.tcp_address: tuple[str, int] | None = None
         self._listeners: list[socket.socket] = []
