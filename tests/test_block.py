@@ -530,3 +530,23 @@ def test_provisioning_caches_the_new_mappings(tmp_path: Path) -> None:
             with pool.volume(2) as snap:
                 assert snap.read(0, 2) == b"aa" and snap.read(9 * BS, 2) == b"\0c"
     assert_thin_check_clean(os.path.join(str(tmp_path / "pool"), "metadata"))
+
+
+def test_large_unaligned_writes_in_pieces(tmp_path: Path) -> None:
+    """Data-file writes are cut at 256 KiB file boundaries: large writes at odd offsets, in
+    place over contiguous blocks and into new ones, read back byte for byte."""
+    rng = random.Random(5)
+    size = 64 * BS
+    d = make_pool(tmp_path)
+    with Pool(d) as pool:
+        pool.create_thin(1, size=size)
+        with pool.volume(1) as vol:
+            model = bytearray(rng.randbytes(32 * BS))
+            vol.write(0, model)  # contiguous data blocks: in-place runs span many blocks
+            model += bytes(size - len(model))
+            for off, n in ((4097, 20 * BS + 513), (BS - 1, 2), (3 * BS + 7, BS), (30 * BS + 11, 9 * BS)):
+                data = rng.randbytes(n)
+                vol.write(off, data)
+                model[off:off + n] = data
+                assert vol.read(0, size) == model
+    assert_thin_check_clean(f"{d}/metadata")

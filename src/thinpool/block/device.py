@@ -14,6 +14,13 @@
   commit.  Write-zeroes unmaps whole blocks too, or with ``may_trim=False``
   keeps them provisioned and zeroed.
 * ``flush`` (and FUA) makes every acknowledged write of the pool durable.
+* Writes to the data file are cut at 256 KiB boundaries (``PWRITE_MAX``).
+  The page cache sizes a file's folios by the writes that create them, and
+  a small write into a large folio costs the kernel more: ext4 walks every
+  buffer of the folio. Measured here on ext4: a random 4 KiB pwrite takes
+  4.7 µs into the folios of 1 MiB writes and 2.7 µs into those of 256 KiB
+  ones, while sequential writes in 256 KiB pieces cost 4% more CPU than in
+  1 MiB ones (64 KiB pieces: 2.5 µs, but 25% more).
 
 Concurrency: reads and overwrites of provisioned, unshared blocks hold their
 block range shared and the metadata lock only for the lookup; everything
@@ -54,6 +61,7 @@ if TYPE_CHECKING:
 HOLE = 1  # unprovisioned (NBD_STATE_HOLE)
 ZERO = 2  # reads as zeros (NBD_STATE_ZERO)
 MAX_EXTENT_BLOCKS = 1 << 16  # blocks looked at per extents() call
+PWRITE_MAX = 256 << 10  # data-file writes are cut at this boundary (module docstring)
 DISCARD_BATCH = 1024  # blocks unmapped per metadata-lock hold
 
 
@@ -108,8 +116,15 @@ def _copy_range(fd: int, src: int, dst: int, length: int) -> None:
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
+    """pwrite all of ``data``, in pieces that do not cross a ``PWRITE_MAX`` boundary of the file."""
+    length = len(data)
+    if length <= PWRITE_MAX - offset % PWRITE_MAX:  # the common case: one piece
         n = os.pwrite(fd, data, offset)
+        if n == length:
+            return
+        data, offset = data[n:], offset + n
+    while data:
+        n = os.pwrite(fd, data[:PWRITE_MAX - offset % PWRITE_MAX], offset)
         data, offset = data[n:], offset + n
 
 
