@@ -966,7 +966,8 @@ def _reader_cpus() -> list[set[int]]:
 def test_pipelining_connections_share_a_cpu_and_lone_requests_do_not(srv: ServerFixture) -> None:
     """Two clients pipelining small reads get one CPU for their reader threads (the
     GIL is handed over on that CPU); a client sending one request at a time keeps every
-    CPU; after a pause, a member leaves and the other gets every CPU back."""
+    CPU; a member that sends larger reads, or pauses, leaves, and the other gets every CPU
+    back."""
     from nbdclient import NBDClient
 
     every = os.sched_getaffinity(0)
@@ -988,6 +989,15 @@ def test_pipelining_connections_share_a_cpu_and_lone_requests_do_not(srv: Server
         assert cpu in every
         assert sorted(map(len, _reader_cpus())) == [1, 1, len(every)]
         assert {cpu} in _reader_cpus()
+        a.read_pipelined([0, 64 << 10], 64 << 10)  # larger reads: copies in the kernel
+        assert srv.server.shared_cpu.cpu is None
+        assert _reader_cpus() == [every] * 3
+        for _ in range(50):
+            a.read_pipelined(offsets, 512)
+            b.read_pipelined(offsets, 512)
+            if srv.server.shared_cpu.cpu is not None:
+                break
+        assert srv.server.shared_cpu.cpu is not None
         time.sleep(0.05)  # a pause: the next request makes a reader leave
         a.read(0, 512)
         assert srv.server.shared_cpu.cpu is None

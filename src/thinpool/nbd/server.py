@@ -35,15 +35,16 @@ with the number of clients. A
 client that vanishes, sends garbage or stops reading its replies (after
 ``send_timeout``) loses only its own connection.
 
-Readers whose clients pipeline small requests (more than one done inline
-between two receives) join the server's ``linux.cpu.SharedCpu``: while two
-or more do, their threads run on one CPU, where handing the GIL over is a
-plain switch instead of a cross-CPU wake-up on every system call (8 such
-connections: 33k -> 60k reads/s here, 32 -> 16 µs of CPU per request). A
-reader leaves when its client pauses (a receive waits over ``IDLE_LEAVE``)
-or sends a large WRITE (payloads are received on any CPU); worker threads
-and readers of clients that wait for each reply (latency-bound) keep every
-CPU. ``share_cpu=False`` turns this off.
+Readers whose clients pipeline small requests (more than one of at most
+``SHARED_MAX`` bytes done inline between two receives, and no larger READ or
+WRITE) join the server's ``linux.cpu.SharedCpu``: while two or more do,
+their threads run on one CPU, where handing the GIL over is a plain switch
+instead of a cross-CPU wake-up on every system call (8 such connections:
+33k -> 60k reads/s here, 32 -> 16 µs of CPU per request). A reader leaves
+when its client pauses (a receive waits over ``IDLE_LEAVE``) or sends a
+larger READ or WRITE (their copies run in the kernel, on any CPU); worker
+threads and readers of clients that wait for each reply (latency-bound)
+keep every CPU. ``share_cpu=False`` turns this off.
 
 Structured READs of at least ``sparse_read_min`` bytes (not DF) ask the
 export for its extents first and send ranges that read as zeroes as hole
@@ -87,6 +88,7 @@ WRITE_BATCH = 16  # small writes received back to back, done together at most
 WRITE_BATCH_BYTES = 1 << 20  # ... and their payload bytes
 MAX_READ_CHUNKS = 64
 IDLE_LEAVE = 0.01  # a pipelining reader waiting this long for data leaves the shared CPU
+SHARED_MAX = 16 << 10  # requests up to this size are GIL-bound; larger ones, kernel-bound
 
 
 class NBDServerError(ThinpoolError):
@@ -428,13 +430,17 @@ class _Connection:
         batch: list[P.Request] = []  # small writes received back to back, not done yet
         batch_bytes = 0
         received = 0  # small requests done here since the last receive
+        large = False  # ... and whether a larger READ or WRITE came with them
         while True:
             ev = proto.next_event()
             if type(ev) is Request:
                 cmd = ev.command
                 if inline_max is not None and cmd == CMD_WRITE and ev.length <= inline_max \
                         and not ev.flags & FUA:
-                    received += 1
+                    if ev.length <= SHARED_MAX:
+                        received += 1
+                    else:
+                        large = True
                     if write_many is None:
                         self._execute(ev, True)
                         continue
@@ -449,13 +455,16 @@ class _Connection:
                     batch_bytes = 0
                 if inline_max is not None and (
                         (cmd == CMD_READ and ev.length <= inline_max) or cmd == CMD_BLOCK_STATUS):
-                    received += 1
+                    if cmd == CMD_BLOCK_STATUS or ev.length <= SHARED_MAX:
+                        received += 1
+                    else:
+                        large = True
                     self._execute(ev, True)
                 else:
                     if self.held:
                         self._send_held()
-                    if cmd == CMD_WRITE and self.on_shared_cpu:
-                        self._leave_shared_cpu()  # large payloads are received on any CPU
+                    if cmd == CMD_WRITE or cmd == CMD_READ:
+                        large = True
                     self._dispatch(ev)
                 continue
             if batch:
@@ -471,10 +480,15 @@ class _Connection:
                             cond.wait()
                 if server.total_inflight > total_max and self.inflight_bytes:
                     server.wait_for_budget(self)
-                if shared_cpu is not None and received > 1 and not self.on_shared_cpu:
-                    shared_cpu.join()  # the client pipelines small requests: GIL-bound
-                    self.on_shared_cpu = True
+                if shared_cpu is not None:
+                    if large:
+                        if self.on_shared_cpu:
+                            self._leave_shared_cpu()  # copies in the kernel: any CPU
+                    elif received > 1 and not self.on_shared_cpu:
+                        shared_cpu.join()  # the client pipelines small requests: GIL-bound
+                        self.on_shared_cpu = True
                 received = 0
+                large = False
                 started = time.monotonic() if self.on_shared_cpu else 0.0
                 try:
                     n = recv_into(proto.get_buffer())
