@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -317,12 +318,18 @@ def test_output_closed_early_ends_quietly(tmp_path: Path) -> None:
     assert r.returncode in (0, 141) and r.stderr == b"", r.stderr
 
 
+DEFAULT_SIGINT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                  "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+
+
 def test_ctrl_c_exits_130(tmp_path: Path) -> None:
     d = make_pool(tmp_path)
     ok("create-thin", d, "0", "--size", "1M")
-    # a write waiting for more input, with the pool open
-    proc = subprocess.Popen([*THINPOOL, "write", str(d), "0", "-"], stdin=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    # a write waiting for more input, with the pool open; SIGINT back to its default first,
+    # since a shell ignores it in the programs it starts in the background (and Python
+    # then keeps it ignored)
+    proc = subprocess.Popen([sys.executable, "-c", DEFAULT_SIGINT, *THINPOOL[1:], "write", str(d),
+                             "0", "-"], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdin is not None
     proc.stdin.write(b"partial")
     proc.stdin.flush()
