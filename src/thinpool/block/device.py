@@ -410,7 +410,7 @@ class ThinDevice:
                 _copy_range(dp.data_fd, old.data_block * bs, new * bs, bs)
             elif self.state.origin_fd >= 0 and vlo < self.state.origin_size:
                 block = os.pread(self.state.origin_fd, bs, vlo)
-                os.pwrite(dp.data_fd, block.ljust(bs, b"\0"), new * bs)
+                _pwrite_all(dp.data_fd, memoryview(block.ljust(bs, b"\0")), new * bs)
             elif not dp.policy.skip_block_zeroing:
                 dp.zero_block(new)
         blocks = {v: m.data_block for v, m in mapped.items()}

@@ -9,7 +9,8 @@ usually takes the lock back before the woken thread is even scheduled, so
 the threads switch only when one of them blocks.
 
 ``SharedCpu`` puts its member threads on one CPU while two or more are
-members, and gives a thread every CPU of the process back when it leaves
+members, and gives a thread back every CPU the process had when the
+``SharedCpu`` was made when it leaves
 (and the last member when it is alone again). A member cannot move to an
 idle CPU, so only threads that are throughput-bound should join; a thread
 that waits for single requests should stay out.
