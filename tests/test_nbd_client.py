@@ -468,6 +468,42 @@ def test_broken_replies_end_the_connection_without_a_hang(sockdir: Path, reply: 
         fake.close()
 
 
+def test_close_while_callers_wait_fails_them_at_once(sockdir: Path) -> None:
+    """A server that never answers: one caller reads (inside recv), others sleep;
+    close() fails them all with EIO and returns."""
+    def after(conn: socket.socket, request: bytes) -> None:
+        while conn.recv(4096):
+            pass
+
+    fake = FakeServer(sockdir / "fake.sock", after)
+    try:
+        c = ClientExport.connect(str(sockdir / "fake.sock"), "x")
+        outcome: list[BaseException] = []
+
+        def call(k: int) -> None:
+            try:
+                c.readinto(k * 4096, memoryview(bytearray(4096)))
+            except BaseException as e:
+                outcome.append(e)
+
+        threads = [threading.Thread(target=call, args=(k,)) for k in range(4)]
+        for th in threads:
+            th.start()
+        time.sleep(0.3)
+        assert not outcome  # all waiting
+        t0 = time.monotonic()
+        c.close()
+        for th in threads:
+            th.join(5)
+        assert not any(th.is_alive() for th in threads) and time.monotonic() - t0 < 5
+        assert len(outcome) == 4
+        assert all(isinstance(e, DataPathError) and e.errno == errno.EIO for e in outcome), outcome
+        with pytest.raises(DataPathError):
+            c.flush()
+    finally:
+        fake.close()
+
+
 @pytest.mark.parametrize("greeting, message", [
     (b"HTTP/1.1 400 Bad Request\r\n", "not an NBD server"),
     (P.NBDMAGIC.to_bytes(8, "big") + (0x00420281861253).to_bytes(8, "big") + bytes(2), "oldstyle"),
