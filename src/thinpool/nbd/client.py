@@ -671,13 +671,17 @@ class ClientExport:
             if self._closed:
                 return
             self._closed = True
-        with self._send_lock:
-            if self._dead is None:
-                try:
-                    self._sendmsg([_REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_DISC, 0, 0, 0)])
-                except OSError:
-                    pass
-                self._dead = "the export was closed"
+        if self._send_lock.acquire(timeout=1.0):  # a sender may be stuck on a server that
+            try:                                   # stopped reading: then no DISC
+                if self._dead is None:
+                    try:
+                        self._sendmsg([_REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_DISC, 0, 0, 0)])
+                    except OSError:
+                        pass
+            finally:
+                self._send_lock.release()
+        if self._dead is None:
+            self._dead = "the export was closed"
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -696,7 +700,7 @@ class ClientExport:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- reading replies (by whichever caller waits) ---------------------------------------------------------------
+    # -- reading replies (by whichever caller waits) --------------------------------------
 
     def _break(self, reason: str) -> None:
         """A sender's failure: mark the connection dead and break the socket, so the
