@@ -16,6 +16,20 @@ Open devices keep a cache of their mappings (``device`` module docstring),
 at most ``MAP_CACHE_LIMIT`` entries for the whole pool; the data path keeps
 the count and drops every cache when it would grow beyond that.
 
+Worker processes (``share_mappings``): the caches are mirrored into a
+``sharedmap.SharedMappingTable`` that other processes read, with no lock,
+to serve reads and in-place overwrites of the same data file themselves.
+The table never holds an entry the caches do not (every entry is published
+when it is cached, withdrawn when it is dropped), and before a mapping
+changes under a worker's feet the entry is withdrawn and the data path
+waits for the workers' writes in flight on that device
+(``SharedMappingTable.barrier``): when a discard unmaps a provisioned,
+unshared block, when a snapshot of the device makes its blocks shared
+(``quiesced``) and when a transaction is aborted.  Copy-on-write and
+provisioning change only unmapped or shared blocks, which workers never
+write, so the write path pays no barrier.  Workers read under the table's
+sequence counters and retry when an entry changed under a read.
+
 Commit and crash story: a commit first syncs the data device without any
 lock (reads and writes go on), then closes the gate (in-flight provisioning
 finishes, new provisioning waits), syncs again (little is left), commits
@@ -47,10 +61,12 @@ from .locks import RangeLock, SharedExclusiveLock
 if TYPE_CHECKING:
     from ..thin.metadata import Mapping
     from .device import DeviceState, ThinDevice
+    from .sharedmap import SharedMappingTable
 
 log = logging.getLogger("thinpool.block")
 
-MAP_CACHE_LIMIT = 1 << 16  # cached mappings (of all open devices together), ~11 MiB
+MAP_CACHE_LIMIT = 1 << 17  # cached mappings (of all open devices together), ~22 MiB
+UNMAPPED = 1 << 40  # the data block published for an unprovisioned block (kernel blocks < 2**40)
 COMMIT_HEADROOM = 32  # metadata blocks a commit may need (bitmaps, index, details paths)
 FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 
@@ -96,6 +112,15 @@ class DataPath:
         self._ranges: dict[int, tuple[RangeLock, int]] = {}  # dev id -> (lock, references)
         self._devices_lock = threading.Lock()
         self._cached_maps = 0  # entries of every open device's mapping cache (md_lock)
+        self.shared_maps: SharedMappingTable | None = None
+
+    def share_mappings(self, table: SharedMappingTable) -> None:
+        """Mirror the mapping caches into ``table`` from now on (module docstring); call
+        before any device is opened."""
+        with self._devices_lock:
+            if self._states:
+                raise DataPathError(errno.EBUSY, "devices are open: mappings cannot be shared now")
+        self.shared_maps = table
 
     # -- devices ---------------------------------------------------------------------------
     def open_device(self, dev_id: int, size: int, origin: str | None) -> ThinDevice:
@@ -177,6 +202,26 @@ class DataPath:
         for v in range(first, last + 1):
             maps[v] = mapped.get(v)
         self._cached_maps += len(maps) - before
+        if self.shared_maps is not None:
+            self.publish_mappings(state, first, last, evict=False)
+
+    def publish_mappings(self, state: DeviceState, first: int, last: int,
+                         evict: bool = True) -> None:
+        """Put the cached mappings of blocks [first, last] into the shared table (md_lock
+        held); with ``evict`` False only into slots no other block's entry holds (so that
+        publishing many blocks does not push out what workers use)."""
+        table = self.shared_maps
+        if table is None or state.maps_generation != self.generation:
+            return
+        maps, dev_id = state.maps, state.dev_id
+        zeros = state.origin_fd < 0  # without an external origin, unmapped reads as zeros
+        for v in range(first, last + 1):
+            if v in maps:
+                m = maps[v]
+                if m is not None:
+                    table.publish(dev_id, v, m.data_block, not m.shared, evict)
+                elif zeros:
+                    table.publish(dev_id, v, UNMAPPED, False, evict)
 
     def remember_new(self, state: DeviceState, new: dict[int, Mapping]) -> None:
         """Cache mappings just made (md_lock held, their blocks' range held exclusive), so
@@ -188,18 +233,34 @@ class DataPath:
         before = len(maps)
         maps.update(new)
         self._cached_maps += len(maps) - before
+        table = self.shared_maps
+        if table is not None:
+            for v, m in new.items():
+                table.publish(state.dev_id, v, m.data_block, not m.shared, False)
 
     def forget_mappings(self, state: DeviceState, vblocks: Iterable[int]) -> None:
-        """Blocks whose mapping is about to change (md_lock and their range exclusive held)."""
-        maps = state.maps
+        """Blocks whose mapping is about to change (md_lock and their range exclusive held).
+
+        With a shared table, a provisioned block's entry is withdrawn and, before this
+        returns, the workers' writes in flight on the device have ended."""
+        maps, table = state.maps, self.shared_maps
+        wait = False
         for v in vblocks:
             if v in maps:
+                wait = wait or maps[v] is not None
                 del maps[v]
                 self._cached_maps -= 1
+                if table is not None:
+                    table.withdraw(state.dev_id, v)
+        if wait and table is not None:
+            table.barrier(state.dev_id)
 
     def _drop_mappings(self, state: DeviceState) -> None:
-        """Forget a device's whole cache.  The dict is replaced, never emptied in place:
-        a reader may be looking at it without md_lock."""
+        """Forget a device's whole cache (and withdraw it from the shared table, without
+        waiting for workers).  The dict is replaced, never emptied in place: a reader may
+        be looking at it without md_lock."""
+        if self.shared_maps is not None:
+            self.shared_maps.withdraw_device(state.dev_id, list(state.maps))
         self._cached_maps -= len(state.maps)
         state.maps = {}
 
@@ -217,6 +278,14 @@ class DataPath:
         """Forget the open transaction (md_lock held)."""
         self.md.abort()
         self.generation += 1
+        self._withdraw_all()
+
+    def _withdraw_all(self) -> None:
+        """Every mapping may have changed (md_lock held): empty the shared table and wait
+        for the workers' writes in flight."""
+        if self.shared_maps is not None:
+            self.shared_maps.withdraw_all()
+            self.shared_maps.barrier(None)
 
     def metadata_exhausted(self) -> DataPathError:
         """The metadata device is full (md_lock held): abort, go read-only."""
@@ -229,6 +298,7 @@ class DataPath:
         """A metadata operation hit corruption (md_lock held): needs_check, read-only."""
         self.md.set_needs_check()
         self.generation += 1
+        self._withdraw_all()
         self.mode = "ro"
         return DataPathError(errno.EIO, "metadata operation failed; pool is read-only and "
                                         f"needs_check is set (run 'thinpool check'): {err}")
@@ -372,6 +442,13 @@ class DataPath:
             try:
                 hold = lock.acquire(*RangeLock.WHOLE, exclusive=True)
                 try:
+                    if self.shared_maps is not None:  # workers stop writing in place first
+                        with self.md_lock:
+                            with self._devices_lock:
+                                state = self._states.get(dev_id)
+                            if state is not None:
+                                self._drop_mappings(state)
+                        self.shared_maps.barrier(dev_id)
                     yield
                 finally:
                     with self.md_lock:  # a snapshot changed what its blocks share

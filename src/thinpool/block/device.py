@@ -63,6 +63,8 @@ ZERO = 2  # reads as zeros (NBD_STATE_ZERO)
 MAX_EXTENT_BLOCKS = 1 << 16  # blocks looked at per extents() call
 PWRITE_MAX = 256 << 10  # data-file writes are cut at this boundary (module docstring)
 DISCARD_BATCH = 1024  # blocks unmapped per metadata-lock hold
+PUBLISH_WINDOW = 256  # blocks around a worker's miss published at once (``publish``)
+PUBLISH_STEP = 64  # ... per metadata-lock hold (3.8 µs per block here)
 
 
 class RangeError(DataPathError):
@@ -115,7 +117,7 @@ def _copy_range(fd: int, src: int, dst: int, length: int) -> None:
         src, dst, length = src + n, dst + n, length - n
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     """pwrite all of ``data``, in pieces that do not cross a ``PWRITE_MAX`` boundary of the file."""
     length = len(data)
     if length <= PWRITE_MAX - offset % PWRITE_MAX:  # the common case: one piece
@@ -295,13 +297,14 @@ class ThinDevice:
         return mapped
 
     # -- writes -------------------------------------------------------------------------------
-    def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
-        """Write ``data`` at ``offset``; with ``fua`` it is durable when this returns."""
+    def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> bool:
+        """Write ``data`` at ``offset``; with ``fua`` it is durable when this returns.  True
+        when it was an overwrite in place (every block provisioned and unshared)."""
         mv = memoryview(data).cast("B")
         length = len(mv)
         self._check(offset, length)
         if length == 0:
-            return
+            return True
         dp = self.dp
         dp.require_writable()
         bs, ranges = self.bs, self.state.ranges
@@ -316,6 +319,7 @@ class ThinDevice:
                 ((offset, mv),), mapped, fresh))
         if fua:
             dp.flush()
+        return in_place
 
     def write_many(self, writes: Sequence[tuple[int, memoryview]]) -> None:
         """Do the writes (offset, data), in order, as one batch (no FUA).
@@ -358,6 +362,34 @@ class ThinDevice:
                 for offset, data in rest:  # out of data space: each waits on its own
                     self.write(offset, data)
 
+    def publish(self, offset: int, length: int, window: int = PUBLISH_WINDOW) -> None:
+        """Put the mappings of the range into the data path's shared table, and those of the
+        rest of its aligned ``window`` of blocks into free slots: for a worker process that
+        did not find them there (so a worker warms up in one request per window, not per
+        block).  Nothing without a table."""
+        dp = self.dp
+        self._check(offset, length)
+        if dp.shared_maps is None or length == 0:
+            return
+        first, last = offset // self.bs, (offset + length - 1) // self.bs
+        lo, hi = first, last
+        if window > 1:
+            lo = first - first % window
+            hi = max(last, min(lo + window, -(-self.state.size // self.bs)) - 1)
+        for start in range(lo, hi + 1, PUBLISH_STEP):  # md_lock held for one step at a time
+            end = min(start + PUBLISH_STEP, hi + 1) - 1
+            hold = self.state.ranges.acquire(start, end, False)
+            try:
+                with dp.md_lock:
+                    if self._cached(start, end) is None:
+                        self._lookup(start, end)  # remembers, and publishes into free slots
+                    else:
+                        dp.publish_mappings(self.state, start, end, evict=False)
+                    if start <= last and end >= first:
+                        dp.publish_mappings(self.state, max(start, first), min(end, last))
+            finally:
+                self.state.ranges.release(hold)
+
     def _write_in_place(self, offset: int, mv: memoryview, first: int, last: int) -> bool:
         """Write ``mv`` if all its blocks are provisioned and unshared (range held); else False."""
         if first == last:  # the common case: one block
@@ -369,7 +401,7 @@ class ThinDevice:
                     return False
             if m.shared:
                 return False
-            _pwrite_all(self.dp.data_fd, mv, m.data_block * self.bs + offset % self.bs)
+            pwrite_all(self.dp.data_fd, mv, m.data_block * self.bs + offset % self.bs)
             return True
         mapped = self._mappings(first, last)
         if len(mapped) != last - first + 1 or any(m.shared for m in mapped.values()):
@@ -391,11 +423,11 @@ class ThinDevice:
                 run_len += seg
             else:
                 if run_len:
-                    _pwrite_all(fd, mv[run_pos:run_pos + run_len], run_file)
+                    pwrite_all(fd, mv[run_pos:run_pos + run_len], run_file)
                 run_file, run_pos, run_len = file_off, pos, seg
             pos += seg
         if run_len:
-            _pwrite_all(fd, mv[run_pos:run_pos + run_len], run_file)
+            pwrite_all(fd, mv[run_pos:run_pos + run_len], run_file)
 
     def _write_new(self, writes: Sequence[tuple[int, memoryview]], mapped: dict[int, Mapping],
                    fresh: dict[int, int]) -> None:
@@ -410,7 +442,7 @@ class ThinDevice:
                 _copy_range(dp.data_fd, old.data_block * bs, new * bs, bs)
             elif self.state.origin_fd >= 0 and vlo < self.state.origin_size:
                 block = os.pread(self.state.origin_fd, bs, vlo)
-                _pwrite_all(dp.data_fd, memoryview(block.ljust(bs, b"\0")), new * bs)
+                pwrite_all(dp.data_fd, memoryview(block.ljust(bs, b"\0")), new * bs)
             elif not dp.policy.skip_block_zeroing:
                 dp.zero_block(new)
         blocks = {v: m.data_block for v, m in mapped.items()}

@@ -183,16 +183,23 @@ class SharedMappingTable:
         return 8 + (((vblock + dev_id * self._dev_mul) & self._mask) << 2)
 
     # -- writer side ------------------------------------------------------------------------
-    def publish(self, dev_id: int, vblock: int, data_block: int, exclusive: bool) -> None:
-        """Make (dev_id, vblock) -> data_block visible to readers, evicting the slot's entry."""
+    def publish(self, dev_id: int, vblock: int, data_block: int, exclusive: bool,
+                evict: bool = True) -> None:
+        """Make (dev_id, vblock) -> data_block visible to readers, evicting the slot's entry
+        (with ``evict`` False, an entry of another key stays and this one is not published)."""
         self._require_writable()
         if not (0 <= dev_id < DEV_LIMIT and 0 <= vblock < VBLOCK_LIMIT
                 and 0 <= data_block < DATA_BLOCK_LIMIT):
             raise SharedMapError(f"shared mapping table: cannot hold device {dev_id} block "
                                  f"{vblock} -> data block {data_block} (device id < 2**24, "
                                  "block < 2**40, data block < 2**62)")
-        self._store(self._slot_word(dev_id, vblock), dev_id << 40 | vblock,
-                    data_block << 2 | bool(exclusive) << 1 | 1, self._words[_EPOCH])
+        i = self._slot_word(dev_id, vblock)
+        key = dev_id << 40 | vblock
+        q = self._words
+        epoch = q[_EPOCH]
+        if not evict and q[i + 2] and q[i + 3] == epoch and q[i + 1] != key:
+            return
+        self._store(i, key, data_block << 2 | bool(exclusive) << 1 | 1, epoch)
 
     def withdraw(self, dev_id: int, vblock: int) -> None:
         """Remove (dev_id, vblock) if the table holds it: readers' tokens for it go invalid."""
