@@ -724,6 +724,13 @@ class NBDServer:
     ``handshake_timeout`` seconds for the whole negotiation, ``send_timeout``
     seconds for a reply to make progress; see the module docstring for the
     others. One start/stop cycle per object.
+
+    Serving in several processes: ``dispatch(sock, connections)``, if given,
+    is offered every accepted socket with the number of connections this
+    server has; when it returns True it took the socket (say, sent it to
+    another process), and this server forgets it. A server made with
+    ``adopt_only`` listens nowhere and serves the sockets given to
+    ``adopt``; ``on_close()`` is called whenever one of its connections ends.
     """
 
     def __init__(self, catalog: Catalog, *, unix_path: str | os.PathLike[str] | None = None,
@@ -733,8 +740,10 @@ class NBDServer:
                  inflight_bytes: int = 64 << 20, max_inflight: int = 128,
                  total_inflight_bytes: int = 64 << 20,
                  inline_max: int | None = 128 << 10, sparse_read_min: int | None = 64 << 10,
-                 share_cpu: bool = True) -> None:
-        if unix_path is None and tcp is None:
+                 share_cpu: bool = True,
+                 dispatch: Callable[[socket.socket, int], bool] | None = None,
+                 on_close: Callable[[], None] | None = None, adopt_only: bool = False) -> None:
+        if unix_path is None and tcp is None and not adopt_only:
             raise NBDServerError("the NBD server needs a unix socket path or a TCP address")
         self.catalog = catalog
         self.unix_path = Path(unix_path) if unix_path is not None else None
@@ -763,14 +772,18 @@ class NBDServer:
         self._lock = threading.Lock()
         self._wake: tuple[socket.socket, socket.socket] | None = None  # stops the acceptor
         self._acceptor: threading.Thread | None = None
+        self._started = False
         self._stopping = False
+        self.dispatch = dispatch
+        self.on_close = on_close
 
     # -- public -----------------------------------------------------------------
 
     def start(self) -> None:
         """Bind, listen and start accepting in a background thread."""
-        if self._acceptor is not None or self._stopping:
+        if self._started or self._stopping:
             raise NBDServerError("the NBD server was already started")
+        self._started = True
         try:
             if self.tls is not None:
                 self.ssl_context = self.tls.context()
@@ -781,10 +794,26 @@ class NBDServer:
         except BaseException:
             self._close_listeners()
             raise
+        if not self._listeners:  # adopt_only
+            return
         self._wake = socket.socketpair()
         self._acceptor = threading.Thread(target=self._accept_loop, args=(self._wake[0],),
                                           name="nbd-accept", daemon=True)
         self._acceptor.start()
+
+    def adopt(self, sock: socket.socket) -> None:
+        """Serve ``sock``, a connection accepted elsewhere, from its handshake on."""
+        if self._stopping:
+            sock.close()
+            return
+        sock.setblocking(True)
+        peer = f"unix#{sock.fileno()}"
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                peer = "{}:{}".format(*sock.getpeername()[:2])
+            except OSError:
+                pass
+        self._serve_socket(sock, peer)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, finish in-flight requests, close exports and sockets.
@@ -895,6 +924,20 @@ class NBDServer:
             peer = f"{addr[0]}:{addr[1]}"
         else:
             peer = f"unix#{sock.fileno()}"
+        if self.dispatch is not None:
+            with self._lock:
+                count = len(self._connections)
+            try:
+                taken = self.dispatch(sock, count)
+            except Exception:
+                log.exception("nbd: handing %s over failed; serving it here", peer)
+                taken = False
+            if taken:
+                sock.close()
+                return
+        self._serve_socket(sock, peer)
+
+    def _serve_socket(self, sock: socket.socket, peer: str) -> None:
         with self._lock:
             if len(self._connections) >= self.max_connections:
                 log.warning("nbd: refusing %s: %d connections already", peer, len(self._connections))
@@ -931,6 +974,8 @@ class NBDServer:
     def _forget(self, conn: _Connection) -> None:
         with self._lock:
             self._connections.discard(conn)
+        if self.on_close is not None:
+            self.on_close()
 
 
 __all__ = ["NBDServer", "NBDServerError", "TLSConfig"]
