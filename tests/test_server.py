@@ -54,9 +54,11 @@ def pool(workdir: Path) -> Path:
     return d
 
 
-@pytest.fixture
-def server(pool: Path) -> Iterator[ServerProcess]:
-    srv = ServerProcess(pool)
+@pytest.fixture(params=["threads", "workers"])
+def server(pool: Path, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """The server as it is by default, and with one NBD worker process (the second of two
+    connections at a time, and every other one, is then served by the worker)."""
+    srv = ServerProcess(pool, *(["--workers", "1"] if request.param == "workers" else []))
     try:
         yield srv
     finally:
@@ -217,7 +219,7 @@ def test_nbd_multi_conn_flush_and_pipelining(server: ServerProcess, pool: Path,
 def test_concurrent_clients_on_many_volumes(pool: Path, workdir: Path) -> None:
     for v in range(2, 8):
         ok("create-thin", pool, str(v), "--size", "16M")
-    srv = ServerProcess(pool)
+    srv = ServerProcess(pool, "--workers", "2")
     try:
         blobs = {v: os.urandom(8 * MiB) for v in (0, 1, 2, 3, 4, 5, 6, 7)}
         for v, b in blobs.items():

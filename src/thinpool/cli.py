@@ -689,9 +689,13 @@ def _is_loopback(host: str) -> bool:
 @click.option("--insecure", is_flag=True, help="Allow plain TCP on a non-loopback address.")
 @click.option("--read-only", "read_only", type=DEV_ID, multiple=True,
               help="Serve this volume read-only (repeatable).")
+@click.option("--workers", type=click.IntRange(0, 64), default=0, show_default=True,
+              help="NBD worker processes that serve reads and overwrites beside the pool "
+                   "process, for many clients at once (not with --tls).")
 @_clean_errors
 def serve(directory: str, nbd_socket: str | None, listen: tuple[str, int] | None, tls: str,
-          tls_creds: str | None, insecure: bool, read_only: tuple[int, ...]) -> None:
+          tls_creds: str | None, insecure: bool, read_only: tuple[int, ...],
+          workers: int) -> None:
     """Own the pool and serve its volumes over NBD until stopped.
 
     While it runs, every thinpool command on DIRECTORY goes through it (the
@@ -706,6 +710,9 @@ def serve(directory: str, nbd_socket: str | None, listen: tuple[str, int] | None
 
     if tls != "off" and not tls_creds:
         raise click.UsageError("--tls allow/require needs --tls-creds DIR")
+    if tls != "off" and workers:
+        raise click.UsageError("--workers cannot be used with --tls (TLS connections are "
+                               "served by the pool process)")
     if tls_creds and tls == "off":
         raise click.UsageError("--tls-creds needs --tls allow or --tls require")
     if listen and not _is_loopback(listen[0]) and tls != "require" and not insecure:
@@ -715,7 +722,7 @@ def serve(directory: str, nbd_socket: str | None, listen: tuple[str, int] | None
         Path(tls_creds or ""), TLSMode.REQUIRED if tls == "require" else TLSMode.ALLOWED)
     server = PoolServer(directory, ServerOptions(
         nbd_socket=os.path.abspath(nbd_socket) if nbd_socket else None, tcp=listen,
-        tls=tls_config, read_only=set(read_only)))
+        tls=tls_config, read_only=set(read_only), workers=workers))
     server.start()
     click.echo(f"serving {directory}: NBD on {server.nbd_socket}"
                + (f" and {listen[0]}:{server.nbd.tcp_address[1] if server.nbd and server.nbd.tcp_address else listen[1]}"

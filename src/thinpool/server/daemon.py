@@ -12,6 +12,10 @@ requests, stop the NBD server (requests in flight finish, connections
 close), close the pool (commit), remove the sockets and ``server.json``.
 Crash story: the pool's own commit protocol; a SIGKILLed server leaves
 stale sockets and ``server.json``, which the next server replaces.
+
+With ``workers`` (``serve --workers N``), NBD connections are spread over N
+worker processes too (``workers``); they stop before the pool closes and
+die with the server.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..block.sharedmap import SharedMappingTable
 from ..errors import ThinpoolError
 from ..nbd.server import NBDServer, TLSConfig
 from ..pool.engine import Pool
@@ -33,6 +38,7 @@ from . import commands
 from .control import ControlServer, control_path
 from .exports import PoolCatalog
 from .kernel import KernelDevices, leftovers
+from .workers import UpstreamCatalog, WorkerProcesses, upstream_path
 
 log = logging.getLogger("thinpool.server")
 
@@ -50,6 +56,7 @@ class ServerOptions:
     tcp: tuple[str, int] | None = None
     tls: TLSConfig | None = None
     read_only: set[int] = field(default_factory=set)
+    workers: int = 0  # NBD worker processes (workers.py); none with TLS
 
 
 def read_state(directory: str) -> dict[str, Any] | None:
@@ -74,6 +81,9 @@ class PoolServer:
         self.options = options or ServerOptions()
         self.pool: Pool | None = None
         self.nbd: NBDServer | None = None
+        self.upstream: NBDServer | None = None  # the workers' internal socket
+        self.workers: WorkerProcesses | None = None
+        self.shared_maps: SharedMappingTable | None = None  # the workers' view of the mappings
         self.control: ControlServer | None = None
         self.kernel: KernelDevices | None = None
         self.force_stop = False
@@ -98,9 +108,13 @@ class PoolServer:
             missing = [i for i in self.options.read_only if not self.pool.md.exists(i)]
             if missing:
                 raise ServerError(f"--read-only names volumes that do not exist: {missing}")
+            dispatch = None
+            if self.options.workers > 0 and self.options.tls is None:
+                self.workers = self._start_workers(self.options.workers)
+                dispatch = self.workers.offer
             self.nbd = NBDServer(PoolCatalog(self.pool, self.options.read_only),
                                  unix_path=self.nbd_socket, tcp=self.options.tcp,
-                                 tls=self.options.tls)
+                                 tls=self.options.tls, dispatch=dispatch)
             self.nbd.start()
             self.kernel = KernelDevices(self.pool, self.directory, self._save_state)
             self._started_at = time.time()
@@ -113,6 +127,18 @@ class PoolServer:
         log.info("serving pool %s: NBD on %s%s, control on %s", self.directory, self.nbd_socket,
                  f" and {self.nbd.tcp_address}" if self.nbd.tcp_address else "",
                  control_path(self.directory))
+
+    def _start_workers(self, count: int) -> WorkerProcesses:
+        """The shared mapping table, the internal socket and ``count`` worker processes."""
+        assert self.pool is not None
+        table = self.shared_maps = SharedMappingTable.create()
+        self.pool.dp.share_mappings(table)
+        self.upstream = NBDServer(UpstreamCatalog(self.pool, self.options.read_only),
+                                  unix_path=upstream_path(self.directory))
+        self.upstream.start()
+        workers = WorkerProcesses(self.pool, table, upstream_path(self.directory), count)
+        workers.start()
+        return workers
 
     def _save_state(self) -> None:
         """``server.json``: who serves, where, and the kernel devices it holds (for recovery).
@@ -152,8 +178,14 @@ class PoolServer:
                     self.kernel.shutdown(force=True)
                 if self.nbd is not None:
                     self.nbd.stop()
+                if self.workers is not None:
+                    self.workers.stop()
+                if self.upstream is not None:
+                    self.upstream.stop()
                 if self.pool is not None:
                     self.pool.close()
+                if self.shared_maps is not None:
+                    self.shared_maps.close()
             finally:
                 state = os.path.join(self.directory, STATE_FILE)
                 if (read_state(self.directory) or {}).get("pid") == os.getpid():
@@ -173,7 +205,10 @@ class PoolServer:
             self.request_stop()
             return {"pid": os.getpid()}
         if command == "server-info":
-            return read_state(self.directory) or {}
+            assert self.nbd is not None
+            return {**(read_state(self.directory) or {}),
+                    "nbd_connections": self.nbd.connection_count,
+                    "workers": self.workers.loads() if self.workers is not None else []}
         if command == "check":
             return self._check()
         if command == "attach":
