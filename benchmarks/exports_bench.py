@@ -266,12 +266,14 @@ def nbdcopy(src: str, dst: str, nbytes: int) -> Result:
 class ThinpoolServer:
     """A fresh pool in ``path`` and ``thinpool serve`` on it."""
 
-    def __init__(self, path: Path, data_size: int, src: Path = ROOT / "src") -> None:
+    def __init__(self, path: Path, data_size: int, src: Path = ROOT / "src",
+                 workers: int = 0) -> None:
         self.path = path
         Pool.create(str(path), data_size, 512 * MiB, PoolConfig(data_block_sectors=BLOCK // 512))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [str(src)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-        self.proc = spawn([sys.executable, "-m", "thinpool.cli", "serve", str(path)],
+        self.proc = spawn([sys.executable, "-m", "thinpool.cli", "serve", str(path),
+                           *(["--workers", str(workers)] if workers else [])],
                           log=path / "serve.log", env=env)
         self._undo = CLEANUP.push(f"thinpool server {path}", self._shutdown)
         self.control = str(path / "control.sock")
@@ -290,7 +292,9 @@ class ThinpoolServer:
 
     @property
     def pids(self) -> list[int]:
-        return [self.proc.pid]
+        """The server's process and its NBD workers'."""
+        workers = self.call("server-info").get("workers") or []
+        return [self.proc.pid] + [w["pid"] for w in workers]
 
     def log_tail(self) -> str:
         try:
@@ -434,6 +438,11 @@ class Targets:
 
     chosen: set[str] | None = None
     baseline: Path | None = None
+    workers = 0  # ``serve --workers`` of target thinpool (``--workers``)
+    baseline_workers = 0  # ... and of target baseline (``--baseline-workers``)
+
+    def workers_of(self, target: str) -> int:
+        return self.baseline_workers if target == "baseline" else self.workers
 
     def select(self, names: list[str]) -> list[str]:
         if self.baseline is not None and names[0] == "thinpool":
@@ -526,7 +535,8 @@ def part_nbd(book: Book, p: Params, work: Path, src: Path, r: int) -> None:
         for target in rotate(TARGETS.select(["thinpool", "qcow2", "nbdkit", "raw"]), r):
             t0 = time.monotonic()
             if target in ("thinpool", "baseline"):
-                srv = ThinpoolServer(d / "pool", 6 * p.copy + 4 * GiB, TARGETS.src(target))
+                srv = ThinpoolServer(d / "pool", 6 * p.copy + 4 * GiB, TARGETS.src(target),
+                                     TARGETS.workers_of(target))
                 try:
                     nbd_fresh_jobs(book, target, lambda: srv.pids,
                                    lambda: srv.uri(srv.create_thin(p.copy)), p, src)
@@ -567,7 +577,8 @@ def part_nbd(book: Book, p: Params, work: Path, src: Path, r: int) -> None:
         for target in rotate(TARGETS.select(["thinpool", "overlay"]), r):
             t0 = time.monotonic()
             if target in ("thinpool", "baseline"):
-                srv = ThinpoolServer(d / "pool", 6 * p.copy + 4 * GiB, TARGETS.src(target))
+                srv = ThinpoolServer(d / "pool", 6 * p.copy + 4 * GiB, TARGETS.src(target),
+                                     TARGETS.workers_of(target))
                 try:
                     origin = srv.create_thin(p.copy)
                     nbdcopy(str(src), srv.uri(origin), p.copy)
@@ -645,7 +656,8 @@ def part_kernel(book: Book, p: Params, work: Path, r: int) -> None:
         for target in rotate(TARGETS.select(["thinpool", "qemu-nbdfuse", "raw-loop"]), r):
             t0 = time.monotonic()
             if target in ("thinpool", "baseline"):
-                srv = ThinpoolServer(d / "pool", 2 * p.kvol + 4 * GiB, TARGETS.src(target))
+                srv = ThinpoolServer(d / "pool", 2 * p.kvol + 4 * GiB, TARGETS.src(target),
+                                     TARGETS.workers_of(target))
                 try:
                     vid = srv.create_thin(p.kvol)
                     device = srv.call("attach", id=vid)["device"]
@@ -781,20 +793,21 @@ def conc_peer(book: Book, target: str, d: Path, src: Path, p: Params, r: int) ->
             s.stop()
 
 
-def conc_thinpool(book: Book, d: Path, src: Path, p: Params, r: int) -> None:
-    """thinpool serving 8 volumes, each filled from ``src``: the CONC jobs, then read latency on
-    one volume, idle and beside copy-on-write writes to another."""
-    srv = ThinpoolServer(d / "pool", 8 * p.copy + 3 * p.origin + 4 * GiB)
+def conc_thinpool(book: Book, target: str, d: Path, src: Path, p: Params, r: int) -> None:
+    """thinpool (or the baseline) serving 8 volumes, each filled from ``src``: the CONC jobs,
+    then read latency on one volume, idle and beside copy-on-write writes to another."""
+    srv = ThinpoolServer(d / "pool", 8 * p.copy + 3 * p.origin + 4 * GiB, TARGETS.src(target),
+                         TARGETS.workers_of(target))
     try:
         vols = [srv.create_thin(p.copy) for _ in range(8)]
         for v in vols:
             nbdcopy(str(src), srv.uri(v), p.copy)
         settle()
-        conc_jobs(book, "thinpool", srv.pids, [srv.uri(v) for v in vols], p, r)
+        conc_jobs(book, target, srv.pids, [srv.uri(v) for v in vols], p, r)
         origin = srv.create_thin(p.origin)
         fio_one(nbd_target(srv.uri(origin)), "write", "1M", 8, p.origin)
         settle()
-        read_latency(book, "thinpool", srv.uri(vols[0]), lambda: srv.uri(srv.create_snap(origin)),
+        read_latency(book, target, srv.uri(vols[0]), lambda: srv.uri(srv.create_snap(origin)),
                      lambda: None, p, r)
     finally:
         srv.stop()
@@ -803,12 +816,13 @@ def conc_thinpool(book: Book, d: Path, src: Path, p: Params, r: int) -> None:
 def part_concurrency(book: Book, p: Params, work: Path, src: Path, r: int) -> None:
     d = work / f"conc-{r}"
     part = "concurrency"
-    for target in rotate(["thinpool"] + TARGETS.select(list(CONC_PEERS)), r):
+    ours = ["thinpool"] + (["baseline"] if TARGETS.baseline else [])
+    for target in rotate(ours + TARGETS.select(list(CONC_PEERS)), r):
         t0 = time.monotonic()
         d.mkdir()
         try:
-            if target == "thinpool":
-                conc_thinpool(book, d, src, p, r)
+            if target in ("thinpool", "baseline"):
+                conc_thinpool(book, target, d, src, p, r)
             else:
                 conc_peer(book, target, d, src, p, r)
         finally:
@@ -894,22 +908,22 @@ def part_rss(book: Book, p: Params, work: Path) -> None:
     d.mkdir()
     part = "rss"
     t0 = time.monotonic()
-    srv = ThinpoolServer(d / "pool", p.rss_volumes * p.rss_vol + 4 * GiB)
+    srv = ThinpoolServer(d / "pool", p.rss_volumes * p.rss_vol + 4 * GiB,
+                         workers=TARGETS.workers)
     try:
-        pid = srv.proc.pid
-        book.add(part, "VmHWM started MiB", "thinpool", status_kib(pid, "VmHWM") / 1024)
+        def mib(field: str) -> float:  # the server's processes together (with --workers)
+            return sum(status_kib(pid, field) for pid in srv.pids) / 1024
+        book.add(part, "VmHWM started MiB", "thinpool", mib("VmHWM"))
         vols = [srv.create_thin(p.rss_vol) for _ in range(p.rss_volumes)]
         listed = sh("nbdinfo", "--list", "--json", f"nbd+unix:///?socket={srv.socket}")
         n_exports = len(json.loads(listed.stdout)["exports"])
         book.extra["rss exports listed"] = n_exports
-        book.add(part, f"VmHWM {p.rss_volumes} volumes MiB", "thinpool",
-                 status_kib(pid, "VmHWM") / 1024)
+        book.add(part, f"VmHWM {p.rss_volumes} volumes MiB", "thinpool", mib("VmHWM"))
         uris = [srv.uri(v) for v in vols[:p.rss_clients]]
         multi_fio(uris, "write", "1M", 8, p.rss_vol, None)
         multi_fio(uris, "randrw", "4k", 16, p.rss_vol, p.seconds)
-        book.add(part, f"VmHWM {p.rss_clients} clients MiB", "thinpool",
-                 status_kib(pid, "VmHWM") / 1024)
-        book.add(part, "VmRSS after MiB", "thinpool", status_kib(pid, "VmRSS") / 1024)
+        book.add(part, f"VmHWM {p.rss_clients} clients MiB", "thinpool", mib("VmHWM"))
+        book.add(part, "VmRSS after MiB", "thinpool", mib("VmRSS"))
         # the peer: one qemu-nbd process per volume; one of them after the same load
         img = qcow2(d / "q.qcow2", p.rss_vol)
         q = NbdProcess("qemu-nbd", img, d / "q.sock")
@@ -1028,7 +1042,7 @@ def report(book: Book, p: Params) -> str:
                          + ["goal", "", "CPU 1", "CPU 8"], rows))
         rows = []
         for name, _, bs, _ in CONC:
-            for t in CONC_PEERS:
+            for t in ("baseline",) + CONC_PEERS:
                 if book.get("concurrency", f"{name} x1", t):
                     rows.append([name, t, "IOPS" if bs == "4k" else "MiB/s",
                                  median(book.get("concurrency", f"{name} x1", t)),
@@ -1037,11 +1051,11 @@ def report(book: Book, p: Params) -> str:
                                  book.cpu_median("concurrency", f"{name} x1", t),
                                  book.cpu_median("concurrency", f"{name} x8", t)])
         if rows:
-            out.append("\nconcurrency peers (CPU: all 8 server processes together)\n")
+            out.append("\nconcurrency peers and baseline (CPU: all server processes together)\n")
             out.append(table(["job", "server", "unit", "1 client", "8 clients", "8 / 1", "CPU 1",
                               "CPU 8"], rows))
         rows = []
-        for t in ("thinpool", "qemu-nbd"):
+        for t in ("thinpool", "baseline", "qemu-nbd"):
             idle = book.get("concurrency", "read p99 idle", t)
             cow = book.get("concurrency", "read p99 cow", t)
             if not idle:
@@ -1089,6 +1103,11 @@ def main() -> None:
                     f"({','.join(ALL_TARGETS)})")
     ap.add_argument("--baseline-src", default=None, type=Path,
                     help="also run thinpool from this source tree as target 'baseline' (A/B)")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="serve thinpool with --workers N (NBD worker processes)")
+    ap.add_argument("--baseline-workers", type=int, default=0,
+                    help="serve the baseline with --workers N; differing from --workers, the "
+                         "baseline runs (from this tree unless --baseline-src) in the same rounds")
     ap.add_argument("--tmp", default=None, help="work directory parent (default /tmp)")
     ap.add_argument("--json", default=None, help="also write every per-round value here")
     a = ap.parse_args()
@@ -1099,6 +1118,9 @@ def main() -> None:
         p.seconds = a.seconds
     parts = [x for x in a.parts.split(",") if x]
     TARGETS.baseline = a.baseline_src.resolve() if a.baseline_src else None
+    TARGETS.workers, TARGETS.baseline_workers = a.workers, a.baseline_workers
+    if TARGETS.baseline is None and a.workers != a.baseline_workers:
+        TARGETS.baseline = ROOT / "src"
     if a.targets:
         TARGETS.chosen = set(a.targets.split(","))
         for x in TARGETS.chosen:
