@@ -22,6 +22,7 @@ from nbdclient import NBDClient, NBDError
 from serverkit import ServerProcess, short_tmp
 from test_cli import ok, tp
 from thinmodel import assert_thin_check_clean
+from thinpool.nbd.backend import ExportNotFound
 from thinpool.server import control
 
 MiB = 1 << 20
@@ -50,6 +51,13 @@ def server(pool: Path) -> Iterator[ServerProcess]:
 
 def info(pool: Path) -> dict[str, Any]:
     return control.request(str(pool / "control.sock"), "server-info", {})
+
+
+def wait_worker_idle(pool: Path) -> None:
+    """Until the worker has no connection (it reports closes asynchronously)."""
+    deadline = time.monotonic() + 10
+    while info(pool)["workers"][0]["connections"] and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def two_clients(srv: ServerProcess, export: str = "0") -> tuple[NBDClient, NBDClient]:
@@ -227,6 +235,27 @@ def test_workers_die_with_the_pool_process(server: ServerProcess) -> None:
             assert b.read(0, BS) == pattern(9, BS)
     finally:
         assert srv.stop() == 0
+
+
+def test_a_worker_lists_and_describes_exports_as_the_pool_does(server: ServerProcess) -> None:
+    from thinpool.nbd.client import ClientExport, list_exports
+
+    ok("create-thin", server.directory, "4", "--size", "8M", "--name", "web")
+    path = str(server.nbd_socket)
+    from_pool = list_exports(path)
+    with NBDClient(path, "0"):  # the pool process is busy: the next ones go to the worker
+        assert list_exports(path) == from_pool
+        assert ("web", "thin volume 4 (web), 8388608 bytes") in from_pool
+        wait_worker_idle(server.directory)
+        export = ClientExport.connect(path, "web")
+        assert info(server.directory)["workers"][0]["connections"] == 1
+        try:
+            assert export.description == "thin volume 4 (web)" and export.size == 8 << 20
+        finally:
+            export.close()
+        wait_worker_idle(server.directory)
+        with pytest.raises(ExportNotFound, match="no volume is called 'nope'"):
+            ClientExport.connect(path, "nope")
 
 
 def test_workers_and_tls_do_not_mix(pool: Path) -> None:

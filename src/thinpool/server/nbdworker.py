@@ -101,7 +101,7 @@ class WorkerCatalog:
         self.block_size = block_size
 
     def list_exports(self) -> list[tuple[str, str]]:
-        return [(name, desc.partition("|")[2]) for name, desc in list_exports(self.upstream)]
+        return list_exports(self.upstream)  # listed as the pool lists them
 
     def open_export(self, name: str) -> WorkerExport:
         upstream = ClientExport.connect(self.upstream, name)

@@ -28,8 +28,10 @@ dropped connection would); the pool logs it and stops handing it any.
 Nothing a worker acknowledged is lost: its writes are in the data file's
 page cache before the reply, and flushes and FUA go through the pool.
 
-Internal protocol of ``workers.sock``: export names are decimal volume ids
-and each export's description is ``"<id>|<public description>"``.
+Internal protocol of ``workers.sock``: the exports and the listing of
+``nbd.sock``, except that an opened export's description is
+``"<volume id>|<public description>"``, which tells the worker which
+device's mappings to look up.
 """
 
 from __future__ import annotations
