@@ -29,9 +29,36 @@ class NBDError(Exception):
         self.error = error
 
 
+def connect_from_child(sock_path: str) -> socket.socket:
+    """A connection made by a short-lived child process: the server sees another client
+    process (its pid, ``SO_PEERCRED``) than this one."""
+    import os
+
+    mine, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the child: connect, hand the socket over, exit
+        code = 1
+        try:
+            s = connect(sock_path)
+            socket.send_fds(theirs, [b"s"], [s.fileno()])
+            code = 0
+        finally:
+            os._exit(code)
+    theirs.close()
+    try:
+        _, fds, _, _ = socket.recv_fds(mine, 1, 1)
+    finally:
+        mine.close()
+        os.waitpid(pid, 0)
+    if not fds:
+        raise ConnectionError(f"the child process could not connect to {sock_path}")
+    return socket.socket(fileno=fds[0])
+
+
 class NBDClient:
-    def __init__(self, sock_path: str, export: str) -> None:
-        self.sock = connect(sock_path)
+    def __init__(self, sock_path: str, export: str, other_process: bool = False) -> None:
+        """``other_process``: connect from a child process (``connect_from_child``)."""
+        self.sock = connect_from_child(sock_path) if other_process else connect(sock_path)
         self.cookie = 0
         magic, opt_magic, _hs = struct.unpack(">QQH", self._recv(18))
         if magic != NBDMAGIC or opt_magic != IHAVEOPT:

@@ -3,14 +3,18 @@ overwrites of the pool's data file itself, and must never read or write a block 
 mapping the pool changed: after a snapshot, a discard, or its own death.
 
 Each test runs ``thinpool serve --workers 1`` in a subprocess. The first client connection
-stays in the pool process; the second goes to the worker (checked through ``server-info``).
+stays in the pool process; the second, from another process, goes to the worker (checked
+through ``server-info``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -61,9 +65,10 @@ def wait_worker_idle(pool: Path) -> None:
 
 
 def two_clients(srv: ServerProcess, export: str = "0") -> tuple[NBDClient, NBDClient]:
-    """A client served by the pool process and one served by the worker."""
+    """A client served by the pool process and one served by the worker (connected from
+    another process: one process's connections all go to one place)."""
     in_pool = NBDClient(str(srv.nbd_socket), export)
-    in_worker = NBDClient(str(srv.nbd_socket), export)
+    in_worker = NBDClient(str(srv.nbd_socket), export, other_process=True)
     state = info(srv.directory)
     assert state["nbd_connections"] == 1, state
     assert [w["connections"] for w in state["workers"]] == [1], state
@@ -208,7 +213,7 @@ def test_a_dead_worker_takes_only_its_connections(server: ServerProcess) -> None
         while info(server.directory)["workers"][0]["alive"] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert a.read(0, MiB) == pattern(5, MiB)
-        with NBDClient(str(server.nbd_socket), "0") as c:  # served by the pool process now
+        with NBDClient(str(server.nbd_socket), "0", other_process=True) as c:  # by the pool
             assert c.read(0, MiB) == pattern(5, MiB)
             c.write(0, pattern(6, BS))
     assert server.stop() == 0
@@ -242,8 +247,13 @@ def test_a_worker_lists_and_describes_exports_as_the_pool_does(server: ServerPro
 
     ok("create-thin", server.directory, "4", "--size", "8M", "--name", "web")
     path = str(server.nbd_socket)
-    from_pool = list_exports(path)
-    with NBDClient(path, "0"):  # the pool process is busy: the next ones go to the worker
+    listing = subprocess.run(  # another process, alone: served by the pool process
+        [sys.executable, "-c", "import json, sys; from thinpool.nbd.client import list_exports; "
+         "print(json.dumps(list_exports(sys.argv[1])))", path],
+        capture_output=True, text=True, check=True)
+    from_pool = [tuple(e) for e in json.loads(listing.stdout)]
+    with NBDClient(path, "0", other_process=True):  # the pool process is busy: this
+        # process's next connections go to the worker
         assert list_exports(path) == from_pool
         assert ("web", "thin volume 4 (web), 8388608 bytes") in from_pool
         wait_worker_idle(server.directory)
@@ -256,6 +266,27 @@ def test_a_worker_lists_and_describes_exports_as_the_pool_does(server: ServerPro
         wait_worker_idle(server.directory)
         with pytest.raises(ExportNotFound, match="no volume is called 'nope'"):
             ClientExport.connect(path, "nope")
+
+
+def test_one_client_process_is_served_in_one_place(server: ServerProcess) -> None:
+    """nbdcopy's four connections (multi-conn) are one client: all stay where the first went."""
+    path = str(server.nbd_socket)
+    first = NBDClient(path, "0", other_process=True)  # to the pool process
+    clients = [NBDClient(path, "0") for _ in range(3)]  # this process: the worker, then home
+    try:
+        state = info(server.directory)
+        assert state["nbd_connections"] == 1 and state["workers"][0]["connections"] == 3, state
+        data = os.urandom(4 * MiB)
+        src = server.directory.parent / "src.bin"
+        src.write_bytes(data)
+        r = subprocess.run(["nbdcopy", "--connections=4", "--flush", str(src), server.uri(0)],
+                           capture_output=True)
+        assert r.returncode == 0, r.stderr
+        assert clients[0].read(0, 4 * MiB) == data
+    finally:
+        first.close()
+        for c in clients:
+            c.close()
 
 
 def test_workers_and_tls_do_not_mix(pool: Path) -> None:

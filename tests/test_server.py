@@ -54,11 +54,9 @@ def pool(workdir: Path) -> Path:
     return d
 
 
-@pytest.fixture(params=["threads", "workers"])
-def server(pool: Path, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
-    """The server as it is by default, and with one NBD worker process (the second of two
-    connections at a time, and every other one, is then served by the worker)."""
-    srv = ServerProcess(pool, *(["--workers", "1"] if request.param == "workers" else []))
+@pytest.fixture
+def server(pool: Path) -> Iterator[ServerProcess]:
+    srv = ServerProcess(pool)
     try:
         yield srv
     finally:
@@ -217,6 +215,7 @@ def test_nbd_multi_conn_flush_and_pipelining(server: ServerProcess, pool: Path,
 
 
 def test_concurrent_clients_on_many_volumes(pool: Path, workdir: Path) -> None:
+    """Eight nbdcopy processes at once, spread over the pool process and two NBD workers."""
     for v in range(2, 8):
         ok("create-thin", pool, str(v), "--size", "16M")
     srv = ServerProcess(pool, "--workers", "2")

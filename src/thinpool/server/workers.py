@@ -6,7 +6,10 @@ processes (``nbdworker``) and shares with them the data file and a
 (``DataPath.share_mappings``).  Each NBD connection the pool accepts is
 served where fewest connections are, the pool process first on a tie, so
 one client always talks to the pool process and eight are spread over
-every process (each with its own GIL).  A worker serves the reads and
+every process (each with its own GIL).  The connections of one client
+process (on the unix socket, by its pid) all go where its first one went
+while it lives: a multi-conn client such as ``nbdcopy`` is one client, and
+split over processes its requests would cost a copy and a hop each.  A worker serves the reads and
 in-place overwrites whose blocks the table knows, and sends every other
 request - provisioning and copy-on-write writes, trims, zeroes, flushes,
 block status - over its own NBD connection to the pool process's internal
@@ -39,6 +42,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -51,6 +55,7 @@ from .exports import PoolCatalog, VolumeExport
 log = logging.getLogger("thinpool.server")
 
 WORKER_SOCKET = "workers.sock"
+HOMES_KEPT = 1024  # client processes remembered before the dead ones are forgotten
 
 
 class UpstreamExport(VolumeExport):
@@ -130,6 +135,7 @@ class WorkerProcesses:
         self.lock = threading.Lock()  # the workers' loads and liveness
         self.stopping = False
         self._workers: list[_Worker] = []
+        self._homes: dict[int, _Worker | None] = {}  # client pid -> where it is served
 
     def start(self) -> None:
         try:
@@ -159,14 +165,12 @@ class WorkerProcesses:
         return worker
 
     def offer(self, sock: socket.socket, own: int) -> bool:
-        """Hand ``sock`` to the least loaded worker if it serves fewer than ``own`` (the
-        pool process's connections); True when handed over (the caller closes its copy)."""
+        """Hand ``sock`` over, or not (the module docstring); True when handed over (the
+        caller closes its copy).  ``own``: the pool process's connections."""
+        pid = _peer_pid(sock)
         with self.lock:
-            alive = [w for w in self._workers if w.alive]
-            if not alive:
-                return False
-            worker = min(alive, key=lambda w: w.connections)
-            if worker.connections >= own:
+            worker = self._choose(pid, own)
+            if worker is None:
                 return False
             worker.connections += 1
         try:
@@ -178,6 +182,25 @@ class WorkerProcesses:
                         "in the pool process", worker.index, e)
             return False
         return True
+
+    def _choose(self, pid: int | None, own: int) -> _Worker | None:
+        """Where a connection of client process ``pid`` goes (lock held): where that
+        process's connections went while it lives, else the least loaded worker if it
+        serves fewer than ``own``; None is the pool process."""
+        if pid is not None and pid in self._homes:
+            home = self._homes[pid]
+            if _alive(pid) and (home is None or home.alive):
+                return home
+            del self._homes[pid]
+        alive = [w for w in self._workers if w.alive]
+        worker = min(alive, key=lambda w: w.connections) if alive else None
+        if worker is not None and worker.connections >= own:
+            worker = None
+        if pid is not None:
+            if len(self._homes) >= HOMES_KEPT:
+                self._homes = {p: h for p, h in self._homes.items() if _alive(p)}
+            self._homes[pid] = worker
+        return worker
 
     def stop(self, timeout: float = 15.0) -> None:
         """Close the workers' socket pairs, let them finish their connections, wait."""
@@ -204,6 +227,28 @@ class WorkerProcesses:
         with self.lock:
             return [{"pid": w.proc.pid, "connections": w.connections, "alive": w.alive}
                     for w in self._workers]
+
+
+def _peer_pid(sock: socket.socket) -> int | None:
+    """The client's process id (unix sockets), else None."""
+    if sock.family != socket.AF_UNIX:
+        return None
+    try:
+        pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                        struct.calcsize("3i")))
+    except OSError:
+        return None
+    return pid or None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def upstream_path(directory: str) -> str:
