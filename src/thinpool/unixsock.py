@@ -7,6 +7,8 @@
   mode 0600 (made in a private directory, chmod-ed, renamed into place); a
   stale socket file (nobody listening) is replaced, a live one or a file
   that is not a socket is refused.
+* ``sendmsg_all``: every byte of several buffers, in as few ``sendmsg``
+  calls as the socket takes.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import socket
 import stat
 import tempfile
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from .errors import ThinpoolError
 
@@ -94,3 +96,21 @@ def bind_private(path: str | os.PathLike[str], backlog: int = 64) -> socket.sock
             os.unlink(tmp)
         os.rmdir(tmpdir)
     return sock
+
+
+def sendmsg_all(sock: socket.socket, bufs: Sequence[bytes | memoryview]) -> None:
+    """Send all of ``bufs`` (one ``sendmsg`` in the common case; again for what is left)."""
+    sent = sock.sendmsg(bufs)
+    total = sum(map(len, bufs))
+    if sent == total:
+        return
+    views = [memoryview(b) for b in bufs]
+    while True:
+        while sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        views[0] = views[0][sent:]
+        total = sum(map(len, views))
+        sent = sock.sendmsg(views)
+        if sent == total:
+            return

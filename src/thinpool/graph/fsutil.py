@@ -33,6 +33,7 @@ import stat
 import tempfile
 
 from ..linux import mounts
+from ..linux.procs import process_exists
 
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
 _READ_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -219,16 +220,6 @@ def staging_dir(parent: str, id: str) -> str:
     return os.path.join(parent, f"{STAGING_PREFIX}{os.getpid()}-{id}")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale_staging(parent: str) -> None:
     """Remove the staging directories in ``parent`` left by processes that no longer run."""
     try:
@@ -239,7 +230,7 @@ def clean_stale_staging(parent: str) -> None:
         if not name.startswith(STAGING_PREFIX):
             continue
         pid_text = name[len(STAGING_PREFIX):].partition("-")[0]
-        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _alive(int(pid_text)):
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not process_exists(int(pid_text)):
             remove_tree(os.path.join(parent, name))
 
 

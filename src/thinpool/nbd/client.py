@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ..errors import DataPathError, ThinpoolError
+from ..unixsock import sendmsg_all
 from . import protocol as P
 from .backend import ExportNotFound
 
@@ -468,29 +469,13 @@ class ClientExport:
         with self._send_lock:
             if self._dead is None:
                 try:
-                    self._sendmsg(bufs)
+                    sendmsg_all(self._sock, bufs)
                 except OSError as e:
                     self._break(f"send failed: {e.strerror or e}")
         if self._dead is not None:
             pending.pop(handle, None)
             raise self._lost()
         return p
-
-    def _sendmsg(self, bufs: Sequence[bytes | memoryview]) -> None:
-        sent = self._sock.sendmsg(bufs)
-        total = sum(map(len, bufs))
-        if sent == total:
-            return
-        views = [memoryview(b) for b in bufs]
-        while True:
-            while sent >= len(views[0]):
-                sent -= len(views[0])
-                views.pop(0)
-            views[0] = views[0][sent:]
-            total = sum(map(len, views))
-            sent = self._sock.sendmsg(views)
-            if sent == total:
-                return
 
     def _wait(self, p: _Pending) -> _Pending:
         """Whoever waits reads: the first waiter reads replies (completing other
@@ -594,7 +579,7 @@ class ClientExport:
             with self._send_lock:
                 if self._dead is None:
                     try:
-                        self._sendmsg(bufs)
+                        sendmsg_all(self._sock, bufs)
                     except OSError as e:
                         self._break(f"send failed: {e.strerror or e}")
             if self._dead is not None:
@@ -675,7 +660,8 @@ class ClientExport:
             try:                                   # stopped reading: then no DISC
                 if self._dead is None:
                     try:
-                        self._sendmsg([_REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_DISC, 0, 0, 0)])
+                        sendmsg_all(self._sock, [_REQUEST.pack(P.REQUEST_MAGIC, 0,
+                                                               P.CMD_DISC, 0, 0, 0)])
                     except OSError:
                         pass
             finally:

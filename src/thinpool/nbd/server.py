@@ -76,7 +76,7 @@ from typing import Callable, Sequence, cast
 
 from ..errors import DataPathError, ThinpoolError
 from ..linux.cpu import SharedCpu
-from ..unixsock import UnixSocketError, bind_private
+from ..unixsock import UnixSocketError, bind_private, sendmsg_all
 from . import protocol as P
 from .backend import Catalog, Export, ExportNotFound
 
@@ -155,20 +155,7 @@ class _PlainTransport:
         return self.sock.recv_into(view)
 
     def send(self, bufs: Sequence[bytes | memoryview]) -> None:
-        sent = self.sock.sendmsg(bufs)
-        total = sum(map(len, bufs))
-        if sent == total:
-            return
-        views = [memoryview(b) for b in bufs]
-        while True:
-            while sent >= len(views[0]):
-                sent -= len(views[0])
-                views.pop(0)
-            views[0] = views[0][sent:]
-            total = sum(map(len, views))
-            sent = self.sock.sendmsg(views)
-            if sent == total:
-                return
+        sendmsg_all(self.sock, bufs)
 
     def close(self) -> None:
         self.sock.close()

@@ -49,6 +49,7 @@ import threading
 
 from ..block.device import PUBLISH_WINDOW
 from ..block.sharedmap import SharedMappingTable
+from ..linux.procs import process_exists
 from ..pool.engine import Pool
 from .exports import PoolCatalog, VolumeExport
 
@@ -189,7 +190,7 @@ class WorkerProcesses:
         serves fewer than ``own``; None is the pool process."""
         if pid is not None and pid in self._homes:
             home = self._homes[pid]
-            if _alive(pid) and (home is None or home.alive):
+            if process_exists(pid) and (home is None or home.alive):
                 return home
             del self._homes[pid]
         alive = [w for w in self._workers if w.alive]
@@ -198,7 +199,7 @@ class WorkerProcesses:
             worker = None
         if pid is not None:
             if len(self._homes) >= HOMES_KEPT:
-                self._homes = {p: h for p, h in self._homes.items() if _alive(p)}
+                self._homes = {p: h for p, h in self._homes.items() if process_exists(p)}
             self._homes[pid] = worker
         return worker
 
@@ -239,16 +240,6 @@ def _peer_pid(sock: socket.socket) -> int | None:
     except OSError:
         return None
     return pid or None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def upstream_path(directory: str) -> str:
