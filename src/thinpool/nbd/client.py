@@ -466,6 +466,12 @@ class ClientExport:
         pending[handle] = p  # registered before the dead check: see _fail_all
         header = _REQUEST.pack(P.REQUEST_MAGIC, flags, cmd, handle, offset, length)
         bufs: list[bytes | memoryview] = [header] if payload is None else [header, payload]
+        self._send(bufs, [handle])
+        return p
+
+    def _send(self, bufs: list[bytes | memoryview], handles: list[int]) -> None:
+        """Send requests ``handles`` (already pending); if the connection is or goes dead,
+        forget them and raise."""
         with self._send_lock:
             if self._dead is None:
                 try:
@@ -473,9 +479,9 @@ class ClientExport:
                 except OSError as e:
                     self._break(f"send failed: {e.strerror or e}")
         if self._dead is not None:
-            pending.pop(handle, None)
+            for h in handles:
+                self._pending.pop(h, None)
             raise self._lost()
-        return p
 
     def _wait(self, p: _Pending) -> _Pending:
         """Whoever waits reads: the first waiter reads replies (completing other
@@ -576,16 +582,7 @@ class ClientExport:
                 ps.append(p)
                 bufs.append(_REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, handle, offset, len(data)))
                 bufs.append(data)
-            with self._send_lock:
-                if self._dead is None:
-                    try:
-                        sendmsg_all(self._sock, bufs)
-                    except OSError as e:
-                        self._break(f"send failed: {e.strerror or e}")
-            if self._dead is not None:
-                for h in group:
-                    pending.pop(h, None)
-                raise self._lost()
+            self._send(bufs, group)
         self._wait_all(ps)
 
     def flush(self) -> None:
