@@ -243,6 +243,12 @@ def _refusal(option: int, rtype: int, payload: bytes) -> str:
     return f"the NBD server refused {name} ({kind}{': ' + msg if msg else ''})"
 
 
+def _not_found(name: str, payload: bytes) -> ExportNotFound:
+    """NBD_REP_ERR_UNKNOWN for export ``name``, with the server's message if it sent one."""
+    return ExportNotFound(payload.decode("utf-8", "replace")
+                          or f"the NBD server has no export {name!r}")
+
+
 def _open(path: str, timeout: float) -> tuple[socket.socket, int]:
     """A connected socket past the greeting and client flags, and the handshake flags."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -425,8 +431,7 @@ class ClientExport:
                 elif rtype == P.REP_ACK:
                     break
                 elif rtype == P.REP_ERR_UNKNOWN:
-                    raise ExportNotFound(payload.decode("utf-8", "replace")
-                                         or f"the NBD server has no export {name!r}")
+                    raise _not_found(name, payload)
                 elif rtype & 0x80000000:
                     context_id = None  # no block status; reads and writes still work
                     break
@@ -442,8 +447,7 @@ class ClientExport:
             elif rtype == P.REP_ACK:
                 break
             elif rtype == P.REP_ERR_UNKNOWN:
-                raise ExportNotFound(payload.decode("utf-8", "replace")
-                                     or f"the NBD server has no export {name!r}")
+                raise _not_found(name, payload)
             elif rtype & 0x80000000:
                 raise NBDClientError(f"export {name!r}: " + _refusal(P.OPT_GO, rtype, payload))
             else:

@@ -80,9 +80,8 @@ class UpstreamCatalog(PoolCatalog):
 
     def open_export(self, name: str) -> VolumeExport:
         export = super().open_export(name)
-        upstream = UpstreamExport(export.dev, export.read_only,
-                                  f"{export.dev.dev_id}|{export.description}")
-        return upstream
+        return UpstreamExport(export.dev, export.read_only,
+                              f"{export.dev.dev_id}|{export.description}")
 
 
 class _Worker:
