@@ -1,4 +1,5 @@
-"""The shared mapping table: seqlock entries, attach from other processes, OFD-lock barriers."""
+"""The shared mapping table: seqlock entries, attach from other processes, activity words and
+membarrier barriers."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from typing import Iterator
 
 import pytest
 
-from thinpool.block.sharedmap import (HEADER_SIZE, MAGIC, SLOT_SIZE, SharedMapError,
-                                      SharedMappingTable)
+from thinpool.block.sharedmap import (HEADER_SIZE, MAGIC, SLOT_SIZE, VERSION, WRITERS,
+                                      SharedMapError, SharedMappingTable)
 from thinpool.errors import ThinpoolError
 
 FLOCK = struct.Struct("@hhqqi4x")
@@ -27,8 +29,17 @@ FLOCK = struct.Struct("@hhqqi4x")
 #   publish DEV V D       -> tries to publish; "publish <error line>"
 CHILD = r"""
 import queue, sys, threading, time
+from contextlib import contextmanager
 from thinpool.block.sharedmap import SharedMappingTable
 t = SharedMappingTable.attach(int(sys.argv[1]))
+@contextmanager
+def writing(t, dev_id, vblocks):
+    blocks = t.begin_writing(dev_id, vblocks)
+    try:
+        yield blocks
+    finally:
+        if blocks is not None:
+            t.end_writing()
 out = threading.Lock()
 def say(line):
     with out:
@@ -39,7 +50,7 @@ def worker(name, q):
         cmd = q.get()
         if cmd is None:
             return
-        with t.writing(cmd[0], cmd[1]) as blocks:
+        with writing(t, cmd[0], cmd[1]) as blocks:
             say(f"in {name} {blocks}")
             q.get()
             say(f"out {name} {time.monotonic()!r}")
@@ -67,6 +78,17 @@ for th in threads:
     th.join()
 t.close()
 """
+
+
+@contextmanager
+def writing(t: SharedMappingTable, dev_id: int, vblocks: list[int]) -> Iterator[dict[int, int] | None]:
+    """begin_writing / end_writing as one block."""
+    blocks = t.begin_writing(dev_id, vblocks)
+    try:
+        yield blocks
+    finally:
+        if blocks is not None:
+            t.end_writing()
 
 
 class Child:
@@ -248,30 +270,37 @@ def test_child_sees_what_the_parent_publishes(table: SharedMappingTable) -> None
     assert table.lookup(7, 5) is None
 
 
-def test_child_writing_changes_nothing_but_the_lock(table: SharedMappingTable) -> None:
+def _activity(t: SharedMappingTable) -> list[int]:
+    """The activity area as the file holds it: [words claimed, word 1, word 2, ...]."""
+    at = os.fstat(t.fd).st_size - -(-8 * (t.writers + 1) // 4096) * 4096
+    raw = os.pread(t.fd, 8 * (t.writers + 1), at)
+    return list(struct.unpack(f"@{t.writers + 1}Q", raw))
+
+
+def test_child_writing_changes_only_its_activity_word(table: SharedMappingTable) -> None:
     table.publish(7, 3, 300, True)
-    size = os.fstat(table.fd).st_size
-    before = os.pread(table.fd, size, 0)
+    entries = HEADER_SIZE + table.slots * SLOT_SIZE
+    before = os.pread(table.fd, entries, 0)
     child = Child(table)
     try:
         child.send("enter a 7 3")
         assert child.reply() == "in a {3: 300}"
-        assert os.pread(table.fd, size, 0) == before
-        probe = os.open(f"/proc/self/fd/{table.fd}", os.O_RDWR)
-        try:
-            got = FLOCK.unpack(fcntl.fcntl(probe, fcntl.F_OFD_GETLK,
-                                           FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 7, 1, 0)))
-            assert got[0] == fcntl.F_RDLCK and got[2:4] == (7, 1) and got[4] == -1
-            free = FLOCK.unpack(fcntl.fcntl(probe, fcntl.F_OFD_GETLK,
-                                            FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 8, 1, 0)))
-            assert free[0] == fcntl.F_UNLCK
-        finally:
-            os.close(probe)
+        assert os.pread(table.fd, entries, 0) == before
+        act = _activity(table)
+        assert act[0] == 1  # one word claimed
+        assert act[1] & 1 and (act[1] >> 1) & 0xFFFFFF == 7  # busy with device 7
+        assert not any(act[2:])
         child.send("leave a")
         assert child.reply().startswith("out a ")
+        busy = act[1]
+        deadline = time.monotonic() + 10
+        while _activity(table)[1] == busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        idle = _activity(table)[1]
+        assert not idle & 1 and idle >> 25 == busy >> 25  # idle, same count of writings
     finally:
         child.finish()
-    assert os.pread(table.fd, size, 0) == before
+    assert os.pread(table.fd, entries, 0) == before
 
 
 def _timed_barrier(table: SharedMappingTable, dev_id: int | None) -> tuple[threading.Thread, list[float]]:
@@ -342,7 +371,7 @@ def test_barrier_waits_for_threads_of_the_same_process(table: SharedMappingTable
     leave = threading.Event()
 
     def write() -> None:
-        with table.writing(2, [0]) as blocks:
+        with writing(table, 2, [0]) as blocks:
             assert blocks == {0: 10}
             inside.set()
             leave.wait(10)
@@ -359,23 +388,114 @@ def test_barrier_waits_for_threads_of_the_same_process(table: SharedMappingTable
     assert done
 
 
+def test_barrier_does_not_wait_for_a_writer_that_died_inside(table: SharedMappingTable) -> None:
+    table.publish(7, 3, 300, True)
+    child = Child(table)
+    try:
+        child.send("enter a 7 3")
+        assert child.reply() == "in a {3: 300}"
+        table.withdraw(7, 3)
+        th, done = _timed_barrier(table, 7)
+        th.join(0.3)
+        assert th.is_alive() and not done  # the writer is alive and inside
+        child.proc.kill()
+        child.proc.wait(10)
+        th.join(10)
+        assert done  # its word is busy for ever, but no one owns it any more
+    finally:
+        child.proc.kill()
+        child.proc.wait(10)
+    # the next thread to claim that word starts it idle
+    with writing(table, 7, [3]) as blocks:
+        assert blocks is None
+    assert _activity(table)[0] == 1 and not _activity(table)[1] & 1
+    table.barrier(7)
+
+
+def test_constant_writes_do_not_hold_a_barrier_off(table: SharedMappingTable) -> None:
+    """Two threads overwrite blocks 0 and 1 without pause; a barrier after withdrawing block 1
+    still returns (each writing changes the word), and no writing of block 1 starts after."""
+    table.publish(4, 0, 40, True)
+    table.publish(4, 1, 41, True)
+    stop = threading.Event()
+    late: list[float] = []
+
+    def write(v: int) -> None:
+        while not stop.is_set():
+            with writing(table, 4, [0, v]) as blocks:
+                if blocks is not None and v == 1:
+                    late.append(time.monotonic())
+
+    writers = [threading.Thread(target=write, args=(v,), daemon=True) for v in (0, 1)]
+    for w in writers:
+        w.start()
+    time.sleep(0.1)
+    table.withdraw(4, 1)
+    table.barrier(4)
+    returned = time.monotonic()
+    time.sleep(0.1)
+    stop.set()
+    for w in writers:
+        w.join(10)
+    assert late and max(late) < returned
+
+
+def test_writing_without_a_free_word_yields_none_and_an_ended_thread_frees_its_word() -> None:
+    t = SharedMappingTable.create(16, writers=1)
+    try:
+        t.publish(1, 1, 2, True)
+        inside, leave = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with writing(t, 1, [1]) as blocks:
+                assert blocks == {1: 2}
+                inside.set()
+                leave.wait(10)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert inside.wait(10)
+        got: list[object] = []
+        other = threading.Thread(target=lambda: got.append(_enter(t, 1, [1])))
+        other.start()
+        other.join(10)
+        assert got == [None]  # the one word is taken: forward
+        leave.set()
+        holder.join(10)
+        del holder
+        import gc
+        gc.collect()  # the ended thread's state goes, and with it its descriptor and word
+        got.clear()
+        third = threading.Thread(target=lambda: got.append(_enter(t, 1, [1])))
+        third.start()
+        third.join(10)
+        assert got == [{1: 2}]
+    finally:
+        t.close()
+
+
+def _enter(t: SharedMappingTable, dev_id: int, vblocks: list[int]) -> object:
+    with writing(t, dev_id, vblocks) as blocks:
+        return blocks
+
+
 def test_writing_yields_none_unless_all_present_and_exclusive(table: SharedMappingTable) -> None:
     table.publish(1, 0, 20, True)
     table.publish(1, 1, 21, False)
     table.publish(1, 2, 22, True)
-    with table.writing(1, [0]) as blocks:
+    with writing(table, 1, [0]) as blocks:
         assert blocks == {0: 20}
-    with table.writing(1, [0, 2]) as blocks:
+    with writing(table, 1, [0, 2]) as blocks:
         assert blocks == {0: 20, 2: 22}
-    with table.writing(1, [0, 1]) as blocks:  # 1 is shared
+    with writing(table, 1, [0, 1]) as blocks:  # 1 is shared
         assert blocks is None
-    with table.writing(1, [2, 3]) as blocks:  # 3 is absent
+    with writing(table, 1, [2, 3]) as blocks:  # 3 is absent
         assert blocks is None
     table.withdraw(1, 2)
-    with table.writing(1, [0, 2]) as blocks:
+    with writing(table, 1, [0, 2]) as blocks:
         assert blocks is None
     with pytest.raises(SharedMapError, match="no device id"):
-        with table.writing(1 << 24, [0]):
+        with writing(table, 1 << 24, [0]):
             pass
 
 
@@ -455,9 +575,9 @@ def test_attach_rejects_what_is_not_a_table(table: SharedMappingTable, tmp_path)
         os.ftruncate(copy, size + SLOT_SIZE)
         refused(copy, "does not fit")
         os.ftruncate(copy, size)
-        os.pwrite(copy, struct.pack("@I", 2), len(MAGIC))
-        refused(copy, "version 2")
-        os.pwrite(copy, struct.pack("@IIQ", 1, 0, 3), len(MAGIC))
+        os.pwrite(copy, struct.pack("@I", VERSION + 1), len(MAGIC))
+        refused(copy, f"version {VERSION + 1}")
+        os.pwrite(copy, struct.pack("@IIQ", VERSION, WRITERS, 3), len(MAGIC))
         refused(copy, "does not fit its header's 3 slots")
         os.ftruncate(copy, HEADER_SIZE - 1)
         refused(copy, "not a thinpool mapping table")
@@ -484,7 +604,7 @@ def test_close_closes_every_thread_descriptor() -> None:
     base = len(_open_on(ino))  # the table's fd and the mmap's duplicate
 
     def use() -> None:
-        with t.writing(1, [1]):
+        with writing(t, 1, [1]):
             assert len(_open_on(ino)) == base + 1
 
     th = threading.Thread(target=use)

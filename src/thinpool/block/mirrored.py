@@ -11,7 +11,8 @@ file and does with it only what needs no metadata change:
   sequence counters), so a read never returns a block remapped or freed
   meanwhile.
 * ``write``: every block is in the table as provisioned and not shared; the
-  write runs inside ``SharedMappingTable.writing``, so the pool, before it
+  write runs between ``SharedMappingTable.begin_writing`` and
+  ``end_writing``, so the pool, before it
   unmaps such a block or snapshots the device, withdraws the entries and
   waits for it (``barrier``).  Data-file writes are cut at ``PWRITE_MAX``
   boundaries like the pool's own.
@@ -83,9 +84,14 @@ class MirroredDevice:
         bs = self.bs
         length = len(data)
         first, last = offset // bs, (offset + length - 1) // bs
-        with self.table.writing(self.dev_id, range(first, last + 1)) as blocks:
-            if blocks is None:
-                return False
+        table = self.table
+        blocks = table.begin_writing(self.dev_id, range(first, last + 1))
+        if blocks is None:
+            return False
+        try:
+            if first == last:  # the common case
+                pwrite_all(self.data_fd, data, blocks[first] * bs + offset % bs)
+                return True
             pos = 0
             while pos < length:
                 v = (offset + pos) // bs
@@ -93,4 +99,6 @@ class MirroredDevice:
                 seg = min(bs - boff, length - pos)
                 pwrite_all(self.data_fd, data[pos:pos + seg], blocks[v] * bs + boff)
                 pos += seg
+        finally:
+            table.end_writing()
         return True
