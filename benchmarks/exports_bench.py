@@ -30,7 +30,12 @@ concurrency  8 fio clients on 8 volumes (one connection each) against one
              same rounds on 8 qemu-nbd processes (one per qcow2) and 8 ``nbdkit
              file`` processes (one per raw file), each image filled first like
              thinpool's volumes: their 8 / 1 ratios show what the machine
-             allows (targets ``qemu-nbd``, ``nbdkit``). And read latency (4 KiB
+             allows (targets ``qemu-nbd``, ``nbdkit``). The 4 KiB jobs run a
+             third time with 8 clients each over an eighth of its volume
+             ("same data": as many bytes as the one client touches), which
+             tells concurrency apart from a working set 8 times as large
+             (page cache, the kernel's per-page structures, the CPU's
+             caches). And read latency (4 KiB
              random reads, queue depth 1) on one volume idle and while another
              volume takes copy-on-write writes (a fresh snapshot of a fully
              written origin, one 4 KiB write into every block, iodepth 16).
@@ -766,11 +771,14 @@ CONC_PEERS = ("qemu-nbd", "nbdkit")  # 8 processes, one per image: what the mach
 
 
 def conc_jobs(book: Book, target: str, pids: list[int], uris: list[str], p: Params, r: int) -> None:
-    """The CONC jobs with 1 client and with 8 (one per URI), the order alternating by round."""
+    """The CONC jobs with 1 client, with 8 (one per URI) and, 4 KiB ones, with 8 over an eighth
+    of their volumes each ("x8s"), the order alternating by round."""
     for name, rw, bs, depth in CONC:
-        for clients in ((1, 8) if r % 2 == 0 else (8, 1)):
-            measured(book, "concurrency", f"{name} x{clients}", target, pids,
-                     lambda: multi_fio(uris[:clients], rw, bs, depth, p.copy, p.seconds),
+        runs = [("x1", 1, p.copy), ("x8", 8, p.copy)] + \
+            ([("x8s", 8, p.copy // 8)] if bs == "4k" else [])
+        for key, clients, size in (runs if r % 2 == 0 else runs[::-1]):
+            measured(book, "concurrency", f"{name} {key}", target, pids,
+                     lambda: multi_fio(uris[:clients], rw, bs, depth, size, p.seconds),
                      "IOPS" if bs == "4k" else "MiB/s")
 
 
@@ -829,7 +837,7 @@ def part_concurrency(book: Book, p: Params, work: Path, src: Path, r: int) -> No
             shutil.rmtree(d, ignore_errors=True)
         print(f"  concurrency round {r + 1} {target:8s} {time.monotonic() - t0:5.0f} s: "
               + ", ".join(f"{w} {vals[target][-1]:,.1f}" for w, vals in book.values[part].items()
-                          if w.endswith((" x1", " x8")) and target in vals), flush=True)
+                          if w.endswith((" x1", " x8", " x8s")) and target in vals), flush=True)
     t0 = time.monotonic()
     # the same latency test on qemu-nbd: one process per image, a qcow2 overlay takes the writes
     d.mkdir()
@@ -1018,9 +1026,9 @@ def report(book: Book, p: Params) -> str:
         out.append(table(["job", "unit", "thinpool", "qemu-nbd + nbdfuse"], rows))
     conc = book.values.get("concurrency", {})
     if conc:
-        def eight_over_one(name: str, t: str) -> float:
+        def eight_over_one(name: str, t: str, key: str = "x8") -> float:
             one = book.get("concurrency", f"{name} x1", t)
-            eight = book.get("concurrency", f"{name} x8", t)
+            eight = book.get("concurrency", f"{name} {key}", t)
             return median([b / a for a, b in zip(one, eight) if a])
         rows = []
         for name, _, bs, _ in CONC:
@@ -1030,15 +1038,18 @@ def report(book: Book, p: Params) -> str:
                                    median(book.get("concurrency", f"{name} x8", "thinpool")),
                                    fmt_ratio(x)]
             cells += [fmt_ratio(eight_over_one(name, t)) for t in CONC_PEERS]
+            cells += [fmt_ratio(eight_over_one(name, t, "x8s")) for t in ("thinpool",) + CONC_PEERS]
             cells += [">= 1.0", verdict(x, 1.0),
                       book.cpu_median("concurrency", f"{name} x1", "thinpool"),
                       book.cpu_median("concurrency", f"{name} x8", "thinpool")]
             rows.append(cells)
         out.append("\nconcurrency: 8 clients on 8 volumes vs 1 client (8 / 1: medians of same-round "
                    "ratios; qemu-nbd, nbdkit: 8 processes, one per image, in the same rounds: what "
-                   "the machine allows; CPU: server µs per request, s per GiB)\n")
+                   "the machine allows; same data: 8 clients over an eighth of their volumes each; "
+                   "CPU: server µs per request, s per GiB)\n")
         out.append(table(["job", "unit", "1 client", "8 clients", "8 / 1"]
                          + [f"{t} 8 / 1" for t in CONC_PEERS]
+                         + [f"{t} 8 / 1 same data" for t in ("thinpool",) + CONC_PEERS]
                          + ["goal", "", "CPU 1", "CPU 8"], rows))
         rows = []
         for name, _, bs, _ in CONC:
