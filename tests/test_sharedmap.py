@@ -29,17 +29,8 @@ FLOCK = struct.Struct("@hhqqi4x")
 #   publish DEV V D       -> tries to publish; "publish <error line>"
 CHILD = r"""
 import queue, sys, threading, time
-from contextlib import contextmanager
 from thinpool.block.sharedmap import SharedMappingTable
 t = SharedMappingTable.attach(int(sys.argv[1]))
-@contextmanager
-def writing(t, dev_id, vblocks):
-    blocks = t.begin_writing(dev_id, vblocks)
-    try:
-        yield blocks
-    finally:
-        if blocks is not None:
-            t.end_writing()
 out = threading.Lock()
 def say(line):
     with out:
@@ -50,10 +41,12 @@ def worker(name, q):
         cmd = q.get()
         if cmd is None:
             return
-        with writing(t, cmd[0], cmd[1]) as blocks:
-            say(f"in {name} {blocks}")
-            q.get()
-            say(f"out {name} {time.monotonic()!r}")
+        blocks = t.begin_writing(cmd[0], cmd[1])
+        say(f"in {name} {blocks}")
+        q.get()
+        say(f"out {name} {time.monotonic()!r}")
+        if blocks is not None:
+            t.end_writing()
 threads = []
 for line in sys.stdin:
     w = line.split()
@@ -115,9 +108,16 @@ class Child:
         return self.reply()
 
     def finish(self) -> None:
+        """End the child; one stuck (a test failed while it was inside a writing) is killed."""
         assert self.proc.stdin is not None
         self.proc.stdin.close()
-        assert self.proc.wait(timeout=10) == 0
+        try:
+            code = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError("the child did not finish; killed") from None
+        assert code == 0
 
 
 @pytest.fixture
@@ -315,15 +315,26 @@ def _timed_barrier(table: SharedMappingTable, dev_id: int | None) -> tuple[threa
     return th, done
 
 
-@pytest.mark.parametrize("which", [7, None])
-def test_barrier_waits_for_a_writer_in_another_process(table: SharedMappingTable,
-                                                       which: int | None) -> None:
+def _child_writing_withdrawn(table: SharedMappingTable) -> Child:
+    """A child inside a writing of device 7 block 3, whose entry the parent then withdrew."""
     table.publish(7, 3, 300, True)
     child = Child(table)
     try:
         child.send("enter a 7 3")
         assert child.reply() == "in a {3: 300}"
-        table.withdraw(7, 3)
+    except BaseException:
+        child.proc.kill()
+        child.proc.wait(10)
+        raise
+    table.withdraw(7, 3)
+    return child
+
+
+@pytest.mark.parametrize("which", [7, None])
+def test_barrier_waits_for_a_writer_in_another_process(table: SharedMappingTable,
+                                                       which: int | None) -> None:
+    child = _child_writing_withdrawn(table)
+    try:
         th, done = _timed_barrier(table, which)
         t0 = time.monotonic()
         table.barrier(8)  # another device: at once
@@ -389,12 +400,8 @@ def test_barrier_waits_for_threads_of_the_same_process(table: SharedMappingTable
 
 
 def test_barrier_does_not_wait_for_a_writer_that_died_inside(table: SharedMappingTable) -> None:
-    table.publish(7, 3, 300, True)
-    child = Child(table)
+    child = _child_writing_withdrawn(table)
     try:
-        child.send("enter a 7 3")
-        assert child.reply() == "in a {3: 300}"
-        table.withdraw(7, 3)
         th, done = _timed_barrier(table, 7)
         th.join(0.3)
         assert th.is_alive() and not done  # the writer is alive and inside
