@@ -9,7 +9,7 @@ from typing import Callable
 
 import pytest
 
-from thinpool.linux.cpu import SharedCpu, current_cpu
+from thinpool.linux.cpu import SharedCpu, current_cpu, spread_cpu
 
 ALL = os.sched_getaffinity(0)
 pytestmark = pytest.mark.skipif(len(ALL) < 2, reason="needs a process allowed on 2 CPUs or more")
@@ -89,6 +89,42 @@ def test_a_thread_started_by_a_member_gets_every_cpu_back() -> None:
         b.do(shared.join)
         a.do(start_child)
         assert seen == [{shared.cpu}, ALL]
+    finally:
+        a.do(shared.leave)
+        b.do(shared.leave)
+        a.stop()
+        b.stop()
+
+
+def test_spread_cpu_takes_the_allowed_cpus_in_turn() -> None:
+    cpus = sorted(ALL)
+    assert [spread_cpu(k) for k in range(2 * len(cpus))] == cpus + cpus
+
+
+@pytest.mark.parametrize("given", [max(ALL), min(ALL)])
+def test_a_given_cpu_is_where_members_go(given: int) -> None:
+    """Wherever the members happen to run: two processes given different CPUs never share one."""
+    shared = SharedCpu(given)
+    a, b = Member(), Member()
+    try:
+        a.do(shared.join)
+        assert shared.cpu is None and a.cpus() == ALL  # alone: free, as without a given CPU
+        b.do(shared.join)
+        assert shared.cpu == given and a.cpus() == b.cpus() == {given}
+    finally:
+        a.do(shared.leave)
+        b.do(shared.leave)
+        a.stop()
+        b.stop()
+
+
+def test_a_cpu_the_process_may_not_use_is_ignored() -> None:
+    shared = SharedCpu(max(ALL) + 1000)
+    a, b = Member(), Member()
+    try:
+        a.do(shared.join)
+        b.do(shared.join)
+        assert shared.cpu in ALL and a.cpus() == b.cpus() == {shared.cpu}
     finally:
         a.do(shared.leave)
         b.do(shared.leave)

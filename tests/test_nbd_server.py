@@ -1005,6 +1005,19 @@ def test_pipelining_connections_share_a_cpu_and_lone_requests_do_not(srv: Server
     assert srv.server.shared_cpu.cpu is None
 
 
+def test_a_given_shared_cpu_is_used(tmp_path: Path, sockdir: Path) -> None:
+    """Servers of one process share its GIL: given one SharedCpu, a server uses it."""
+    from thinpool.linux.cpu import SharedCpu
+
+    shared = SharedCpu()
+    fx = ServerFixture(tmp_path, sockdir)
+    server = fx.start(share_cpu=shared)
+    try:
+        assert server.shared_cpu is shared
+    finally:
+        fx.stop()
+
+
 def test_share_cpu_off(tmp_path: Path, sockdir: Path) -> None:
     from nbdclient import NBDClient
 

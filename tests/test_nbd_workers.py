@@ -26,6 +26,7 @@ from nbdclient import NBDClient, NBDError
 from serverkit import ServerProcess, short_tmp
 from test_cli import ok, tp
 from thinmodel import assert_thin_check_clean
+from thinpool.linux.cpu import spread_cpu
 from thinpool.nbd.backend import ExportNotFound
 from thinpool.server import control
 
@@ -286,6 +287,45 @@ def test_one_client_process_is_served_in_one_place(server: ServerProcess) -> Non
     finally:
         first.close()
         for c in clients:
+            c.close()
+
+
+def _thread_cpus(pid: int) -> list[set[int]]:
+    """The CPUs each thread of process ``pid`` may run on."""
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out.append(os.sched_getaffinity(int(tid)))
+        except OSError:  # the thread just ended
+            pass
+    return out
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs or more")
+def test_a_workers_pipelining_readers_share_the_next_cpu(server: ServerProcess) -> None:
+    """The pool process's readers share spread_cpu(0), the worker's spread_cpu(1): two
+    processes (two GILs) never pile onto one CPU while another waits."""
+    path = str(server.nbd_socket)
+    first = NBDClient(path, "0", other_process=True)  # the pool process
+    a, b = NBDClient(path, "0"), NBDClient(path, "0")  # this process: both in the worker
+    try:
+        assert info(server.directory)["workers"][0]["connections"] == 2
+        worker = info(server.directory)["workers"][0]["pid"]
+        offsets = [i * 4096 for i in range(32)]
+        every = os.sched_getaffinity(0)
+        for _ in range(4):  # the CPU is chosen anew each time two readers join
+            for _ in range(50):  # a burst usually arrives in one receive; allow for splits
+                for c in (a, b):
+                    c.read_pipelined(offsets, 4096)
+                if _thread_cpus(worker).count({spread_cpu(1)}) >= 2:
+                    break
+            assert _thread_cpus(worker).count({spread_cpu(1)}) >= 2, _thread_cpus(worker)
+            time.sleep(0.05)  # a pause: the next request makes a reader leave
+            for c in (a, b):
+                c.read(0, 4096)
+            assert all(cpus == every for cpus in _thread_cpus(worker)), _thread_cpus(worker)
+    finally:
+        for c in (first, a, b):
             c.close()
 
 

@@ -11,7 +11,12 @@ the threads switch only when one of them blocks.
 ``SharedCpu`` puts its member threads on one CPU while two or more are
 members, and gives a thread back every CPU the process had when the
 ``SharedCpu`` was made when it leaves
-(and the last member when it is alone again). A member cannot move to an
+(and the last member when it is alone again). One ``SharedCpu`` per process:
+the GIL is the process's, so every thread that takes turns on it belongs on
+the same CPU. Several processes (a server and its workers, each with its own
+GIL) each take a different CPU with ``spread_cpu``; left to pick the CPU their
+second member happens to run on, two of them land on the same one about half
+the time and fight over it while another stays idle. A member cannot move to an
 idle CPU, so only threads that are throughput-bound should join; a thread
 that waits for single requests should stay out.
 
@@ -45,13 +50,22 @@ def _set_affinity(tid: int, cpus: set[int]) -> None:
         pass
 
 
-class SharedCpu:
-    """Member threads share one CPU while there are at least two of them."""
+def spread_cpu(slot: int) -> int:
+    """The CPU for the ``slot``-th of a group of processes that share out the CPUs this
+    process may use: slot 0 the lowest, slot 1 the next, round and round."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus[slot % len(cpus)]
 
-    def __init__(self) -> None:
+
+class SharedCpu:
+    """Member threads share one CPU while there are at least two of them: ``cpu`` if given
+    (and the process may use it), else the one the second member last ran on."""
+
+    def __init__(self, cpu: int | None = None) -> None:
         self._lock = threading.Lock()
         self._members: set[int] = set()
         self._all = os.sched_getaffinity(0)
+        self._preferred = cpu if cpu in self._all else None
         self._cpu: int | None = None
 
     @property
@@ -69,7 +83,7 @@ class SharedCpu:
             if len(self._all) < 2 or len(self._members) < 2:
                 return
             if self._cpu is None:
-                cpu = current_cpu()
+                cpu = self._preferred if self._preferred is not None else current_cpu()
                 self._cpu = cpu if cpu in self._all else min(self._all)
                 for member in self._members:
                     _set_affinity(member, {self._cpu})

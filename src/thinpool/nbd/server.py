@@ -44,7 +44,9 @@ instead of a cross-CPU wake-up on every system call (8 such connections:
 when its client pauses (a receive waits over ``IDLE_LEAVE``) or sends a
 larger READ or WRITE (their copies run in the kernel, on any CPU); worker
 threads and readers of clients that wait for each reply (latency-bound)
-keep every CPU. ``share_cpu=False`` turns this off.
+keep every CPU. ``share_cpu=False`` turns this off; a ``SharedCpu`` given as
+``share_cpu`` is used instead of the server's own (one per process: several
+servers in one process share its GIL).
 
 Structured READs of at least ``sparse_read_min`` bytes (not DF) ask the
 export for its extents first and send ranges that read as zeroes as hole
@@ -727,7 +729,7 @@ class NBDServer:
                  inflight_bytes: int = 64 << 20, max_inflight: int = 128,
                  total_inflight_bytes: int = 64 << 20,
                  inline_max: int | None = 128 << 10, sparse_read_min: int | None = 64 << 10,
-                 share_cpu: bool = True,
+                 share_cpu: bool | SharedCpu = True,
                  dispatch: Callable[[socket.socket, int], bool] | None = None,
                  on_close: Callable[[], None] | None = None, adopt_only: bool = False) -> None:
         if unix_path is None and tcp is None and not adopt_only:
@@ -750,7 +752,8 @@ class NBDServer:
         self._budget_waiters = 0
         self.inline_max = inline_max
         self.sparse_read_min = sparse_read_min
-        self.shared_cpu = SharedCpu() if share_cpu else None
+        self.shared_cpu = share_cpu if isinstance(share_cpu, SharedCpu) else \
+            SharedCpu() if share_cpu else None
         self.buffers = _BufferPool()
         self.tcp_address: tuple[str, int] | None = None
         self._listeners: list[socket.socket] = []

@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 from ..block.sharedmap import SharedMappingTable
 from ..errors import ThinpoolError
+from ..linux.cpu import SharedCpu, spread_cpu
 from ..nbd.server import NBDServer, TLSConfig
 from ..pool.engine import Pool
 from ..pool.registry import write_json_atomic
@@ -109,12 +110,14 @@ class PoolServer:
             if missing:
                 raise ServerError(f"--read-only names volumes that do not exist: {missing}")
             dispatch = None
+            cpu: bool | SharedCpu = True
             if self.options.workers > 0 and self.options.tls is None:
-                self.workers = self._start_workers(self.options.workers)
+                cpu = SharedCpu(spread_cpu(0))  # worker k takes spread_cpu(k + 1)
+                self.workers = self._start_workers(self.options.workers, cpu)
                 dispatch = self.workers.offer
             self.nbd = NBDServer(PoolCatalog(self.pool, self.options.read_only),
                                  unix_path=self.nbd_socket, tcp=self.options.tcp,
-                                 tls=self.options.tls, dispatch=dispatch)
+                                 tls=self.options.tls, dispatch=dispatch, share_cpu=cpu)
             self.nbd.start()
             self.kernel = KernelDevices(self.pool, self.directory, self._save_state)
             self._started_at = time.time()
@@ -128,13 +131,14 @@ class PoolServer:
                  f" and {self.nbd.tcp_address}" if self.nbd.tcp_address else "",
                  control_path(self.directory))
 
-    def _start_workers(self, count: int) -> WorkerProcesses:
-        """The shared mapping table, the internal socket and ``count`` worker processes."""
+    def _start_workers(self, count: int, cpu: SharedCpu) -> WorkerProcesses:
+        """The shared mapping table, the internal socket (its readers on ``cpu``, the
+        process's one ``SharedCpu``) and ``count`` worker processes."""
         assert self.pool is not None
         table = self.shared_maps = SharedMappingTable.create()
         self.pool.dp.share_mappings(table)
         self.upstream = NBDServer(UpstreamCatalog(self.pool, self.options.read_only),
-                                  unix_path=upstream_path(self.directory))
+                                  unix_path=upstream_path(self.directory), share_cpu=cpu)
         self.upstream.start()
         workers = WorkerProcesses(self.pool, table, upstream_path(self.directory), count)
         workers.start()

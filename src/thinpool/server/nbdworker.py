@@ -28,6 +28,7 @@ from typing import Sequence
 from ..block.mirrored import MirroredDevice
 from ..block.sharedmap import SharedMappingTable
 from ..errors import DataPathError
+from ..linux.cpu import SharedCpu, spread_cpu
 from ..nbd.backend import ExportNotFound
 from ..nbd.client import ClientExport, list_exports
 from ..nbd.server import NBDServer
@@ -146,8 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError:
             pass
 
+    # the pool process's threads share spread_cpu(0); worker k's share the next CPU round
     server = NBDServer(WorkerCatalog(args.upstream, table, args.data_fd, args.block_size),
-                       adopt_only=True, on_close=closed)
+                       adopt_only=True, on_close=closed,
+                       share_cpu=SharedCpu(spread_cpu(args.index + 1)))
     server.start()
     try:
         while True:
