@@ -44,7 +44,6 @@ no I/O's hands any more.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -55,6 +54,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from ..errors import DataPathError, MetadataError, NoDataSpaceError, NoMetadataSpaceError
+from ..linux import libc
 from ..thin.metadata import PoolMetadata
 from .locks import RangeLock, SharedExclusiveLock
 
@@ -471,15 +471,14 @@ class DataPath:
             os.pwrite(self.data_fd, bytes(bs), block * bs)
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+_fallocate = libc.function("fallocate", ctypes.c_int,
+                           [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong])
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Deallocate a range of a regular file so it reads as zeros (falls back to writing zeros)."""
-    if _libc.fallocate(fd, FALLOC_PUNCH, offset, length) != 0:
-        err = ctypes.get_errno()
-        if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+    if _fallocate(fd, FALLOC_PUNCH, offset, length) != 0:
+        if libc.last_errno() in (errno.EOPNOTSUPP, errno.ENOSYS):
             os.pwrite(fd, bytes(length), offset)
         else:
-            raise OSError(err, os.strerror(err))
+            raise libc.os_error()

@@ -32,7 +32,7 @@ import shutil
 import stat
 import tempfile
 
-from ..linux import mounts
+from ..linux import libc, mounts
 from ..linux.procs import process_exists
 
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
@@ -261,12 +261,9 @@ class _Dirent(ctypes.Structure):
                 ("d_type", ctypes.c_ubyte), ("d_name", ctypes.c_char * 256)]  # glibc's struct dirent (64-bit)
 
 
-_libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter runs on
-_libc.opendir.restype = ctypes.c_void_p
-_libc.opendir.argtypes = [ctypes.c_char_p]
-_libc.readdir.restype = ctypes.POINTER(_Dirent)
-_libc.readdir.argtypes = [ctypes.c_void_p]
-_libc.closedir.argtypes = [ctypes.c_void_p]
+_opendir = libc.function("opendir", ctypes.c_void_p, [ctypes.c_char_p])
+_readdir = libc.function("readdir", ctypes.POINTER(_Dirent), [ctypes.c_void_p])
+_closedir = libc.function("closedir", ctypes.c_int, [ctypes.c_void_p])
 _DT_UNKNOWN = 0
 
 
@@ -275,18 +272,17 @@ def supports_d_type(path: str) -> bool:
     scratch = tempfile.mkdtemp(prefix="d_type-check", dir=path)
     try:
         open(os.path.join(scratch, "f"), "wb").close()
-        dirp = _libc.opendir(os.fsencode(scratch))
+        dirp = _opendir(os.fsencode(scratch))
         if not dirp:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), scratch)
+            raise libc.os_error(scratch)
         try:
             while True:
-                ent = _libc.readdir(dirp)
+                ent = _readdir(dirp)
                 if not ent:
                     return False
                 if ent.contents.d_name == b"f":
                     return bool(ent.contents.d_type != _DT_UNKNOWN)
         finally:
-            _libc.closedir(dirp)
+            _closedir(dirp)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -26,10 +26,11 @@ import os
 import stat
 import struct
 
+from ..linux import libc
 from .driver import GraphError
 
-_libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter runs on
-_libc.quotactl.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p]
+_quotactl_call = libc.function("quotactl", ctypes.c_int,
+                               [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p])
 
 _PRJQUOTA = 2
 _Q_XGETQSTAT_PRJ = (((ord("X") << 8) + 5) << 8) | _PRJQUOTA
@@ -59,9 +60,8 @@ class QuotaNotSupported(GraphError):
 
 
 def _quotactl(cmd: int, dev: str, id: int, buf: ctypes.Array[ctypes.c_char]) -> None:
-    if _libc.quotactl(cmd, os.fsencode(dev), id, buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), dev)
+    if _quotactl_call(cmd, os.fsencode(dev), id, buf) != 0:
+        raise libc.os_error(dev)
 
 
 def _fsxattr(fd: int) -> tuple[int, int, int, int, int, bytes]:

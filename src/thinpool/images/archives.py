@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterable, Iterator
 
 from ..archive.tarformat import REG, DIR, encode_header, padding, END_OF_ARCHIVE
+from ..linux import libc
 from .digest import check_digest, hex_of, sha256_of
 from .errors import DigestMismatch, ImageError
 from .imagedb import decode_config
@@ -44,8 +45,8 @@ MAX_JSON = 16 << 20
 WRITEBACK_EVERY = 8 << 20
 """``write_atomically`` starts the disk writes of every this many bytes as soon as they are written."""
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_sync_file_range = libc.function("sync_file_range", ctypes.c_int,
+                                 [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -53,7 +54,7 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
     """Start writing ``length`` bytes at ``offset`` of ``fd`` to disk without waiting
     (sync_file_range(2) SYNC_FILE_RANGE_WRITE), so that a final fsync has little left to do.
     A failure is ignored: the fsync still makes everything durable (and reports errors)."""
-    _libc.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+    _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 @dataclass

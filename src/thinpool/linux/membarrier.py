@@ -22,14 +22,14 @@ import errno
 import os
 
 from ..errors import ThinpoolError
+from . import libc
 
 _SYS_MEMBARRIER = 324  # x86-64
 _CMD_QUERY = 0
 _CMD_GLOBAL_EXPEDITED = 1 << 1
 _CMD_REGISTER_GLOBAL_EXPEDITED = 1 << 2
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+_syscall = libc.function("syscall", ctypes.c_long)
 
 
 class MembarrierError(ThinpoolError):
@@ -37,9 +37,9 @@ class MembarrierError(ThinpoolError):
 
 
 def _call(cmd: int) -> int:
-    ret = _libc.syscall(_SYS_MEMBARRIER, ctypes.c_int(cmd), ctypes.c_uint(0), ctypes.c_int(0))
+    ret = _syscall(_SYS_MEMBARRIER, ctypes.c_int(cmd), ctypes.c_uint(0), ctypes.c_int(0))
     if ret < 0:
-        err = ctypes.get_errno()
+        err = libc.last_errno()
         raise MembarrierError(f"membarrier: {errno.errorcode.get(err, err)} "
                               f"({os.strerror(err)})")
     return int(ret)

@@ -14,6 +14,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from . import libc
+
 MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
@@ -47,22 +49,17 @@ FS_NAMES: dict[int, str] = {
     FS_MAGIC_TMPFS: "tmpfs", 0xA501FCF5: "vxfs", FS_MAGIC_XFS: "xfs", 0x2FC12FC1: "zfs",
 }
 
-_libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter runs on
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
-
-
-def _raise(path: str) -> None:
-    err = ctypes.get_errno()
-    raise OSError(err, os.strerror(err), path)
+_mount = libc.function("mount", ctypes.c_int, [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                                                 ctypes.c_ulong, ctypes.c_char_p])
+_umount2 = libc.function("umount2", ctypes.c_int, [ctypes.c_char_p, ctypes.c_int])
+_statfs = libc.function("statfs", ctypes.c_int, [ctypes.c_char_p, ctypes.c_void_p])
 
 
 def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
     """mount(2); OSError on failure."""
-    if _libc.mount(os.fsencode(source), os.fsencode(target), os.fsencode(fstype), flags,
+    if _mount(os.fsencode(source), os.fsencode(target), os.fsencode(fstype), flags,
                    os.fsencode(data) if data else None) != 0:
-        _raise(target)
+        raise libc.os_error(target)
 
 
 def mount_options(options: str) -> tuple[int, str]:
@@ -84,15 +81,15 @@ def mount_options(options: str) -> tuple[int, str]:
 
 def unmount(target: str, flags: int = 0) -> None:
     """umount2(2); OSError on failure (EINVAL: not a mount point)."""
-    if _libc.umount2(os.fsencode(target), flags) != 0:
-        _raise(target)
+    if _umount2(os.fsencode(target), flags) != 0:
+        raise libc.os_error(target)
 
 
 def fs_magic(path: str) -> int:
     """statfs(2) f_type of the filesystem holding ``path``."""
     buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
-    if _libc.statfs(os.fsencode(path), buf) != 0:
-        _raise(path)
+    if _statfs(os.fsencode(path), buf) != 0:
+        raise libc.os_error(path)
     return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -28,6 +27,7 @@ from typing import Sequence
 from ..block.mirrored import MirroredDevice
 from ..block.sharedmap import SharedMappingTable
 from ..errors import DataPathError
+from ..linux import libc
 from ..linux.cpu import SharedCpu, spread_cpu
 from ..nbd.backend import ExportNotFound
 from ..nbd.client import ClientExport, list_exports
@@ -119,8 +119,9 @@ class WorkerCatalog:
 
 
 def _die_with_parent() -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    prctl = libc.function("prctl", argtypes=[ctypes.c_int] + [ctypes.c_ulong] * 4)
+    if prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise libc.os_error()
     if os.getppid() == 1:  # the pool process is already gone
         os._exit(1)
 
