@@ -5,6 +5,8 @@
 * ``write_xml``: write thin_dump 0.9.0 XML (byte-identical layout) for devices
   given as dense numpy arrays, merging runs into ``range_mapping`` elements.
 * ``table``: a plain-text table.
+* ``steady_guest_memory``: stop a VM from handing freed memory back to its host
+  for the run, and touch it once, so first touches do not swing the figures.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import os
 import statistics
 import subprocess
 import sys
+import mmap
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -178,3 +181,46 @@ def fs_of(path: str) -> str:
         return f"{fstype} on {dev}"
     except Exception:  # noqa: BLE001 - informational only
         return "unknown"
+
+
+PAGE_REPORTING_ORDER = "/sys/module/page_reporting/parameters/page_reporting_order"
+NO_REPORTING_ORDER = 11  # above the largest buddy order (10): no free block is ever reported
+
+
+def steady_guest_memory(fraction: float = 0.9) -> tuple[str, Callable[[], None]]:
+    """In a VM whose kernel reports free pages to the host (virtio-balloon free page reporting,
+    Firecracker here), every page the kernel frees goes back to the host within moments, and its
+    next first touch costs a host fault (about 10 µs a page): a benchmark's page cache, freed when
+    one target's files are deleted, makes the next target's writes pay again, by chance. This
+    turns reporting off (``page_reporting_order`` above the largest order; needs root) and
+    touches ``fraction`` of the available memory once, so every target runs on memory the host
+    already backs. Returns what it did and an undo (reporting back on) for the end of the run;
+    where there is no such parameter it does nothing."""
+    try:
+        with open(PAGE_REPORTING_ORDER) as f:
+            before = f.read().strip()
+        with open(PAGE_REPORTING_ORDER, "w") as f:
+            f.write(str(NO_REPORTING_ORDER))
+    except OSError as e:
+        return f"free page reporting left as is ({e.strerror})", lambda: None
+
+    def undo() -> None:
+        with open(PAGE_REPORTING_ORDER, "w") as f:
+            f.write(before)
+
+    t0 = time.monotonic()
+    with open("/proc/meminfo") as f:
+        avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    chunk = 1 << 30
+    maps = []
+    try:
+        for _ in range(int(avail * fraction) // chunk):
+            m = mmap.mmap(-1, chunk, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            maps.append(m)
+            for off in range(0, chunk, mmap.PAGESIZE):
+                m[off] = 1
+    finally:
+        for m in maps:
+            m.close()
+    return (f"free page reporting off for the run (was order {before}), "
+            f"{len(maps)} GiB touched in {time.monotonic() - t0:.0f} s"), undo
