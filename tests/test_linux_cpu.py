@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import pytest
 
@@ -101,32 +102,30 @@ def test_spread_cpu_takes_the_allowed_cpus_in_turn() -> None:
     assert [spread_cpu(k) for k in range(2 * len(cpus))] == cpus + cpus
 
 
+@contextmanager
+def two_members() -> Iterator[tuple[Member, Member]]:
+    a, b = Member(), Member()
+    try:
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
+
+
 @pytest.mark.parametrize("given", [max(ALL), min(ALL)])
 def test_a_given_cpu_is_where_members_go(given: int) -> None:
     """Wherever the members happen to run: two processes given different CPUs never share one."""
     shared = SharedCpu(given)
-    a, b = Member(), Member()
-    try:
+    with two_members() as (a, b):
         a.do(shared.join)
         assert shared.cpu is None and a.cpus() == ALL  # alone: free, as without a given CPU
         b.do(shared.join)
         assert shared.cpu == given and a.cpus() == b.cpus() == {given}
-    finally:
-        a.do(shared.leave)
-        b.do(shared.leave)
-        a.stop()
-        b.stop()
 
 
 def test_a_cpu_the_process_may_not_use_is_ignored() -> None:
     shared = SharedCpu(max(ALL) + 1000)
-    a, b = Member(), Member()
-    try:
+    with two_members() as (a, b):
         a.do(shared.join)
         b.do(shared.join)
         assert shared.cpu in ALL and a.cpus() == b.cpus() == {shared.cpu}
-    finally:
-        a.do(shared.leave)
-        b.do(shared.leave)
-        a.stop()
-        b.stop()
