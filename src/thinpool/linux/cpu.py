@@ -15,8 +15,8 @@ members, and gives a thread back every CPU the process had when the
 the GIL is the process's, so every thread that takes turns on it belongs on
 the same CPU. Several processes (a server and its workers, each with its own
 GIL) each take a different CPU with ``spread_cpu``; left to pick the CPU their
-second member happens to run on, two of them land on the same one about half
-the time and fight over it while another stays idle. A member cannot move to an
+second member happens to run on, they often land on the same one and fight
+over it while another CPU has none of their threads. A member cannot move to an
 idle CPU, so only threads that are throughput-bound should join; a thread
 that waits for single requests should stay out.
 
