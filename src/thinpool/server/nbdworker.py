@@ -135,10 +135,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--block-size", type=int, required=True)
     ap.add_argument("--index", type=int, default=0)
     args = ap.parse_args(argv)
-    _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool process decides when to stop
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s nbd-worker-{args.index} %(levelname)s %(message)s")
+    try:
+        _die_with_parent()
+    except OSError as e:  # a worker that could outlive the pool must not run
+        log.error("cannot ask to be killed with the pool process (prctl): %s", e.strerror)
+        return 1
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool process decides when to stop
     table = SharedMappingTable.attach(args.table_fd)
     channel = socket.socket(fileno=args.channel_fd)
 
