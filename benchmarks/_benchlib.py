@@ -209,16 +209,20 @@ def steady_guest_memory(fraction: float = 0.9) -> tuple[str, Callable[[], None]]
             f.write(before)
 
     t0 = time.monotonic()
-    with open("/proc/meminfo") as f:
-        avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
     chunk = 1 << 30
     maps = []
     try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f
+                         if line.startswith("MemAvailable"))
         for _ in range(int(avail * fraction) // chunk):
             m = mmap.mmap(-1, chunk, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             maps.append(m)
             for off in range(0, chunk, mmap.PAGESIZE):
                 m[off] = 1
+    except BaseException:  # interrupted or out of memory: the machine's setting goes back first
+        undo()
+        raise
     finally:
         for m in maps:
             m.close()

@@ -36,7 +36,7 @@ def last_errno() -> int:
 
 def os_error(filename: str | None = None) -> OSError:
     """The ``OSError`` for errno after the calling thread's last call through ``function``."""
-    err = ctypes.get_errno()
+    err = last_errno()
     if filename is None:
         return OSError(err, os.strerror(err))
     return OSError(err, os.strerror(err), filename)

@@ -7,8 +7,8 @@ processes (``nbdworker``) and shares with them the data file and a
 served where fewest connections are, the pool process first on a tie, so
 one client always talks to the pool process and eight are spread over
 every process (each with its own GIL). Each process's readers of pipelining
-clients share one CPU of their own (``linux.cpu.spread_cpu``: the pool
-process's both servers the first, worker k the (k+2)-th, round the CPUs).  The connections of one client
+clients share one CPU of their own (``linux.cpu.spread_cpu``: both of the
+pool process's servers the first, worker k the (k+2)-th, round the CPUs).  The connections of one client
 process (on the unix socket, by its pid) all go where its first one went
 while it lives: a multi-conn client such as ``nbdcopy`` is one client, and
 split over processes its requests would cost a copy and a hop each.  A worker serves the reads and
