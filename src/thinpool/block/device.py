@@ -14,13 +14,20 @@
   commit.  Write-zeroes unmaps whole blocks too, or with ``may_trim=False``
   keeps them provisioned and zeroed.
 * ``flush`` (and FUA) makes every acknowledged write of the pool durable.
-* Writes to the data file are cut at 256 KiB boundaries (``PWRITE_MAX``).
+* Writes to the data file are cut at 128 KiB boundaries (``PWRITE_MAX``).
   The page cache sizes a file's folios by the writes that create them, and
   a small write into a large folio costs the kernel more: ext4 walks every
-  buffer of the folio. Measured here on ext4: a random 4 KiB pwrite takes
-  4.7 µs into the folios of 1 MiB writes and 2.7 µs into those of 256 KiB
-  ones, while sequential writes in 256 KiB pieces cost 4% more CPU than in
-  1 MiB ones (64 KiB pieces: 2.5 µs, but 25% more).
+  buffer of the folio under the file's inode lock, which every writer of
+  the data file takes. The walk misses the CPU's caches once the written
+  data outgrows them. Measured here on ext4 (fio, random 4 KiB pwrites into
+  a 4 GiB file first written sequentially in pieces of the size given): 83k
+  writes/s into 256 KiB folios, 120-149k into 128 KiB, 129-163k into 64 KiB,
+  and two writers do no more than one. Sequential writes cost 0.21 s of CPU
+  per GiB in 256 KiB pieces, 0.24 in 128 KiB, 0.29 in 64 KiB. Through the
+  server (8 clients' random writes on 8 filled 512 MiB volumes, two
+  same-run A/Bs): 28-35 µs of server CPU per write with 128 KiB pieces
+  against 35-42 with 256 KiB; sequential writes took about 7% more server
+  CPU at the same speed (docs/benchmarks.md).
 
 Concurrency: reads and overwrites of provisioned, unshared blocks hold their
 block range shared and the metadata lock only for the lookup; everything
@@ -61,7 +68,7 @@ if TYPE_CHECKING:
 HOLE = 1  # unprovisioned (NBD_STATE_HOLE)
 ZERO = 2  # reads as zeros (NBD_STATE_ZERO)
 MAX_EXTENT_BLOCKS = 1 << 16  # blocks looked at per extents() call
-PWRITE_MAX = 256 << 10  # data-file writes are cut at this boundary (module docstring)
+PWRITE_MAX = 128 << 10  # data-file writes are cut at this boundary (module docstring)
 DISCARD_BATCH = 1024  # blocks unmapped per metadata-lock hold
 PUBLISH_WINDOW = 256  # blocks around a worker's miss published at once (``publish``)
 PUBLISH_STEP = 64  # ... per metadata-lock hold (3.8 µs per block here)
