@@ -144,20 +144,28 @@ def detach(device: str) -> None:
         os.close(fd)
 
 
-def backing_file(device: str) -> str | None:
-    """The file ``device`` is attached to, or None when it is not attached."""
+_DETACHED = (errno.ENOENT, errno.ENODEV, errno.ENXIO)
+
+
+def _attribute(sysdir: Path, name: str) -> str | None:
+    """A loop device's sysfs attribute, or None when the device is not attached.  While a
+    detach is under way the attribute files still exist but reading them fails with ENODEV."""
     try:
-        return (_sysdir(device) / "backing_file").read_text().rstrip("\n")
-    except FileNotFoundError:
-        return None
+        return (sysdir / name).read_text().strip("\n")
+    except OSError as e:
+        if e.errno in _DETACHED:
+            return None
+        raise
+
+
+def backing_file(device: str) -> str | None:
+    """The file ``device`` is attached to, or None when it is not attached (or being detached)."""
+    return _attribute(_sysdir(device), "backing_file")
 
 
 def direct_io(device: str) -> bool:
     """Whether ``device`` is attached with direct I/O (sysfs ``dio`` is 1)."""
-    try:
-        return (_sysdir(device) / "dio").read_text().strip() == "1"
-    except FileNotFoundError:
-        return False
+    return _attribute(_sysdir(device), "dio") == "1"
 
 
 def find(path: str | os.PathLike[str]) -> list[str]:
@@ -166,10 +174,6 @@ def find(path: str | os.PathLike[str]) -> list[str]:
     want = os.path.realpath(path)
     found = []
     for sysdir in SYS_BLOCK.glob("loop*/loop"):
-        try:
-            backing = (sysdir / "backing_file").read_text().rstrip("\n")
-        except OSError:  # detached meanwhile
-            continue
-        if backing == want:
+        if _attribute(sysdir, "backing_file") == want:
             found.append(sysdir.parent.name)
     return [f"/dev/{name}" for name in sorted(found, key=lambda n: int(n[4:]))]
