@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..errors import ThinpoolError
 
-__all__ = ["LoopError", "attach", "backing_file", "detach", "direct_io", "find"]
+__all__ = ["LoopError", "attach", "attached", "backing_file", "detach", "direct_io", "find"]
 
 SYS_BLOCK = Path("/sys/block")
 LOOP_CONTROL = "/dev/loop-control"
@@ -168,12 +168,19 @@ def direct_io(device: str) -> bool:
     return _attribute(_sysdir(device), "dio") == "1"
 
 
+def attached() -> list[tuple[str, str]]:
+    """Every attached loop device and its backing file as the kernel reports it (absolute,
+    symlinks resolved, `` (deleted)`` appended once the file is gone), sorted by number."""
+    found = []
+    for sysdir in SYS_BLOCK.glob("loop*/loop"):
+        backing = _attribute(sysdir, "backing_file")
+        if backing is not None:
+            found.append((int(sysdir.parent.name[4:]), backing))
+    return [(f"/dev/loop{n}", backing) for n, backing in sorted(found)]
+
+
 def find(path: str | os.PathLike[str]) -> list[str]:
     """Every loop device attached to ``path`` (compared as absolute paths with
     symlinks resolved, as the kernel reports them), sorted by number."""
     want = os.path.realpath(path)
-    found = []
-    for sysdir in SYS_BLOCK.glob("loop*/loop"):
-        if _attribute(sysdir, "backing_file") == want:
-            found.append(sysdir.parent.name)
-    return [f"/dev/{name}" for name in sorted(found, key=lambda n: int(n[4:]))]
+    return [device for device, backing in attached() if backing == want]

@@ -300,15 +300,8 @@ def leftovers(directory: str, state: dict[str, Any] | None) -> dict[str, list[st
 
 def _loops_on(fuse_dir: str) -> list[str]:
     """Loop devices whose backing file is on ``fuse_dir`` (which may be a dead mount)."""
-    out = []
-    for sysdir in sorted(loop.SYS_BLOCK.glob("loop*/loop")):
-        try:
-            backing = (sysdir / "backing_file").read_text().rstrip("\n")
-        except OSError:
-            continue
-        if os.path.dirname(backing.removesuffix(" (deleted)")) == fuse_dir:
-            out.append(f"/dev/{sysdir.parent.name}")
-    return out
+    return [device for device, backing in loop.attached()
+            if os.path.dirname(backing.removesuffix(" (deleted)")) == fuse_dir]
 
 
 def clean_up_leftovers(directory: str, state: dict[str, Any] | None) -> list[str]:
