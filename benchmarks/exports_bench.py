@@ -418,12 +418,21 @@ class Book:
         return median(self.cpu.get(part, {}).get(workload, {}).get(target, []))
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor has taken from this machine so far (all CPUs, /proc/stat)."""
+    with open("/proc/stat") as f:
+        return int(f.readline().split()[8]) / CLK
+
+
 def measured(book: Book, part: str, workload: str, target: str, pids: list[int],
              run: Callable[[], Result], unit: str) -> Result:
-    """Run one job, record its value and the servers' CPU per GiB (seq) or per request (random)."""
-    c0 = cpu_seconds(pids)
+    """Run one job, record its value, the servers' CPU per GiB (seq) or per request (random),
+    and the CPUs the hypervisor took meanwhile (``<workload> steal``, on average)."""
+    c0, s0, t0 = cpu_seconds(pids), steal_seconds(), time.monotonic()
     r = run()
     c = cpu_seconds(pids) - c0
+    book.add(part, workload + " steal", target,
+             (steal_seconds() - s0) / max(time.monotonic() - t0, 1e-9))
     if not pids:
         per = None
     elif unit == "IOPS":
@@ -836,7 +845,9 @@ def part_concurrency(book: Book, p: Params, work: Path, src: Path, r: int) -> No
         finally:
             shutil.rmtree(d, ignore_errors=True)
         print(f"  concurrency round {r + 1} {target:8s} {time.monotonic() - t0:5.0f} s: "
-              + ", ".join(f"{w} {vals[target][-1]:,.1f}" for w, vals in book.values[part].items()
+              + ", ".join(f"{w} {vals[target][-1]:,.1f} "
+                          f"(steal {book.get(part, w + ' steal', target)[-1]:.2f})"
+                          for w, vals in book.values[part].items()
                           if w.endswith((" x1", " x8", " x8s")) and target in vals), flush=True)
     t0 = time.monotonic()
     # the same latency test on qemu-nbd: one process per image, a qcow2 overlay takes the writes
@@ -1041,16 +1052,21 @@ def report(book: Book, p: Params) -> str:
             cells += [fmt_ratio(eight_over_one(name, t, "x8s")) for t in ("thinpool",) + CONC_PEERS]
             cells += [">= 1.0", verdict(x, 1.0),
                       book.cpu_median("concurrency", f"{name} x1", "thinpool"),
-                      book.cpu_median("concurrency", f"{name} x8", "thinpool")]
+                      book.cpu_median("concurrency", f"{name} x8", "thinpool"),
+                      max(book.get("concurrency", f"{name} x1 steal", "thinpool")
+                          + book.get("concurrency", f"{name} x8 steal", "thinpool"),
+                          default=math.nan)]
             rows.append(cells)
         out.append("\nconcurrency: 8 clients on 8 volumes vs 1 client (8 / 1: medians of same-round "
                    "ratios; qemu-nbd, nbdkit: 8 processes, one per image, in the same rounds: what "
                    "the machine allows; same data: 8 clients over an eighth of their volumes each; "
-                   "CPU: server µs per request, s per GiB)\n")
+                   "CPU: server µs per request, s per GiB; steal: the most CPUs the hypervisor "
+                   "took during one of these jobs, on average over the job; a round with steal "
+                   "near one CPU measures the host, not the server)\n")
         out.append(table(["job", "unit", "1 client", "8 clients", "8 / 1"]
                          + [f"{t} 8 / 1" for t in CONC_PEERS]
                          + [f"{t} 8 / 1 same data" for t in ("thinpool",) + CONC_PEERS]
-                         + ["goal", "", "CPU 1", "CPU 8"], rows))
+                         + ["goal", "", "CPU 1", "CPU 8", "steal"], rows))
         rows = []
         for name, _, bs, _ in CONC:
             for t in ("baseline",) + CONC_PEERS:
