@@ -138,7 +138,33 @@ class Log:
     """Append-only JSON-lines log, each line made durable before returning."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._end_last_line()
+
+    def _end_last_line(self) -> None:
+        """Make the file end with a newline before anything is appended.
+
+        A writer killed inside ``write`` can leave part of a line (the kernel stops copying at
+        a page boundary once SIGKILL is pending). A last line that parses is finished with its
+        newline (``read_events`` already counts it); one that does not is cut off, so the next
+        event starts a line of its own instead of being glued to the fragment.
+        """
+        size = os.fstat(self.fd).st_size
+        if size == 0 or os.pread(self.fd, 1, size - 1) == b"\n":
+            return
+        start = max(0, size - (1 << 20))
+        text = os.pread(self.fd, size - start, start)
+        cut = text.rfind(b"\n")
+        if cut < 0 and start:
+            raise CrashCheckError("the log's last line is longer than 1 MiB")
+        tail = text[cut + 1:]
+        try:
+            json.loads(tail)
+        except ValueError:
+            os.ftruncate(self.fd, start + cut + 1)
+        else:
+            os.write(self.fd, b"\n")
+        os.fdatasync(self.fd)
 
     def __call__(self, **event: object) -> None:
         line = (json.dumps(event, separators=(",", ":"), sort_keys=True) + "\n").encode()

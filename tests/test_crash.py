@@ -175,6 +175,33 @@ def test_torn_last_write_is_accepted_page_wise_only():
     assert _block_verdict(rp, 1, 0, bytes(BS), False) == "lost"
 
 
+def test_log_fragment_of_a_killed_writer_does_not_glue_to_the_next_event(tmp_path):
+    """SIGKILL can stop ``write`` at a page boundary, mid-line (seen on CI): the next appender
+    cuts the fragment, or finishes a last line that parses, before adding its own line."""
+    from crash_check import read_events
+
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(b'{"ev":"op","i":1}\n{"ev":"op","i":2,"len')
+    Log(path).close()
+    assert path.read_bytes() == b'{"ev":"op","i":1}\n'
+    log = Log(path)
+    log(ev="op", i=3)
+    log.close()
+    assert [e["i"] for e in read_events(path)] == [1, 3]
+
+    path.write_bytes(b'{"ev":"op","i":4}')  # complete, only the newline is missing
+    log = Log(path)
+    log(ev="checked")
+    log(ev="op", i=5)
+    log.close()
+    assert path.read_bytes().count(b"\n") == 3
+    assert read_events(path) == [{"ev": "op", "i": 5}]
+
+    path.write_bytes(b'{"ev":"op"')  # the fragment is the whole file
+    Log(path).close()
+    assert path.read_bytes() == b""
+
+
 @pytest.mark.parametrize("index", range(2), ids=["server-a", "server-b"])
 def test_random_kills_of_the_pool_server(tmp_path, index):
     """The same workload through a pool server (NBD connections, control socket): every kill
