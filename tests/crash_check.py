@@ -152,18 +152,12 @@ class Log:
         size = os.fstat(self.fd).st_size
         if size == 0 or os.pread(self.fd, 1, size - 1) == b"\n":
             return
-        start = max(0, size - (1 << 20))
-        text = os.pread(self.fd, size - start, start)
-        cut = text.rfind(b"\n")
-        if cut < 0 and start:
-            raise CrashCheckError("the log's last line is longer than 1 MiB")
-        tail = text[cut + 1:]
-        try:
-            json.loads(tail)
-        except ValueError:
-            os.ftruncate(self.fd, start + cut + 1)
-        else:
+        text = os.pread(self.fd, size, 0)
+        cut = text.rfind(b"\n") + 1  # 0 when the fragment is the whole file
+        if _is_json(text[cut:]):
             os.write(self.fd, b"\n")
+        else:
+            os.ftruncate(self.fd, cut)
         os.fdatasync(self.fd)
 
     def __call__(self, **event: object) -> None:
@@ -177,6 +171,14 @@ class Log:
         os.close(self.fd)
 
 
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
 def read_events(path: str | os.PathLike[str]) -> list[dict]:
     """Events after the last ``checked`` marker; a torn last line is ignored."""
     events: list[dict] = []
@@ -186,12 +188,8 @@ def read_events(path: str | os.PathLike[str]) -> list[dict]:
     except FileNotFoundError:
         return events
     tail = lines.pop()  # b"" when the file ends with a newline
-    if tail:
-        try:  # a complete line whose newline was not written yet still counts
-            json.loads(tail)
-            lines.append(tail)
-        except ValueError:
-            pass
+    if tail and _is_json(tail):  # a complete line whose newline was not written yet counts
+        lines.append(tail)
     for n, line in enumerate(lines):
         if not line:
             continue
