@@ -87,6 +87,37 @@ def test_range_lock_waiting_exclusive_is_not_starved() -> None:
     assert order == ["exclusive", "shared"]
 
 
+def test_range_lock_try_acquire_never_waits() -> None:
+    """try_acquire grants what acquire would grant at once and queues nothing otherwise."""
+    lock = RangeLock()
+    a = lock.acquire(0, 10, False)
+    b = lock.try_acquire(5, 20, False)  # shared beside shared
+    assert b is not None
+    assert lock.try_acquire(10, 10, True) is None  # exclusive over shared holders
+    assert lock.try_acquire(11, 30, True) is None  # ... over b
+    lock.release(b)
+    waiting = threading.Event()
+
+    def excl() -> None:
+        waiting.set()
+        h = lock.acquire(8, 8, True)
+        lock.release(h)
+
+    t = run(excl)
+    waiting.wait(5)
+    time.sleep(0.1)  # the exclusive request is queued behind a
+    assert lock.try_acquire(0, 100, False) is None  # a shared request would wait behind it
+    c = lock.try_acquire(9, 100, False)  # not overlapping block 8: granted
+    assert c is not None
+    lock.release(a)
+    t.join(5)
+    assert not t.is_alive()  # the failed tries left nothing in the queue
+    lock.release(c)
+    d = lock.try_acquire(0, 100, True)
+    assert d is not None
+    lock.release(d)
+
+
 # -- what a commit stops --------------------------------------------------------------------------
 
 def test_gated_commit_stops_only_provisioning(tmp_path: Path) -> None:
@@ -376,6 +407,51 @@ def test_mapping_cache_follows_snapshots_discards_and_aborts(tmp_path: Path) -> 
             assert vol.read(BS, BS) == bytes(BS)
             assert vol.read(0, BS) == b"e" * 512 + bytes(BS - 512)
     assert_thin_check_clean(os.path.join(str(tmp_path / "pool"), "metadata"))
+
+
+def test_a_cache_miss_looks_up_its_window(tmp_path: Path) -> None:
+    """A miss looks up the aligned ``MISS_WINDOW`` blocks around it at once (one metadata
+    walk per window, not per block), clipped at the end of the device; when holding the
+    window would wait for another request, only the missed block."""
+    from thinpool.block.device import MISS_WINDOW as W
+
+    with Pool(make_pool(tmp_path)) as pool:
+        pool.create_thin(1, size=(2 * W + 3) * BS)
+        with pool.volume(1) as vol:
+            for v in range(0, 2 * W + 3, 2):  # every other block mapped
+                vol.write(v * BS, bytes([v % 256]) * 8)
+        with pool.volume(1) as vol:  # reopened: nothing cached
+            assert vol.state.maps == {}
+            assert vol.read(4 * BS, 8) == bytes([4]) * 8
+            assert set(vol.state.maps) == set(range(W))
+            assert all(vol.state.maps[v] == pool.md.lookup(1, v) for v in range(W))
+            hold = vol.state.ranges.acquire(W + 10, W + 10, True)  # another request's block
+            assert vol.read((W + 3) * BS, 8) == bytes(8)
+            assert set(vol.state.maps) == set(range(W)) | {W + 3}
+            vol.state.ranges.release(hold)
+            vol.write((W + 6) * BS, b"y")  # an overwrite misses: its window now
+            assert set(vol.state.maps) == set(range(2 * W))
+            assert vol.read((W + 6) * BS, 2) == b"y" + bytes([W + 6])
+            assert vol.read((2 * W + 2) * BS, 1) == bytes([2 * W + 2])  # the last, short window
+            assert set(vol.state.maps) == set(range(2 * W + 3))
+            assert all(vol.state.maps[v] == pool.md.lookup(1, v) for v in range(2 * W + 3))
+
+
+def test_a_cache_miss_on_a_device_larger_than_the_cache_looks_up_only_its_blocks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under random access over a device the cache cannot hold, windows would only fill the
+    cache sooner (it is dropped when full) and make every miss dearer."""
+    import thinpool.block.core as core
+    from thinpool.block.device import MISS_WINDOW as W
+
+    monkeypatch.setattr(core, "MAP_CACHE_LIMIT", 2 * W)
+    with Pool(make_pool(tmp_path)) as pool:
+        pool.create_thin(1, size=2 * W * BS)  # fits: windows
+        pool.create_thin(2, size=(2 * W + 1) * BS)  # one block more: no windows
+        with pool.volume(1) as v1, pool.volume(2) as v2:
+            v1.read(3 * BS, 1)
+            v2.read(3 * BS, 1)
+            assert set(v1.state.maps) == set(range(W)) and set(v2.state.maps) == {3}
 
 
 def test_mapping_cache_bound_keeps_volumes_correct(tmp_path: Path,

@@ -15,7 +15,7 @@ from typing import Iterator
 import pytest
 
 from thinpool.block.core import UNMAPPED
-from thinpool.block.device import PUBLISH_WINDOW
+from thinpool.block.device import MISS_WINDOW, PUBLISH_WINDOW
 from thinpool.block.mirrored import MirroredDevice
 from thinpool.block.sharedmap import SharedMappingTable
 from thinpool.errors import DataPathError
@@ -55,7 +55,8 @@ def read(m: MirroredDevice, offset: int, length: int) -> bytes | None:
 
 
 def test_reads_and_overwrites_follow_the_pool(pool: Pool, shared: SharedMappingTable) -> None:
-    pool.create_thin(1, size=64 * BS)
+    pool.create_thin(1, size=2 * MISS_WINDOW * BS)
+    far = (MISS_WINDOW + 5) * BS  # outside the window the first write looks up
     m = mirror(pool, shared, 1)
     with pool.volume(1) as vol:
         assert read(m, 0, 4096) is None  # nothing looked up yet
@@ -63,10 +64,11 @@ def test_reads_and_overwrites_follow_the_pool(pool: Pool, shared: SharedMappingT
         assert read(m, BS - 100, 200) == b"a" * 200
         assert m.write(100, memoryview(b"b" * (2 * BS)))  # in place, two blocks
         assert vol.read(0, 3 * BS) == b"a" * 100 + b"b" * 2 * BS + b"a" * (BS - 100)
-        assert read(m, 5 * BS, 10) is None  # never looked up
-        vol.read(5 * BS, 10)  # now known unmapped: reads as zeros, cannot be written
-        assert read(m, 5 * BS, 10) == bytes(10)
-        assert not m.write(5 * BS, memoryview(b"x"))
+        assert read(m, 5 * BS, 10) == bytes(10)  # in the looked-up window: known unmapped
+        assert read(m, far, 10) is None  # never looked up
+        vol.read(far, 10)  # now known unmapped: reads as zeros, cannot be written
+        assert read(m, far, 10) == bytes(10)
+        assert not m.write(far, memoryview(b"x"))
         pool.create_snap(2, 1)  # every block of 1 is shared now
         assert read(m, 0, 100) is None or read(m, 0, 100) == b"a" * 100
         assert not m.write(0, memoryview(b"c" * 10))  # shared: only the pool may copy it

@@ -205,6 +205,15 @@ class DataPath:
         if self.shared_maps is not None:
             self.publish_mappings(state, first, last, evict=False)
 
+    @staticmethod
+    def cache_holds(blocks: int) -> bool:
+        """Whether the mapping caches could hold every mapping of a ``blocks``-block device."""
+        return blocks <= MAP_CACHE_LIMIT
+
+    def cache_has_room(self, count: int) -> bool:
+        """Whether ``count`` more entries fit in the mapping caches (md_lock held)."""
+        return self._cached_maps + count <= MAP_CACHE_LIMIT
+
     def publish_mappings(self, state: DeviceState, first: int, last: int,
                          evict: bool = True) -> None:
         """Put the cached mappings of blocks [first, last] into the shared table (md_lock

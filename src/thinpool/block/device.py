@@ -43,7 +43,14 @@ the mappings a provisioning just made); entries are added with the metadata
 lock held by a thread that holds the blocks' range, so nobody can change
 those mappings meanwhile.  An aborted
 transaction (``DataPath.generation``) and a snapshot of the device (its
-sharing changes; ``DataPath.quiesced``) drop the whole cache.
+sharing changes; ``DataPath.quiesced``) drop the whole cache.  A miss looks up
+the aligned ``MISS_WINDOW`` blocks around it in one walk of the metadata,
+holding their range shared for it (only if that does not wait, and only on
+devices whose every mapping the cache could hold): a client that
+opens a filled volume warms its cache in one lookup per 64 blocks instead of
+one per block.  Measured (one client, random 4 KiB writes on a freshly opened,
+filled 4 GiB volume): 17.5 µs of server CPU per write against 20-21.6 with
+lookups of single blocks (docs/benchmarks.md).
 
 A ``ThinDevice`` is one opener's handle; every handle of a device in the
 process shares its range lock and external origin, so a flush on one
@@ -70,6 +77,7 @@ ZERO = 2  # reads as zeros (NBD_STATE_ZERO)
 MAX_EXTENT_BLOCKS = 1 << 16  # blocks looked at per extents() call
 PWRITE_MAX = 128 << 10  # data-file writes are cut at this boundary (module docstring)
 DISCARD_BATCH = 1024  # blocks unmapped per metadata-lock hold
+MISS_WINDOW = 64  # blocks around a mapping-cache miss looked up at once (``_mappings``)
 PUBLISH_WINDOW = 256  # blocks around a worker's miss published at once (``publish``)
 PUBLISH_STEP = 64  # ... per metadata-lock hold (3.8 µs per block here)
 
@@ -296,12 +304,35 @@ class ThinDevice:
         return mapped
 
     def _mappings(self, first: int, last: int) -> dict[int, Mapping]:
-        """virtual block -> Mapping for the mapped blocks of [first, last]."""
+        """virtual block -> Mapping for the mapped blocks of [first, last] (range held).
+
+        A cache miss looks up and caches the aligned ``MISS_WINDOW`` around the
+        range when the cache could hold the whole device (else, under random
+        access, windows would only fill it sooner and cost more per miss), has
+        room for the window, and the window's range can be held shared without
+        waiting; otherwise just the range.
+        """
         mapped = self._cached(first, last)
-        if mapped is None:
-            with self.dp.md_lock:
-                mapped = self._lookup(first, last)
-        return mapped
+        if mapped is not None:
+            return mapped
+        dp, ranges = self.dp, self.state.ranges
+        blocks = -(-self.state.size // self.bs)
+        lo = first - first % MISS_WINDOW
+        hi = min(max(last, lo + MISS_WINDOW - 1), blocks - 1)
+        window = ranges.try_acquire(lo, hi, False) \
+            if (lo, hi) != (first, last) and dp.cache_holds(blocks) else None
+        try:
+            with dp.md_lock:
+                if window is None or not dp.cache_has_room(hi - lo + 1):
+                    return self._lookup(first, last)
+                around = self._lookup(lo, hi)
+        finally:
+            if window is not None:
+                ranges.release(window)
+        if first == last:
+            m = around.get(first)
+            return {} if m is None else {first: m}
+        return {v: m for v, m in around.items() if first <= v <= last}
 
     # -- writes -------------------------------------------------------------------------------
     def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> bool:

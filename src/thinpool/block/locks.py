@@ -133,6 +133,18 @@ class RangeLock:
             req.granted = True
         return req
 
+    def try_acquire(self, lo: int, hi: int, exclusive: bool) -> _Hold | None:
+        """``acquire`` if that would not wait, else None (nothing queued).  Never waiting, it
+        may be called with other ranges of the device held (no lock order to keep)."""
+        req = _Hold(lo, hi, exclusive)
+        with self._mutex:
+            self._holds.append(req)
+            if self._blocked(req):
+                self._holds.remove(req)
+                return None
+            req.granted = True
+        return req
+
     def release(self, hold: _Hold) -> None:
         with self._mutex:
             self._holds.remove(hold)
