@@ -697,13 +697,14 @@ def test_requests_in_flight_are_bounded_across_connections(tmp_path: Path, sockd
     monkeypatch.setattr(nbd_file_export.FileExport, "write", blocked_write)
     fx = ServerFixture(tmp_path, sockdir)
     server = fx.start(total_inflight_bytes=MiB)
-    n = 256 << 10  # above inline_max: each write goes to a worker
+    n = 256 << 10  # FUA: each write goes to a worker
     try:
         with RawClient(fx.sock) as a, RawClient(fx.sock) as b:
             a.go()
             b.go()
             senders = [threading.Thread(target=lambda c=c, base=base: [
-                c.request(P.CMD_WRITE, base + i * n, n, cookie=i, payload=bytes([i + 1 + base // n]) * n)
+                c.request(P.CMD_WRITE, base + i * n, n, cookie=i, flags=P.CMD_FLAG_FUA,
+                          payload=bytes([i + 1 + base // n]) * n)
                 for i in range(8)], daemon=True) for c, base in ((a, 0), (b, 8 * n))]
             for t in senders:
                 t.start()
@@ -894,13 +895,14 @@ def test_export_errors_and_bugs(tmp_path: Path, sockdir: Path, caplog: pytest.Lo
         fx.stop()
 
 
-@pytest.mark.parametrize("flags,inline_max,concurrency", [
-    (P.CMD_FLAG_FUA, 128 << 10, 4),  # FUA writes always go to the workers
-    (0, None, 4),                    # so does everything without inline execution
-    (0, 128 << 10, 1),               # small plain writes run in the reader thread
+@pytest.mark.parametrize("flags,inline_max,size,concurrency", [
+    (P.CMD_FLAG_FUA, 128 << 10, 4096, 4),  # FUA writes always go to the workers
+    (0, None, 4096, 4),                    # so does everything without inline execution
+    (0, 128 << 10, 4096, 1),               # plain writes run in the reader thread
+    (0, 128 << 10, 256 << 10, 1),          # ... large ones too
 ])
 def test_stop_finishes_in_flight_requests(tmp_path: Path, sockdir: Path, flags: int, inline_max: int | None,
-                                          concurrency: int) -> None:
+                                          size: int, concurrency: int) -> None:
     fx = ServerFixture(tmp_path, sockdir)
     fx.catalog = SlowCatalog({"disk": fx.disk})
     SlowExport.concurrency = 0
@@ -908,7 +910,7 @@ def test_stop_finishes_in_flight_requests(tmp_path: Path, sockdir: Path, flags: 
     c = RawClient(fx.sock)
     c.go()
     for i in range(8):
-        c.request(P.CMD_WRITE, (i + 2) * MiB, 4096, cookie=i, flags=flags, payload=bytes([i + 1]) * 4096)
+        c.request(P.CMD_WRITE, (i + 2) * MiB, size, cookie=i, flags=flags, payload=bytes([i + 1]) * size)
     time.sleep(0.1)  # the requests are in flight (each write sleeps 0.2 s)
     stopper = threading.Thread(target=server.stop)
     stopper.start()
@@ -920,7 +922,7 @@ def test_stop_finishes_in_flight_requests(tmp_path: Path, sockdir: Path, flags: 
     c.sock.close()
     assert not fx.sock.exists() and fx.catalog.open_count() == 0
     for i in range(8):
-        assert file_bytes(fx.disk, (i + 2) * MiB, 4096) == bytes([i + 1]) * 4096
+        assert file_bytes(fx.disk, (i + 2) * MiB, size) == bytes([i + 1]) * size
     assert SlowExport.concurrency == concurrency
 
 
