@@ -20,10 +20,10 @@ next request (one connection: 1,770 -> 1,310 MiB/s). Everything else (FLUSH,
 FUA writes, TRIM, WRITE_ZEROES, CACHE, large READs) goes to a small pool of
 worker threads (created on demand, up to ``workers_per_connection``), so
 pipelined slow requests run concurrently; an export whose writes may block
-for long (waiting for space, say) should be served with ``inline_max=None``. Each reply goes out in one
-``sendmsg`` under the connection's send lock; the reader holds back the
-replies of the requests it ran itself while more requests are already
-received, and sends up to ``HELD_REPLIES`` of them in one ``sendmsg`` (before
+for long (waiting for space, say) should be served with ``inline_max=None``.
+Each reply goes out in one ``sendmsg`` under the connection's send lock; the
+reader holds back the replies of the requests it ran itself while more
+requests are already received, and sends up to ``HELD_REPLIES`` of them in one ``sendmsg`` (before
 it waits for data, hands a request to a worker or has held that many), so a
 pipelining client costs fewer system calls per request and a lone request is
 answered at once. Small WRITEs already received back to back (up to
