@@ -436,13 +436,9 @@ class _Connection:
                         large = True
                 elif cmd == CMD_BLOCK_STATUS:
                     small += 1
-                if inline_max is not None and cmd == CMD_WRITE and not ev.flags & FUA:
-                    if write_many is None or ev.length > inline_max:
-                        if batch:
-                            self._execute_writes(batch, write_many)  # type: ignore[arg-type]
-                            batch_bytes = 0
-                        self._execute(ev, True)
-                        continue
+                plain_write = cmd == CMD_WRITE and not ev.flags & FUA
+                if inline_max is not None and plain_write and write_many is not None \
+                        and ev.length <= inline_max:
                     batch.append(ev)
                     batch_bytes += ev.length
                     if len(batch) >= WRITE_BATCH or batch_bytes >= WRITE_BATCH_BYTES:
@@ -452,8 +448,8 @@ class _Connection:
                 if batch:
                     self._execute_writes(batch, write_many)  # type: ignore[arg-type]  # batch => write_many
                     batch_bytes = 0
-                if inline_max is not None and (
-                        (cmd == CMD_READ and ev.length <= inline_max) or cmd == CMD_BLOCK_STATUS):
+                if inline_max is not None and (plain_write or cmd == CMD_BLOCK_STATUS or
+                                               (cmd == CMD_READ and ev.length <= inline_max)):
                     self._execute(ev, True)
                 else:
                     if self.held:
