@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -256,7 +257,7 @@ def test_min_free_space_refuses_snapshots(drivers: Drivers, tmp_path: Path) -> N
 
 def test_thinpooldev_uses_an_existing_pool(drivers: Drivers, tmp_path: Path) -> None:
     pool = tmp_path / "mypool"
-    subprocess.run(["python3", "-m", "thinpool.cli", "pool", "create", str(pool),
+    subprocess.run([sys.executable, "-m", "thinpool.cli", "pool", "create", str(pool),
                     "--data-size", "2G", "--metadata-size", "64M"], check=True,
                    capture_output=True)
     d = drivers.new(f"dm.thinpooldev={pool}")

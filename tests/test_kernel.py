@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -49,7 +50,7 @@ def loops_under(root: Path) -> list[str]:
 def force_clean(root: Path) -> None:
     """Last-resort cleanup: servers, mounts and loop devices under ``root``."""
     for pool in root.glob("*/pool.json"):
-        subprocess.run(["python3", "-m", "thinpool.cli", "stop", "--force", str(pool.parent)],
+        subprocess.run([sys.executable, "-m", "thinpool.cli", "stop", "--force", str(pool.parent)],
                        capture_output=True, timeout=120)
     for mp in sorted(mounted_under(root), reverse=True):
         subprocess.run(["umount", "-l", mp], capture_output=True)
