@@ -926,6 +926,71 @@ def test_stop_finishes_in_flight_requests(tmp_path: Path, sockdir: Path, flags: 
     assert SlowExport.concurrency == concurrency
 
 
+class ThreadRecordingExport(FileExport):
+    """Records the name of the thread that ran each ``readinto``, by offset."""
+
+    readers: dict[int, str] = {}
+
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        ThreadRecordingExport.readers[offset] = threading.current_thread().name
+        super().readinto(offset, buf)
+
+
+class ThreadRecordingCatalog(FileCatalog):
+    def open_export(self, name: str) -> FileExport:
+        export = ThreadRecordingExport(self.files[name], calls=self.calls)
+        with self._lock:
+            self.opened.append(export)
+        return export
+
+
+def test_large_reads_run_in_the_reader_while_two_connections_stream(tmp_path: Path,
+                                                                    sockdir: Path) -> None:
+    """A lone connection's large READs go to worker threads (its reads overlap one another);
+    while two connections stream large requests, they run in the readers; when one of the two
+    closes, the other's go back to the workers. Every reply carries the right bytes."""
+    fx = ServerFixture(tmp_path, sockdir)
+    fx.catalog = ThreadRecordingCatalog({"disk": fx.disk})
+    size = 256 << 10
+    pattern = bytes(range(256)) * (SIZE // 256)
+    with open(fx.disk, "r+b") as f:
+        f.write(pattern)
+    ThreadRecordingExport.readers = {}
+    server = fx.start(workers_per_connection=4, stream_idle=60.0)
+    a, b = RawClient(fx.sock), RawClient(fx.sock)
+    try:
+        a.go()
+        b.go()
+
+        def batch(c: RawClient, first: int) -> set[str]:
+            """Four pipelined large READs at blocks first..first+3; the threads that ran them."""
+            for i in range(first, first + 4):
+                c.request(P.CMD_READ, i * size, size, cookie=i)
+            for _ in range(4):
+                cookie, err, chunks = c.reply()
+                assert err == 0
+                data = b"".join(payload[8:] for kind, payload in chunks
+                                if kind == P.REPLY_TYPE_OFFSET_DATA)
+                assert data == pattern[cookie * size:(cookie + 1) * size]
+            return {ThreadRecordingExport.readers[i * size].split()[0]
+                    for i in range(first, first + 4)}
+
+        assert batch(a, 0) == {"nbd-worker"}   # a streams alone
+        assert batch(b, 4) == {"nbd-worker"}   # b's first batch: a alone streamed before it
+        assert batch(a, 8) == {"nbd-conn"}     # now two connections stream: in the readers
+        assert batch(b, 12) == {"nbd-conn"}
+        b.sock.close()
+        deadline = time.monotonic() + 10
+        while server.connection_count > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.connection_count == 1
+        assert batch(a, 16) == {"nbd-worker"}  # a streams alone again
+    finally:
+        a.sock.close()
+        b.sock.close()
+        fx.stop()
+
+
 def test_stop_cuts_idle_and_stuck_connections(tmp_path: Path, sockdir: Path) -> None:
     fds = _open_fds()
     fx = ServerFixture(tmp_path, sockdir)
