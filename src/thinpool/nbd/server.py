@@ -26,9 +26,9 @@ another, and the hand-offs cost more CPU than they save (eight clients'
 read). A connection stops streaming when a receive brings only small
 requests, when it waits longer than ``stream_idle`` seconds for data, or
 when it closes; one that falls silent in the middle of a stream counts
-until then. Everything else (FLUSH,
-FUA writes, TRIM, WRITE_ZEROES, CACHE, large READs of a lone stream) goes to a small pool of
-worker threads (created on demand, up to ``workers_per_connection``), so
+until then. Everything else (FLUSH, FUA writes, TRIM, WRITE_ZEROES, CACHE,
+large READs of a lone stream) goes to a small pool of worker threads
+(created on demand, up to ``workers_per_connection``), so
 pipelined slow requests run concurrently; an export whose writes may block
 for long (waiting for space, say) should be served with ``inline_max=None``.
 Each reply goes out in one ``sendmsg`` under the connection's send lock; the
