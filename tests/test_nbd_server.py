@@ -963,9 +963,11 @@ def test_large_reads_run_in_the_reader_while_two_connections_stream(tmp_path: Pa
         b.go()
 
         def batch(c: RawClient, first: int) -> set[str]:
-            """Four pipelined large READs at blocks first..first+3; the threads that ran them."""
-            for i in range(first, first + 4):
-                c.request(P.CMD_READ, i * size, size, cookie=i)
+            """Four pipelined large READs at blocks first..first+3, sent in one piece (so the
+            reader receives them together); the threads that ran them."""
+            c.sock.sendall(b"".join(struct.pack(">IHHQQI", 0x25609513, 0, P.CMD_READ, i,
+                                                i * size, size)
+                                    for i in range(first, first + 4)))
             for _ in range(4):
                 cookie, err, chunks = c.reply()
                 assert err == 0
@@ -975,8 +977,18 @@ def test_large_reads_run_in_the_reader_while_two_connections_stream(tmp_path: Pa
             return {ThreadRecordingExport.readers[i * size].split()[0]
                     for i in range(first, first + 4)}
 
+        def streaming(n: int) -> None:
+            """Wait until ``n`` connections stream (a reader counts itself after its batch,
+            which may be after its replies went out)."""
+            deadline = time.monotonic() + 10
+            while server.streaming != n and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert server.streaming == n
+
         assert batch(a, 0) == {"nbd-worker"}   # a streams alone
+        streaming(1)
         assert batch(b, 4) == {"nbd-worker"}   # b's first batch: a alone streamed before it
+        streaming(2)
         assert batch(a, 8) == {"nbd-conn"}     # now two connections stream: in the readers
         assert batch(b, 12) == {"nbd-conn"}
         b.sock.close()
@@ -984,6 +996,7 @@ def test_large_reads_run_in_the_reader_while_two_connections_stream(tmp_path: Pa
         while server.connection_count > 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert server.connection_count == 1
+        streaming(1)
         assert batch(a, 16) == {"nbd-worker"}  # a streams alone again
     finally:
         a.sock.close()
