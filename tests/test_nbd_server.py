@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -552,9 +552,14 @@ class RawClient:
                 return
             assert rtype == P.REP_INFO
 
+    @staticmethod
+    def header(cmd: int, offset: int = 0, length: int = 0, *, flags: int = 0, cookie: int = 1) -> bytes:
+        """A request header, to send as it is or joined with others."""
+        return struct.pack(">IHHQQI", 0x25609513, flags, cmd, cookie, offset, length)
+
     def request(self, cmd: int, offset: int = 0, length: int = 0, *, flags: int = 0, cookie: int = 1,
                 payload: bytes = b"") -> None:
-        self.sock.sendall(struct.pack(">IHHQQI", 0x25609513, flags, cmd, cookie, offset, length) + payload)
+        self.sock.sendall(self.header(cmd, offset, length, flags=flags, cookie=cookie) + payload)
 
     def simple_reply(self, data_len: int = 0) -> tuple[int, int, bytes]:
         magic, err, cookie = struct.unpack(">IIQ", self.recv_exact(16))
@@ -965,8 +970,7 @@ def test_large_reads_run_in_the_reader_while_two_connections_stream(tmp_path: Pa
         def batch(c: RawClient, first: int) -> set[str]:
             """Four pipelined large READs at blocks first..first+3, sent in one piece (so the
             reader receives them together); the threads that ran them."""
-            c.sock.sendall(b"".join(struct.pack(">IHHQQI", 0x25609513, 0, P.CMD_READ, i,
-                                                i * size, size)
+            c.sock.sendall(b"".join(c.header(P.CMD_READ, i * size, size, cookie=i)
                                     for i in range(first, first + 4)))
             for _ in range(4):
                 cookie, err, chunks = c.reply()
@@ -977,13 +981,16 @@ def test_large_reads_run_in_the_reader_while_two_connections_stream(tmp_path: Pa
             return {ThreadRecordingExport.readers[i * size].split()[0]
                     for i in range(first, first + 4)}
 
+        def until(done: Callable[[], bool]) -> None:
+            deadline = time.monotonic() + 10
+            while not done() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert done()
+
         def streaming(n: int) -> None:
             """Wait until ``n`` connections stream (a reader counts itself after its batch,
             which may be after its replies went out)."""
-            deadline = time.monotonic() + 10
-            while server.streaming != n and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert server.streaming == n
+            until(lambda: server.streaming == n)
 
         assert batch(a, 0) == {"nbd-worker"}   # a streams alone
         streaming(1)
@@ -992,10 +999,7 @@ def test_large_reads_run_in_the_reader_while_two_connections_stream(tmp_path: Pa
         assert batch(a, 8) == {"nbd-conn"}     # now two connections stream: in the readers
         assert batch(b, 12) == {"nbd-conn"}
         b.sock.close()
-        deadline = time.monotonic() + 10
-        while server.connection_count > 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert server.connection_count == 1
+        until(lambda: server.connection_count == 1)
         streaming(1)
         assert batch(a, 16) == {"nbd-worker"}  # a streams alone again
     finally:

@@ -16,7 +16,8 @@ it over for the pwrite saved nothing (nbdcopy's 1 MiB writes over 4
 connections: 760 -> 880 MiB/s and 1.36 -> 1.15 s of server CPU per GiB run
 in the readers; over one connection within 3% at 13% less CPU). A large
 READ is not, while its connection is the only one of the server that
-*streams* (its last receive brought a large READ or WRITE): the pread and
+*streams* (its last receive brought a READ or WRITE of more than
+``SHARED_MAX`` bytes): the pread and
 the send of one request would then never overlap those of the next (one
 connection: 1,770 -> 1,310 MiB/s). Once ``STREAMING_INLINE`` connections of
 the server stream, large READs run in the readers too, each sending
@@ -469,15 +470,14 @@ class _Connection:
                 if inline_max is not None and (plain_write or cmd == CMD_BLOCK_STATUS or
                                                (cmd == CMD_READ and ev.length <= inline_max)):
                     self._execute(ev, True)
-                elif cmd == CMD_READ and inline_max is not None and \
-                        server.streaming >= STREAMING_INLINE:
-                    if self.held:
-                        self._send_held()
-                    self._execute(ev, False)  # a large reply goes out at once
                 else:
                     if self.held:
                         self._send_held()
-                    self._dispatch(ev)
+                    if cmd == CMD_READ and inline_max is not None and \
+                            server.streaming >= STREAMING_INLINE:
+                        self._execute(ev, False)  # a large reply goes out at once
+                    else:
+                        self._dispatch(ev)
                 continue
             if batch:
                 self._execute_writes(batch, write_many)  # type: ignore[arg-type]  # batch => write_many
