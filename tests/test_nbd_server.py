@@ -1008,6 +1008,50 @@ def test_large_reads_run_in_the_reader_while_two_connections_stream(tmp_path: Pa
         fx.stop()
 
 
+def test_a_stream_that_falls_silent_stops_counting(tmp_path: Path, sockdir: Path) -> None:
+    """Two connections stream, then both fall silent without closing: after ``stream_idle``
+    neither counts, so the next large READs of one of them go to its workers again."""
+    fx = ServerFixture(tmp_path, sockdir)
+    fx.catalog = ThreadRecordingCatalog({"disk": fx.disk})
+    size = 256 << 10
+    with open(fx.disk, "r+b") as f:
+        f.write(b"s" * (8 * size))
+    ThreadRecordingExport.readers = {}
+    server = fx.start(workers_per_connection=4, stream_idle=1.0)
+    a, b = RawClient(fx.sock), RawClient(fx.sock)
+    try:
+        a.go()
+        b.go()
+
+        def batch(c: RawClient, first: int) -> set[str]:
+            c.sock.sendall(b"".join(c.header(P.CMD_READ, i * size, size, cookie=i)
+                                    for i in range(first, first + 2)))
+            for _ in range(2):
+                cookie, err, chunks = c.reply()
+                assert err == 0
+                assert b"".join(payload[8:] for kind, payload in chunks
+                                if kind == P.REPLY_TYPE_OFFSET_DATA) == b"s" * size
+            return {ThreadRecordingExport.readers[i * size].split()[0]
+                    for i in range(first, first + 2)}
+
+        batch(a, 0)
+        batch(b, 2)
+        deadline = time.monotonic() + 0.5  # both counted (the readers count after a batch) ...
+        while server.streaming < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        seen = server.streaming
+        deadline = time.monotonic() + 5  # ... and neither once both waited stream_idle
+        while server.streaming and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert (seen, server.streaming) == (2, 0)
+        assert server.connection_count == 2
+        assert batch(a, 4) == {"nbd-worker"}  # a streams alone
+    finally:
+        a.sock.close()
+        b.sock.close()
+        fx.stop()
+
+
 def test_stop_cuts_idle_and_stuck_connections(tmp_path: Path, sockdir: Path) -> None:
     fds = _open_fds()
     fx = ServerFixture(tmp_path, sockdir)

@@ -25,10 +25,10 @@ their reply at once: the readers of different connections overlap one
 another, and the hand-offs cost more CPU than they save (eight clients'
 1 MiB reads over two processes: 0.56-0.70 -> 0.43-0.56 ms of server CPU per
 read). A connection stops streaming when a receive brings only small
-requests, when it waits longer than ``stream_idle`` seconds for data, or
-when it closes; one that falls silent in the middle of a stream counts
-until then. Everything else (FLUSH, FUA writes, TRIM, WRITE_ZEROES, CACHE,
-large READs of a lone stream) goes to a small pool of worker threads
+requests, when it has waited ``stream_idle`` seconds for data (a ``poll``
+before each receive while it streams), or when it closes.  Everything else
+(FLUSH, FUA writes, TRIM, WRITE_ZEROES, CACHE, large READs of a lone
+stream) goes to a small pool of worker threads
 (created on demand, up to ``workers_per_connection``), so
 pipelined slow requests run concurrently; an export whose writes may block
 for long (waiting for space, say) should be served with ``inline_max=None``.
@@ -82,6 +82,7 @@ import errno
 import logging
 import os
 import queue
+import select
 import selectors
 import socket
 import ssl
@@ -166,9 +167,19 @@ class _BufferPool:
                 self._kept += size
 
 
+def _poll_readable(poller: select.poll, timeout: float) -> bool:
+    return bool(poller.poll(timeout * 1000))
+
+
 class _PlainTransport:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN)
+
+    def readable(self, timeout: float) -> bool:
+        """Whether data (or the end of the stream, or an error) comes within ``timeout`` s."""
+        return _poll_readable(self.poller, timeout)
 
     def recv_into(self, view: memoryview) -> int:
         return self.sock.recv_into(view)
@@ -192,6 +203,16 @@ class _TLSTransport:
         self.lock = threading.Lock()
         self.flush_lock = flush_lock  # the connection's send lock
         self.raw = bytearray(64 << 10)
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN)
+
+    def readable(self, timeout: float) -> bool:
+        """Whether data (or the end of the stream, or an error) comes within ``timeout`` s;
+        bytes already received count, even a partial TLS record."""
+        with self.lock:
+            if self.obj.pending() or self.incoming.pending:
+                return True
+        return _poll_readable(self.poller, timeout)
 
     def handshake(self) -> None:
         """Run the server handshake (the socket's timeout bounds each read)."""
@@ -503,19 +524,17 @@ class _Connection:
                     self._set_streaming(large)
                 small = 0
                 large = False
-                timed = self.on_shared_cpu or self.streaming
+                if self.streaming and not self.transport.readable(stream_idle):
+                    self._set_streaming(False)  # the client paused: it streams no more
+                timed = self.on_shared_cpu
                 started = time.monotonic() if timed else 0.0
                 try:
                     n = recv_into(proto.get_buffer())
                 except (OSError, ssl.SSLError) as e:
                     log.info("nbd %s: receive failed: %s", self.peer, e)
                     n = 0
-                if timed:
-                    waited = time.monotonic() - started
-                    if self.on_shared_cpu and waited > IDLE_LEAVE:
-                        self._leave_shared_cpu()  # the client paused: every CPU again
-                    if self.streaming and waited > stream_idle:
-                        self._set_streaming(False)  # ... it streams no more
+                if timed and time.monotonic() - started > IDLE_LEAVE:
+                    self._leave_shared_cpu()  # the client paused: every CPU again
                 proto.buffer_updated(n)
             elif type(ev) is InvalidRequest:
                 self._reply([ev.reply], None, True)
