@@ -949,59 +949,70 @@ class ThreadRecordingCatalog(FileCatalog):
         return export
 
 
+STREAM_READ = 256 << 10  # a large READ: more than SHARED_MAX, so its connection streams
+STREAM_PATTERN = bytes(range(256)) * (SIZE // 256)
+
+
+def _streaming_server(tmp_path: Path, sockdir: Path,
+                      stream_idle: float) -> tuple[ServerFixture, NBDServer]:
+    """A server whose export records the thread of every READ, on a disk of STREAM_PATTERN."""
+    fx = ServerFixture(tmp_path, sockdir)
+    fx.catalog = ThreadRecordingCatalog({"disk": fx.disk})
+    with open(fx.disk, "r+b") as f:
+        f.write(STREAM_PATTERN)
+    ThreadRecordingExport.readers = {}
+    return fx, fx.start(workers_per_connection=4, stream_idle=stream_idle)
+
+
+def _read_batch(c: RawClient, first: int, count: int = 4) -> set[str]:
+    """``count`` pipelined large READs at blocks first.., sent in one piece (so the reader
+    receives them together), each reply checked; the kinds of thread that ran them."""
+    size = STREAM_READ
+    c.sock.sendall(b"".join(c.header(P.CMD_READ, i * size, size, cookie=i)
+                            for i in range(first, first + count)))
+    for _ in range(count):
+        cookie, err, chunks = c.reply()
+        assert err == 0
+        data = b"".join(payload[8:] for kind, payload in chunks
+                        if kind == P.REPLY_TYPE_OFFSET_DATA)
+        assert data == STREAM_PATTERN[cookie * size:(cookie + 1) * size]
+    return {ThreadRecordingExport.readers[i * size].split()[0]
+            for i in range(first, first + count)}
+
+
+def _until(done: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert done()
+
+
 def test_large_reads_run_in_the_reader_while_two_connections_stream(tmp_path: Path,
                                                                     sockdir: Path) -> None:
     """A lone connection's large READs go to worker threads (its reads overlap one another);
     while two connections stream large requests, they run in the readers; when one of the two
     closes, the other's go back to the workers. Every reply carries the right bytes."""
-    fx = ServerFixture(tmp_path, sockdir)
-    fx.catalog = ThreadRecordingCatalog({"disk": fx.disk})
-    size = 256 << 10
-    pattern = bytes(range(256)) * (SIZE // 256)
-    with open(fx.disk, "r+b") as f:
-        f.write(pattern)
-    ThreadRecordingExport.readers = {}
-    server = fx.start(workers_per_connection=4, stream_idle=60.0)
+    fx, server = _streaming_server(tmp_path, sockdir, stream_idle=60.0)
     a, b = RawClient(fx.sock), RawClient(fx.sock)
     try:
         a.go()
         b.go()
 
-        def batch(c: RawClient, first: int) -> set[str]:
-            """Four pipelined large READs at blocks first..first+3, sent in one piece (so the
-            reader receives them together); the threads that ran them."""
-            c.sock.sendall(b"".join(c.header(P.CMD_READ, i * size, size, cookie=i)
-                                    for i in range(first, first + 4)))
-            for _ in range(4):
-                cookie, err, chunks = c.reply()
-                assert err == 0
-                data = b"".join(payload[8:] for kind, payload in chunks
-                                if kind == P.REPLY_TYPE_OFFSET_DATA)
-                assert data == pattern[cookie * size:(cookie + 1) * size]
-            return {ThreadRecordingExport.readers[i * size].split()[0]
-                    for i in range(first, first + 4)}
-
-        def until(done: Callable[[], bool]) -> None:
-            deadline = time.monotonic() + 10
-            while not done() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert done()
-
         def streaming(n: int) -> None:
             """Wait until ``n`` connections stream (a reader counts itself after its batch,
             which may be after its replies went out)."""
-            until(lambda: server.streaming == n)
+            _until(lambda: server.streaming == n)
 
-        assert batch(a, 0) == {"nbd-worker"}   # a streams alone
+        assert _read_batch(a, 0) == {"nbd-worker"}   # a streams alone
         streaming(1)
-        assert batch(b, 4) == {"nbd-worker"}   # b's first batch: a alone streamed before it
+        assert _read_batch(b, 4) == {"nbd-worker"}   # b's first batch: a alone streamed before it
         streaming(2)
-        assert batch(a, 8) == {"nbd-conn"}     # now two connections stream: in the readers
-        assert batch(b, 12) == {"nbd-conn"}
+        assert _read_batch(a, 8) == {"nbd-conn"}     # now two connections stream: in the readers
+        assert _read_batch(b, 12) == {"nbd-conn"}
         b.sock.close()
-        until(lambda: server.connection_count == 1)
+        _until(lambda: server.connection_count == 1)
         streaming(1)
-        assert batch(a, 16) == {"nbd-worker"}  # a streams alone again
+        assert _read_batch(a, 16) == {"nbd-worker"}  # a streams alone again
     finally:
         a.sock.close()
         b.sock.close()
@@ -1011,41 +1022,17 @@ def test_large_reads_run_in_the_reader_while_two_connections_stream(tmp_path: Pa
 def test_a_stream_that_falls_silent_stops_counting(tmp_path: Path, sockdir: Path) -> None:
     """Two connections stream, then both fall silent without closing: after ``stream_idle``
     neither counts, so the next large READs of one of them go to its workers again."""
-    fx = ServerFixture(tmp_path, sockdir)
-    fx.catalog = ThreadRecordingCatalog({"disk": fx.disk})
-    size = 256 << 10
-    with open(fx.disk, "r+b") as f:
-        f.write(b"s" * (8 * size))
-    ThreadRecordingExport.readers = {}
-    server = fx.start(workers_per_connection=4, stream_idle=1.0)
+    fx, server = _streaming_server(tmp_path, sockdir, stream_idle=1.0)
     a, b = RawClient(fx.sock), RawClient(fx.sock)
     try:
         a.go()
         b.go()
-
-        def batch(c: RawClient, first: int) -> set[str]:
-            c.sock.sendall(b"".join(c.header(P.CMD_READ, i * size, size, cookie=i)
-                                    for i in range(first, first + 2)))
-            for _ in range(2):
-                cookie, err, chunks = c.reply()
-                assert err == 0
-                assert b"".join(payload[8:] for kind, payload in chunks
-                                if kind == P.REPLY_TYPE_OFFSET_DATA) == b"s" * size
-            return {ThreadRecordingExport.readers[i * size].split()[0]
-                    for i in range(first, first + 2)}
-
-        batch(a, 0)
-        batch(b, 2)
-        deadline = time.monotonic() + 0.5  # both counted (the readers count after a batch) ...
-        while server.streaming < 2 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        seen = server.streaming
-        deadline = time.monotonic() + 5  # ... and neither once both waited stream_idle
-        while server.streaming and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert (seen, server.streaming) == (2, 0)
+        _read_batch(a, 0, 2)
+        _read_batch(b, 2, 2)
+        _until(lambda: server.streaming == 2, 0.5)  # both count (after their batches) ...
+        _until(lambda: server.streaming == 0, 5)    # ... and neither once both waited stream_idle
         assert server.connection_count == 2
-        assert batch(a, 4) == {"nbd-worker"}  # a streams alone
+        assert _read_batch(a, 4, 2) == {"nbd-worker"}  # a streams alone
     finally:
         a.sock.close()
         b.sock.close()
