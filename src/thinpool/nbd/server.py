@@ -167,11 +167,9 @@ class _BufferPool:
                 self._kept += size
 
 
-def _poll_readable(poller: select.poll, timeout: float) -> bool:
-    return bool(poller.poll(timeout * 1000))
+class _SocketTransport:
+    """A connected socket and a poller for it; the two transports' common part."""
 
-
-class _PlainTransport:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.poller = select.poll()
@@ -179,7 +177,11 @@ class _PlainTransport:
 
     def readable(self, timeout: float) -> bool:
         """Whether data (or the end of the stream, or an error) comes within ``timeout`` s."""
-        return _poll_readable(self.poller, timeout)
+        return bool(self.poller.poll(timeout * 1000))
+
+
+class _PlainTransport(_SocketTransport):
+    """The socket's own I/O, unencrypted."""
 
     def recv_into(self, view: memoryview) -> int:
         return self.sock.recv_into(view)
@@ -191,20 +193,18 @@ class _PlainTransport:
         self.sock.close()
 
 
-class _TLSTransport:
+class _TLSTransport(_SocketTransport):
     """TLS over memory BIOs; ``lock`` guards the SSL object, raw I/O runs outside it."""
 
     def __init__(self, sock: socket.socket, ctx: ssl.SSLContext,
                  flush_lock: threading.Lock) -> None:
-        self.sock = sock
+        super().__init__(sock)
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=True)
         self.lock = threading.Lock()
         self.flush_lock = flush_lock  # the connection's send lock
         self.raw = bytearray(64 << 10)
-        self.poller = select.poll()
-        self.poller.register(sock, select.POLLIN)
 
     def readable(self, timeout: float) -> bool:
         """Whether data (or the end of the stream, or an error) comes within ``timeout`` s;
@@ -212,7 +212,7 @@ class _TLSTransport:
         with self.lock:
             if self.obj.pending() or self.incoming.pending:
                 return True
-        return _poll_readable(self.poller, timeout)
+        return super().readable(timeout)
 
     def handshake(self) -> None:
         """Run the server handshake (the socket's timeout bounds each read)."""
@@ -763,8 +763,9 @@ class NBDServer:
     when a socket cannot be bound or the credentials do not load. Limits:
     ``max_connections`` (more are accepted and closed at once), ``share_cpu``,
     ``handshake_timeout`` seconds for the whole negotiation, ``send_timeout``
-    seconds for a reply to make progress; see the module docstring for the
-    others. One start/stop cycle per object.
+    seconds for a reply to make progress, ``stream_idle`` seconds a streaming
+    connection may wait for data before it stops counting as streaming; see
+    the module docstring for the others. One start/stop cycle per object.
 
     Serving in several processes: ``dispatch(sock, connections)``, if given,
     is offered every accepted socket with the number of connections this
