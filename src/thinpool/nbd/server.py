@@ -520,20 +520,19 @@ class _Connection:
                     elif small > 1 and not self.on_shared_cpu:
                         shared_cpu.join()  # the client pipelines small requests: GIL-bound
                         self.on_shared_cpu = True
-                if large and not self.streaming or small and not large and self.streaming:
-                    self._set_streaming(large)
+                if (large or small) and large != self.streaming:
+                    self._set_streaming(large)  # large requests start a stream, small ones end it
                 small = 0
                 large = False
                 if self.streaming and not self.transport.readable(stream_idle):
                     self._set_streaming(False)  # the client paused: it streams no more
-                timed = self.on_shared_cpu
-                started = time.monotonic() if timed else 0.0
+                started = time.monotonic() if self.on_shared_cpu else 0.0
                 try:
                     n = recv_into(proto.get_buffer())
                 except (OSError, ssl.SSLError) as e:
                     log.info("nbd %s: receive failed: %s", self.peer, e)
                     n = 0
-                if timed and time.monotonic() - started > IDLE_LEAVE:
+                if self.on_shared_cpu and time.monotonic() - started > IDLE_LEAVE:
                     self._leave_shared_cpu()  # the client paused: every CPU again
                 proto.buffer_updated(n)
             elif type(ev) is InvalidRequest:
@@ -993,7 +992,8 @@ class NBDServer:
         conn.thread.start()
 
     def count_streaming(self, delta: int) -> None:
-        """A connection starts (+1) or stops (-1) streaming large requests."""
+        """A connection starts (+1) or stops (-1) streaming large requests.  Readers read
+        ``streaming`` without the lock: it only steers where a large READ runs."""
         with self._lock:
             self.streaming += delta
 
