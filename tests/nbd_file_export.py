@@ -151,7 +151,10 @@ class FileExport:
 
 
 class FileCatalog:
-    """Exports = files in a mapping name -> path; tracks open exports."""
+    """Exports = files in a mapping name -> path; tracks open exports.  A subclass may set
+    ``export_type`` to serve its exports with a subclass of ``FileExport``."""
+
+    export_type: type[FileExport] = FileExport
 
     def __init__(self, files: dict[str, Path], *, read_only: frozenset[str] = frozenset(),
                  block_sizes: tuple[int, int, int] = (1, 4096, 32 << 20)) -> None:
@@ -169,7 +172,7 @@ class FileCatalog:
         path = self.files.get(name)
         if path is None:
             raise ExportNotFound(f"no export named {name!r}")
-        export = FileExport(path, read_only=name in self.read_only, block_sizes=self.block_sizes,
+        export = self.export_type(path, read_only=name in self.read_only, block_sizes=self.block_sizes,
                             description=f"raw file {path.name}", calls=self.calls)
         with self._lock:
             self.opened.append(export)

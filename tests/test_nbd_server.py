@@ -100,6 +100,16 @@ def _nbd_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("nbd")]
 
 
+def _until(done: Callable[[], bool], timeout: float = 10,
+           describe: Callable[[], str] | None = None) -> None:
+    """Wait up to ``timeout`` s for ``done()``; fail (with ``describe()``) if it never is."""
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if not done():
+        raise AssertionError(describe() if describe else f"not done within {timeout} s")
+
+
 @pytest.fixture
 def sockdir() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="nbdt", dir="/tmp"))  # short: unix socket paths max 107 bytes
@@ -117,10 +127,7 @@ def srv(tmp_path: Path, sockdir: Path) -> Iterator[ServerFixture]:
     fx.stop()
     assert not fx.sock.exists(), "the unix socket was not removed"
     assert fx.catalog.open_count() == 0, "an export was left open"
-    deadline = time.monotonic() + 5
-    while _nbd_threads() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _nbd_threads(), f"threads left: {_nbd_threads()}"
+    _until(lambda: not _nbd_threads(), 5, lambda: f"threads left: {_nbd_threads()}")
     assert _open_fds() <= fds, f"fds leaked: {_open_fds() - fds}"
 
 
@@ -713,10 +720,8 @@ def test_requests_in_flight_are_bounded_across_connections(tmp_path: Path, sockd
                 for i in range(8)], daemon=True) for c, base in ((a, 0), (b, 8 * n))]
             for t in senders:
                 t.start()
-            deadline = time.monotonic() + 10
-            while not (any(o < 8 * n for o in entered) and any(o >= 8 * n for o in entered)):
-                assert time.monotonic() < deadline, f"writes entered: {entered}"
-                time.sleep(0.02)
+            _until(lambda: any(o < 8 * n for o in entered) and any(o >= 8 * n for o in entered),
+                   10, lambda: f"writes entered: {entered}")
             time.sleep(0.5)
             assert MiB <= server.total_inflight <= MiB + 2 * n
             gate.set()
@@ -740,10 +745,7 @@ def test_eof_inside_a_write_applies_nothing(srv: ServerFixture) -> None:
         c.go()
         c.request(P.CMD_READ, 0, 4096, cookie=2)
         assert c.reply()[:2] == (2, 0)
-    deadline = time.monotonic() + 5
-    while srv.catalog.open_count() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert srv.catalog.open_count() == 0
+    _until(lambda: srv.catalog.open_count() == 0, 5)
     assert not [c for c in srv.catalog.calls if c[0].startswith("write")]
     assert allocated_ranges(srv.disk) == []
 
@@ -794,10 +796,7 @@ def test_stalled_handshake_times_out(tmp_path: Path, sockdir: Path) -> None:
         assert s.recv(100) == b""
         assert time.monotonic() - t0 < 5
         s.close()
-        deadline = time.monotonic() + 5
-        while server.connection_count and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert server.connection_count == 0
+        _until(lambda: server.connection_count == 0, 5)
     finally:
         fx.stop()
 
@@ -814,10 +813,7 @@ def test_client_not_reading_replies_is_cut_off(tmp_path: Path, sockdir: Path) ->
                 c.request(P.CMD_READ, 0, MiB, cookie=i, flags=P.CMD_FLAG_DF)
         except OSError:
             pass
-        deadline = time.monotonic() + 20
-        while server.connection_count and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert server.connection_count == 0
+        _until(lambda: server.connection_count == 0, 20)
         c.sock.close()
         assert run("nbdinfo", "--size", fx.uri()).stdout.strip() == str(SIZE)
     finally:
@@ -869,12 +865,7 @@ class SlowExport(FileExport):
 
 
 class SlowCatalog(FileCatalog):
-    def open_export(self, name: str) -> FileExport:
-        path = self.files[name]
-        export = SlowExport(path, calls=self.calls)
-        with self._lock:
-            self.opened.append(export)
-        return export
+    export_type = SlowExport
 
 
 def test_export_errors_and_bugs(tmp_path: Path, sockdir: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -942,11 +933,7 @@ class ThreadRecordingExport(FileExport):
 
 
 class ThreadRecordingCatalog(FileCatalog):
-    def open_export(self, name: str) -> FileExport:
-        export = ThreadRecordingExport(self.files[name], calls=self.calls)
-        with self._lock:
-            self.opened.append(export)
-        return export
+    export_type = ThreadRecordingExport
 
 
 STREAM_READ = 256 << 10  # a large READ: more than SHARED_MAX, so its connection streams
@@ -978,13 +965,6 @@ def _read_batch(c: RawClient, first: int, count: int = 4) -> set[str]:
         assert data == STREAM_PATTERN[cookie * size:(cookie + 1) * size]
     return {ThreadRecordingExport.readers[i * size].split()[0]
             for i in range(first, first + count)}
-
-
-def _until(done: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not done() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert done()
 
 
 def test_large_reads_run_in_the_reader_while_two_connections_stream(tmp_path: Path,
@@ -1106,10 +1086,7 @@ def test_pipelining_connections_share_a_cpu_and_lone_requests_do_not(srv: Server
         assert {cpu} in _reader_cpus()
         a.read_pipelined([0, 64 << 10], 64 << 10)  # larger reads: copies in the kernel
         # The reader leaves when it next waits for data, which may come after the replies.
-        deadline = time.monotonic() + 5.0
-        while srv.server.shared_cpu.cpu is not None and time.monotonic() < deadline:
-            time.sleep(0.001)
-        assert srv.server.shared_cpu.cpu is None
+        _until(lambda: srv.server.shared_cpu.cpu is None, 5)
         assert _reader_cpus() == [every] * 3
         for _ in range(50):
             a.read_pipelined(offsets, 512)
